@@ -1,0 +1,174 @@
+"""Configuration of the llava3d_fusion policy (registered with LeRobot as ``llava3d_fusion``)."""
+
+from dataclasses import dataclass, field
+
+from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
+from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
+
+# Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
+# included, for tests, demos and benchmarks that must run offline.
+TINY_VLM_NAME = "tiny"
+
+EXPERT_MODES = ("shared", "separate")
+TIME_SAMPLINGS = ("beta", "uniform")
+TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
+DTYPES = ("float32", "bfloat16")
+
+
+@PreTrainedConfig.register_subclass("llava3d_fusion")
+@dataclass
+class Llava3DFusionConfig(PreTrainedConfig):
+    """A LLaVA-family VLM whose action expert is fused into every transformer layer.
+
+    Prefix = image patch tokens of every camera + task tokens; suffix = [state] [H noisy actions]
+    [time]; one joint attention per layer; flow-matching loss; Euler sampling from a prefix KV cache.
+    """
+
+    # Input / output structure.
+    n_obs_steps: int = 1
+    chunk_size: int = 50  # the action horizon H
+    n_action_steps: int = 50
+
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,
+            "STATE": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MEAN_STD,
+        }
+    )
+
+    # Shorter state / action vectors are zero-padded so one model serves several robots.
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+
+    # Backbone: a Hub id or local directory of a LLaVA-family checkpoint, or "tiny".
+    vlm_model_name: str = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+    load_vlm_weights: bool = True
+    # Only for vlm_model_name="tiny": the decoder family of the tiny random LLM.
+    tiny_llm_type: str = "qwen2"
+    # Keep only the first N LLM layers (<= 0: all of them).
+    num_vlm_layers: int = -1
+    dtype: str = "float32"
+
+    # Action expert.
+    expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
+    expert_width_multiplier: float = 0.5
+    use_state_token: bool = True
+
+    # Language.
+    tokenizer_max_length: int = 48
+
+    # Flow matching.
+    num_steps: int = 10  # Euler steps at inference
+    use_cache: bool = True  # reuse the prefix KV cache across Euler steps
+    time_sampling: str = "beta"
+    time_sampling_beta_alpha: float = 1.5
+    time_sampling_beta_beta: float = 1.0
+    time_sampling_scale: float = 0.999
+    time_sampling_offset: float = 0.001
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+    # Finetuning.
+    freeze_vision_encoder: bool = True
+    train_expert_only: bool = False
+
+    # Training presets.
+    optimizer_lr: float = 1e-4
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 1e-10
+    optimizer_grad_clip_norm: float = 10.0
+    scheduler_warmup_steps: int = 1_000
+    scheduler_decay_steps: int = 30_000
+    scheduler_decay_lr: float = 2.5e-6
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError(
+                f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}): "
+                "a chunk is the most actions one model call produces."
+            )
+        if self.n_action_steps < 1 or self.chunk_size < 1:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) and n_action_steps ({self.n_action_steps}) must be >= 1."
+            )
+        if self.n_obs_steps != 1:
+            raise ValueError(f"n_obs_steps must be 1 (got {self.n_obs_steps}): the policy sees one frame.")
+        _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
+        _check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        _check_choice("tiny_llm_type", self.tiny_llm_type, TINY_LLM_TYPES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if not 0.0 < self.expert_width_multiplier <= 1.0:
+            raise ValueError(
+                f"expert_width_multiplier must be in (0, 1] (got {self.expert_width_multiplier})."
+            )
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps (Euler steps) must be >= 1 (got {self.num_steps}).")
+        if self.max_state_dim < 1 or self.max_action_dim < 1:
+            raise ValueError("max_state_dim and max_action_dim must be >= 1.")
+        if self.tokenizer_max_length < 1:
+            raise ValueError(f"tokenizer_max_length must be >= 1 (got {self.tokenizer_max_length}).")
+        if self.train_expert_only and self.expert_mode == "shared":
+            raise ValueError(
+                "train_expert_only=True with expert_mode='shared' would freeze the layers the expert runs "
+                "through (they are the LLM's own): use expert_mode='separate' or train_expert_only=False."
+            )
+
+    def validate_features(self) -> None:
+        if not self.image_features:
+            raise ValueError(
+                "llava3d_fusion needs at least one camera: no VISUAL feature (observation.images.*) in "
+                f"input_features {sorted(self.input_features or {})}."
+            )
+        if self.action_feature is None:
+            raise ValueError(
+                f"llava3d_fusion needs an 'action' output feature; output_features are "
+                f"{sorted(self.output_features or {})}."
+            )
+        action_dim = self.action_feature.shape[-1]
+        if action_dim > self.max_action_dim:
+            raise ValueError(f"action dim {action_dim} exceeds max_action_dim ({self.max_action_dim}).")
+        state = self.robot_state_feature
+        if state is not None and state.shape[-1] > self.max_state_dim:
+            raise ValueError(f"state dim {state.shape[-1]} exceeds max_state_dim ({self.max_state_dim}).")
+
+    @property
+    def camera_keys(self) -> list[str]:
+        """Camera feature keys in a fixed order (the order of `input_features`)."""
+        return [key for key, ft in (self.input_features or {}).items() if ft.type is FeatureType.VISUAL]
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
+        return CosineDecayWithWarmupSchedulerConfig(
+            peak_lr=self.optimizer_lr,
+            decay_lr=self.scheduler_decay_lr,
+            num_warmup_steps=self.scheduler_warmup_steps,
+            num_decay_steps=self.scheduler_decay_steps,
+        )
+
+    @property
+    def observation_delta_indices(self) -> None:
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}.")

@@ -1,0 +1,99 @@
+"""Flow matching over action chunks: suffix embedding, training loss and Euler sampler.
+
+Suffix layout (the original system's): [state token (optional)] [action token x H] [time token].
+Convention (openpi): x_t = t * noise + (1 - t) * actions, target velocity u = noise - actions;
+sampling integrates from t = 1 (noise) to t = 0 (actions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lerobot.policies.common.flow_matching import euler_integrate, sample_time_beta
+from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding
+from torch import Tensor, nn
+
+# Maps suffix embeddings (B, Ls, W) to the expert's final hidden states (B, Ls, W).
+SuffixTransformer = Callable[[Tensor], Tensor]
+
+
+class FlowMatchingActionExpert(nn.Module):
+    """Embeds the suffix, reads velocities out of the expert stream, trains and samples."""
+
+    def __init__(
+        self,
+        width: int,
+        chunk_size: int,
+        max_state_dim: int,
+        max_action_dim: int,
+        use_state_token: bool = True,
+        min_period: float = 4e-3,
+        max_period: float = 4.0,
+    ):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self.max_action_dim = max_action_dim
+        self.use_state_token = use_state_token
+        self.min_period = min_period
+        self.max_period = max_period
+        self.state_proj = nn.Linear(max_state_dim, width) if use_state_token else None
+        self.action_in_proj = nn.Linear(max_action_dim, width)
+        self.time_mlp_in = nn.Linear(width, width)
+        self.time_mlp_out = nn.Linear(width, width)
+        self.action_out_proj = nn.Linear(width, max_action_dim)
+
+    @property
+    def suffix_length(self) -> int:
+        return int(self.use_state_token) + self.chunk_size + 1
+
+    @property
+    def action_slice(self) -> slice:
+        start = int(self.use_state_token)
+        return slice(start, start + self.chunk_size)
+
+    def embed_suffix(self, state: Tensor, noisy_actions: Tensor, time: Tensor) -> Tensor:
+        """state (B, S_max), noisy actions (B, H, A_max), time (B,) -> suffix tokens (B, Ls, W)."""
+        dtype = self.action_in_proj.weight.dtype
+        tokens = []
+        if self.state_proj is not None:
+            tokens.append(self.state_proj(state.to(dtype))[:, None])
+        tokens.append(self.action_in_proj(noisy_actions.to(dtype)))
+        width = self.time_mlp_in.in_features
+        time_emb = create_sinusoidal_pos_embedding(
+            time, width, self.min_period, self.max_period, device=time.device
+        ).to(dtype)
+        tokens.append(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb)))[:, None])
+        return torch.cat(tokens, dim=1)
+
+    def velocity(self, transformer: SuffixTransformer, state: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
+        """Predicted velocity (B, H, A_max), float32."""
+        hidden = transformer(self.embed_suffix(state, x_t, time))
+        return self.action_out_proj(hidden[:, self.action_slice]).float()
+
+    def compute_loss(
+        self,
+        transformer: SuffixTransformer,
+        state: Tensor,
+        actions: Tensor,
+        noise: Tensor,
+        time: Tensor,
+    ) -> Tensor:
+        """Element-wise squared error (B, H, A_max) between predicted and target velocity."""
+        t = time[:, None, None]
+        x_t = t * noise + (1.0 - t) * actions
+        target = noise - actions
+        return F.mse_loss(self.velocity(transformer, state, x_t, time), target, reduction="none")
+
+    def sample_actions(self, transformer: SuffixTransformer, state: Tensor, noise: Tensor, num_steps: int) -> Tensor:
+        """Euler integration from x_1 = noise (B, H, A_max) at t = 1 to actions at t = 0."""
+        return euler_integrate(lambda x_t, t: self.velocity(transformer, state, x_t, t), noise, num_steps)
+
+
+def sample_time(batch_size: int, device: torch.device, method: str, alpha: float, beta: float,
+                scale: float, offset: float) -> Tensor:
+    """Training times (B,): Beta(alpha, beta) * scale + offset, or uniform on [offset, offset + scale]."""
+    if method == "beta":
+        return sample_time_beta(batch_size, device, alpha=alpha, beta=beta, scale=scale, offset=offset)
+    return torch.rand(batch_size, device=device) * scale + offset

@@ -1,0 +1,225 @@
+"""Deep fusion: the VLM stream (prefix) and the action-expert stream (suffix) joined at every layer.
+
+For each layer, each stream applies its own input norm and q/k/v projections; q/k/v of both
+streams are concatenated along the sequence, rotated with joint position ids, and ONE attention
+call (SDPA) runs over them with the joint mask; each stream then applies its own o_proj, residual,
+post-attention norm, MLP and residual. The decoder layers are transformers' own modules
+(Llama/Mistral/Qwen2 layout); only their sub-modules are called here.
+
+Attention pattern (True = may attend):
+    prefix queries -> valid prefix keys (bidirectional, never the suffix)
+    suffix queries -> valid prefix keys + every suffix key (one bidirectional block)
+The KV cache of the prefix is built with exactly this prefix mask, so cached and uncached sampling
+agree.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+@dataclass
+class PrefixKVCache:
+    """Keys/values of the prefix for every layer, in buffers with room for the suffix.
+
+    keys[i], values[i]: (B, H_kv, L_prefix + L_suffix, D). The prefix part is written once; every
+    Euler step overwrites the suffix part in place, so the prefix is never copied.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    prefix_pad_mask: Tensor  # (B, L_prefix) bool, True = real token
+    prefix_length: int
+
+
+def build_expert_layers(llm: nn.Module, width_multiplier: float) -> tuple[nn.ModuleList, nn.Module]:
+    """A narrower copy of the LLM's decoder stack for the action expert.
+
+    Same number of layers, heads, KV heads and head dim as the LLM (so both streams share one
+    attention space); hidden and MLP widths scaled by `width_multiplier`. Built with the LLM's own
+    layer classes. At multiplier 1.0 the expert starts as a copy of the LLM layers.
+    """
+    if width_multiplier == 1.0:
+        return copy.deepcopy(llm.layers), copy.deepcopy(llm.norm)
+    config = copy.deepcopy(llm.config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.head_dim = head_dim
+    config.hidden_size = int(round(config.hidden_size * width_multiplier))
+    config.intermediate_size = int(round(config.intermediate_size * width_multiplier))
+    layer_cls = type(llm.layers[0])
+    layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(len(llm.layers)))
+    norm = type(llm.norm)(config.hidden_size, eps=config.rms_norm_eps)
+    dtype = next(llm.parameters()).dtype
+    return layers.to(dtype), norm.to(dtype)
+
+
+def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
+    """Both streams must project into the same attention space, layer by layer."""
+    if len(vlm_layers) != len(expert_layers):
+        raise ValueError(f"expert has {len(expert_layers)} layers, the VLM {len(vlm_layers)}: they must match.")
+    vlm_attn, expert_attn = vlm_layers[0].self_attn, expert_layers[0].self_attn
+    vlm_geometry = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
+    expert_geometry = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
+    if vlm_geometry != expert_geometry:
+        raise ValueError(
+            "expert and VLM attention geometry differ (q width, kv width, head_dim): "
+            f"VLM {vlm_geometry}, expert {expert_geometry}; expected them equal."
+        )
+
+
+class LLaVA3DWithActionExpertModel(nn.Module):
+    """The deep-fusion transformer with three forward modes: joint, prefix-only and suffix-only."""
+
+    def __init__(self, llm: nn.Module, expert_mode: str, expert_width_multiplier: float):
+        super().__init__()
+        self.vlm_layers = llm.layers
+        self.vlm_norm = llm.norm
+        self.rotary_emb = llm.rotary_emb
+        self.expert_mode = expert_mode
+        if expert_mode == "separate":
+            self.separate_expert_layers, self.separate_expert_norm = build_expert_layers(
+                llm, expert_width_multiplier
+            )
+            check_head_geometry(self.vlm_layers, self.separate_expert_layers)
+        elif expert_mode != "shared":
+            raise ValueError(f"expert_mode must be 'shared' or 'separate', got {expert_mode!r}.")
+
+    # In "shared" mode the suffix runs through the LLM's own weights (zero extra parameters); they
+    # are not registered twice, so checkpoints hold each tensor once.
+    @property
+    def expert_layers(self) -> nn.ModuleList:
+        return self.vlm_layers if self.expert_mode == "shared" else self.separate_expert_layers
+
+    @property
+    def expert_norm(self) -> nn.Module:
+        return self.vlm_norm if self.expert_mode == "shared" else self.separate_expert_norm
+
+    @property
+    def expert_width(self) -> int:
+        return self.expert_norm.weight.shape[0]
+
+    # ----------------------------------------------------------------------------------- modes
+
+    def forward(
+        self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_embeds: Tensor, output_prefix: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Joint mode (training): (B, Lp, D_vlm), (B, Lp), (B, Ls, D_exp) -> suffix output (B, Ls, D_exp).
+
+        The prefix's last-layer output feeds nothing (the loss reads the suffix), so its last-layer
+        queries, o_proj and MLP are skipped unless `output_prefix` asks for (prefix_out, suffix_out).
+        """
+        batch, prefix_len = prefix_pad_mask.shape
+        suffix_len = suffix_embeds.shape[1]
+        prefix_pos, suffix_pos = _position_ids(prefix_pad_mask, suffix_len)
+        # (B, 1, Lp + Ls, Lp + Ls): prefix rows see valid prefix keys; suffix rows see those + suffix.
+        key_valid = torch.cat([prefix_pad_mask, prefix_pad_mask.new_ones(batch, suffix_len)], dim=1)
+        is_suffix_query = torch.arange(prefix_len + suffix_len, device=key_valid.device) >= prefix_len
+        is_prefix_key = ~is_suffix_query
+        mask = key_valid[:, None, None, :] & (is_prefix_key[None, :] | is_suffix_query[:, None])[None, None]
+
+        streams = [prefix_embeds, suffix_embeds]
+        rotations = [self.rotary_emb(prefix_embeds, prefix_pos), self.rotary_emb(suffix_embeds, suffix_pos)]
+        last = len(self.vlm_layers) - 1
+        for index, (vlm_layer, expert_layer) in enumerate(zip(self.vlm_layers, self.expert_layers, strict=True)):
+            q, k, v = _project_streams([vlm_layer, expert_layer], streams, rotations)
+            if index == last and not output_prefix:
+                suffix_out = _attend_and_finish(
+                    [expert_layer], streams[1:], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:]
+                )[0]
+                return self.expert_norm(suffix_out)
+            streams = _attend_and_finish([vlm_layer, expert_layer], streams, q, k, v, mask)
+        return self.vlm_norm(streams[0]), self.expert_norm(streams[1])
+
+    def forward_prefix(self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_length: int) -> PrefixKVCache:
+        """Prefix-only mode: the prefix keys/values of every layer, for `forward_suffix`.
+
+        Uses the training prefix mask (bidirectional over valid tokens). The last layer only needs
+        its keys/values, so its attention and MLP are not run.
+        """
+        batch, prefix_len = prefix_pad_mask.shape
+        prefix_pos, _ = _position_ids(prefix_pad_mask, 0)
+        mask = prefix_pad_mask[:, None, None, :]  # (B, 1, 1, Lp)
+        rotation = [self.rotary_emb(prefix_embeds, prefix_pos)]
+        keys, values = [], []
+        hidden = [prefix_embeds]
+        last = len(self.vlm_layers) - 1
+        for index, layer in enumerate(self.vlm_layers):
+            q, k, v = _project_streams([layer], hidden, rotation)
+            key_buffer = k.new_empty(batch, k.shape[1], prefix_len + suffix_length, k.shape[3])
+            value_buffer = torch.empty_like(key_buffer)
+            key_buffer[:, :, :prefix_len] = k
+            value_buffer[:, :, :prefix_len] = v
+            keys.append(key_buffer)
+            values.append(value_buffer)
+            if index < last:
+                hidden = _attend_and_finish([layer], hidden, q, k, v, mask)
+        return PrefixKVCache(keys, values, prefix_pad_mask, prefix_len)
+
+    def forward_suffix(self, suffix_embeds: Tensor, cache: PrefixKVCache) -> Tensor:
+        """Suffix-only mode (each Euler step): the suffix attends to the cached prefix and itself."""
+        batch, suffix_len = suffix_embeds.shape[:2]
+        start = cache.prefix_length
+        if cache.keys[0].shape[2] != start + suffix_len:
+            raise ValueError(
+                f"cache was built for a suffix of {cache.keys[0].shape[2] - start} tokens, got {suffix_len}."
+            )
+        _, suffix_pos = _position_ids(cache.prefix_pad_mask, suffix_len)
+        key_valid = torch.cat([cache.prefix_pad_mask, cache.prefix_pad_mask.new_ones(batch, suffix_len)], dim=1)
+        mask = key_valid[:, None, None, :]
+        rotation = [self.rotary_emb(suffix_embeds, suffix_pos)]
+        hidden = [suffix_embeds]
+        for layer, key_buffer, value_buffer in zip(self.expert_layers, cache.keys, cache.values, strict=True):
+            q, k, v = _project_streams([layer], hidden, rotation)
+            key_buffer[:, :, start:] = k
+            value_buffer[:, :, start:] = v
+            hidden = _attend_and_finish([layer], hidden, q, key_buffer, value_buffer, mask)
+        return self.expert_norm(hidden[0])
+
+
+def _position_ids(prefix_pad_mask: Tensor, suffix_len: int) -> tuple[Tensor, Tensor]:
+    """Joint RoPE positions: cumsum of valid tokens minus one; the suffix continues after the valid prefix."""
+    prefix_pos = torch.cumsum(prefix_pad_mask.long(), dim=1) - 1
+    num_valid = prefix_pad_mask.long().sum(dim=1, keepdim=True)  # (B, 1)
+    suffix_pos = num_valid + torch.arange(suffix_len, device=prefix_pad_mask.device)[None, :]
+    return prefix_pos.clamp(min=0), suffix_pos
+
+
+def _project_streams(layers, streams, rotations) -> tuple[Tensor, Tensor, Tensor]:
+    """Input norm + q/k/v + RoPE per stream, concatenated along the sequence: (B, H, L, D) each."""
+    queries, keys, values = [], [], []
+    for layer, hidden, (cos, sin) in zip(layers, streams, rotations, strict=True):
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        shape = (*hidden.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(normed).view(shape).transpose(1, 2)
+        k = attn.k_proj(normed).view(shape).transpose(1, 2)
+        v = attn.v_proj(normed).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        queries.append(q)
+        keys.append(k)
+        values.append(v)
+    if len(layers) == 1:
+        return queries[0], keys[0], values[0]
+    return torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def _attend_and_finish(layers, streams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> list[Tensor]:
+    """One SDPA call over all streams, then per-stream o_proj, residual, post-norm, MLP, residual."""
+    scale = layers[0].self_attn.scaling
+    attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    attn_out = attn_out.transpose(1, 2)  # (B, L, H, D)
+    outputs, start = [], 0
+    for layer, hidden in zip(layers, streams, strict=True):
+        length = hidden.shape[1]
+        part = attn_out[:, start : start + length].reshape(*hidden.shape[:-1], -1)
+        start += length
+        hidden = hidden + layer.self_attn.o_proj(part)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        outputs.append(hidden)
+    return outputs

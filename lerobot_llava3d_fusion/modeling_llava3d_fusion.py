@@ -1,0 +1,161 @@
+"""Llava3DFusionPolicy: the LeRobot contract around `Llava3DFusionModel`.
+
+It checks and turns LeRobot batches (after the policy preprocessor) into model inputs, and turns
+model outputs back into LeRobot actions; the network itself lives in `model.py`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from lerobot.configs import PreTrainedConfig
+from lerobot.policies.common.vla_utils import pad_vector
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
+from torch import Tensor
+
+from .configuration_llava3d_fusion import Llava3DFusionConfig
+from .model import Llava3DFusionModel
+
+
+class Llava3DFusionPolicy(PreTrainedPolicy):
+    """3D-aware LLaVA VLA with a deep-fusion flow-matching action expert."""
+
+    config_class = Llava3DFusionConfig
+    name = "llava3d_fusion"
+
+    def __init__(self, config: Llava3DFusionConfig, **kwargs):
+        super().__init__(config)
+        config.validate_features()
+        self.config = config
+        self.model = Llava3DFusionModel(config)
+        self._apply_freeze_flags()
+        self.reset()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path, *, config: PreTrainedConfig | None = None, **kwargs):
+        # The checkpoint holds every weight: do not fetch the backbone's pretrained weights again.
+        if config is None:
+            config = PreTrainedConfig.from_pretrained(pretrained_name_or_path, **kwargs)
+        config.load_vlm_weights = False
+        return super().from_pretrained(pretrained_name_or_path, config=config, **kwargs)
+
+    def _apply_freeze_flags(self) -> None:
+        if self.config.freeze_vision_encoder or self.config.train_expert_only:
+            self.model.image_encoder.vision_tower.requires_grad_(False)
+        if self.config.train_expert_only:
+            # Everything of the VLM stream is frozen; the separate expert stack and the
+            # flow-matching projections train.
+            for module in (self.model.image_encoder, self.model.embed_tokens,
+                           self.model.fusion.vlm_layers, self.model.fusion.vlm_norm):
+                module.requires_grad_(False)
+
+    def get_optim_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def reset(self) -> None:
+        """Empty the action queue (call at every environment reset)."""
+        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    # ------------------------------------------------------------------------ batch -> inputs
+
+    def _prepare_inputs(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        cfg = self.config
+        images = []
+        for key in cfg.camera_keys:
+            if key not in batch:
+                present = sorted(k for k in batch if k.startswith("observation."))
+                raise KeyError(f"camera {key!r} missing from the batch; observation keys present: {present}")
+            image = batch[key]
+            if image.ndim != 4 or image.shape[1] != 3:
+                raise ValueError(f"{key}: expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
+            _check_finite(key, image)
+            images.append(image)
+
+        for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
+            if key not in batch:
+                raise KeyError(
+                    f"{key!r} missing from the batch: run the policy's preprocessor (it tokenizes the task)."
+                )
+        lang_tokens, lang_mask = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool()
+        if not lang_mask.any(dim=1).all():
+            raise ValueError("a sample has an empty task: llava3d_fusion needs a task instruction per sample.")
+
+        state = self._prepare_state(batch, batch_size=images[0].shape[0])
+        return images, lang_tokens, lang_mask, state
+
+    def _prepare_state(self, batch: dict[str, Tensor], batch_size: int) -> Tensor:
+        cfg = self.config
+        state_feature = cfg.robot_state_feature
+        if state_feature is None:
+            return torch.zeros(batch_size, cfg.max_state_dim, device=self.device_of_model)
+        if OBS_STATE not in batch:
+            raise KeyError(f"{OBS_STATE!r} missing from the batch (the policy was configured with a state).")
+        state = batch[OBS_STATE]
+        expected = state_feature.shape[-1]
+        if state.ndim != 2 or state.shape[-1] != expected:
+            raise ValueError(f"{OBS_STATE}: expected shape (B, {expected}), got {tuple(state.shape)}")
+        _check_finite(OBS_STATE, state)
+        return pad_vector(state.float(), cfg.max_state_dim)
+
+    @property
+    def device_of_model(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_feature.shape[-1]
+
+    # ------------------------------------------------------------------------------- training
+
+    def forward(
+        self, batch: dict[str, Tensor], noise: Tensor | None = None, time: Tensor | None = None,
+        reduction: str = "mean",
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
+        images, lang_tokens, lang_mask, state = self._prepare_inputs(batch)
+        actions = batch[ACTION]
+        expected = (self.config.chunk_size, self.action_dim)
+        if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:
+            raise ValueError(f"{ACTION}: expected shape (B, {expected[0]}, {expected[1]}), got {tuple(actions.shape)}")
+        _check_finite(ACTION, actions)
+        padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
+
+        losses = self.model(images, lang_tokens, lang_mask, state, padded_actions, noise=noise, time=time)
+        losses = losses[:, :, : self.action_dim]  # drop padded action dims
+        step_valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
+        weights = step_valid[..., None].expand_as(losses).float()
+        per_sample = (losses * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
+        if reduction == "none":
+            return per_sample, {"loss": per_sample.mean().item()}
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
+        return loss, {"loss": loss.item()}
+
+    # ------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """(B, chunk_size, action_dim) actions; `noise` (B, chunk_size, max_action_dim) fixes the sample."""
+        self.eval()
+        images, lang_tokens, lang_mask, state = self._prepare_inputs(batch)
+        shape = (images[0].shape[0], self.config.chunk_size, self.config.max_action_dim)
+        if noise is None:
+            noise = torch.randn(shape, device=images[0].device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        actions = self.model.sample_actions(images, lang_tokens, lang_mask, state, noise.float())
+        return actions[:, :, : self.action_dim]
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out."""
+        if not self._action_queue:
+            chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
+            self._action_queue.extend(chunk.transpose(0, 1))  # queue of (B, action_dim)
+        return self._action_queue.popleft()
+
+
+def _check_finite(key: str, tensor: Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{key} contains NaN or inf values.")

@@ -1,0 +1,89 @@
+"""Pre/post-processing pipelines of the llava3d_fusion policy.
+
+Input: rename -> batch dim -> task newline -> tokenize (the backbone's tokenizer) -> device ->
+normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
+resizes and normalizes them for its vision tower once, on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lerobot.configs import FeatureType
+from lerobot.lerobot_types import PolicyAction
+from lerobot.processor import (
+    NewLineTaskProcessorStep,
+    NormalizerProcessorStep,
+    PolicyProcessorPipeline,
+    ProcessorStepRegistry,
+    TokenizerProcessorStep,
+    make_default_policy_processor_steps,
+    make_policy_processor_pipelines,
+)
+
+from .configuration_llava3d_fusion import Llava3DFusionConfig
+from .vlm import load_tokenizer
+
+# Geometry inputs are metric and must reach the model untouched, whatever their feature type.
+UNNORMALIZED_PREFIXES = ("observation.depth.", "observation.intrinsics.", "observation.extrinsics.")
+
+
+@ProcessorStepRegistry.register(name="llava3d_fusion_tokenizer")
+@dataclass
+class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
+    """Tokenizes the task with the tokenizer of `vlm_model_name` (including the offline "tiny" one).
+
+    Saved with the backbone name, so a checkpoint's preprocessor rebuilds the same tokenizer.
+    Rejects empty task strings: the policy is language-conditioned.
+    """
+
+    vlm_model_name: str = ""
+
+    def __post_init__(self):
+        if not self.vlm_model_name:
+            raise ValueError("Llava3DFusionTokenizerStep needs vlm_model_name.")
+        self.tokenizer = load_tokenizer(self.vlm_model_name)
+        super().__post_init__()
+
+    def get_task(self, transition):
+        tasks = super().get_task(transition)
+        if tasks is not None and any(not task.strip() for task in tasks):
+            raise ValueError(f"empty task string in {tasks!r}: llava3d_fusion needs an instruction per sample.")
+        return tasks
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "vlm_model_name": self.vlm_model_name}
+
+
+def make_llava3d_fusion_pre_post_processors(
+    config: Llava3DFusionConfig,
+    dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> tuple[
+    PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
+    PolicyProcessorPipeline[PolicyAction, PolicyAction],
+]:
+    steps = make_default_policy_processor_steps(config, dataset_stats)
+    normalized_features = {
+        key: feature
+        for key, feature in {**config.input_features, **config.output_features}.items()
+        if not key.startswith(UNNORMALIZED_PREFIXES) and feature.type is not FeatureType.VISUAL
+    }
+    input_steps = [
+        steps.rename_observations,
+        steps.add_batch_dim,
+        NewLineTaskProcessorStep(),
+        Llava3DFusionTokenizerStep(
+            vlm_model_name=config.vlm_model_name,
+            max_length=config.tokenizer_max_length,
+            padding="longest",
+            padding_side="right",
+        ),
+        steps.to_device,
+        NormalizerProcessorStep(
+            features=normalized_features, norm_map=config.normalization_mapping, stats=dataset_stats
+        ),
+    ]
+    output_steps = [steps.unnormalize, steps.to_cpu]
+    return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)

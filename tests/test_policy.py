@@ -1,0 +1,308 @@
+"""Behaviour of the policy: sampling paths agree, masks are right, training works, bad input fails."""
+
+import pytest
+import torch
+from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+
+
+def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch_size, CHUNK, policy.config.max_action_dim, generator=generator)
+
+
+@pytest.mark.parametrize("llm_type", ["qwen2", "llama", "mistral"])
+@pytest.mark.parametrize("expert_mode", ["shared", "separate"])
+def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode):
+    policy = tiny_policy(tiny_llm_type=llm_type, expert_mode=expert_mode)
+    batch = preprocess(policy, raw_batch())
+    noise = fixed_noise(2, policy)
+    policy.config.use_cache = True
+    cached = policy.predict_action_chunk(batch, noise=noise)
+    policy.config.use_cache = False
+    uncached = policy.predict_action_chunk(batch, noise=noise)
+    assert cached.shape == (2, CHUNK, ACTION_DIM)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=0)
+    # The sample really depends on the noise (the comparison above is not vacuous).
+    assert not torch.allclose(policy.predict_action_chunk(batch, noise=noise + 1.0), uncached)
+
+
+def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
+    batch = preprocess(policy, raw_batch())
+    model = policy.model
+    images = [batch[key] for key in policy.config.camera_keys]
+    prefix, mask = model.embed_prefix(images, batch["observation.language.tokens"],
+                                      batch["observation.language.attention_mask"])
+    suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
+    suffix_a = torch.randn(2, suffix_len, width)
+    suffix_b = torch.randn(2, suffix_len, width)
+    prefix_a, out_a = model.fusion(prefix, mask, suffix_a, output_prefix=True)
+    prefix_b, out_b = model.fusion(prefix, mask, suffix_b, output_prefix=True)
+    assert torch.equal(prefix_a, prefix_b)
+    assert not torch.allclose(out_a, out_b)
+    # Skipping the prefix's unused last-layer tail does not change the suffix output.
+    torch.testing.assert_close(model.fusion(prefix, mask, suffix_a), out_a, atol=1e-6, rtol=0)
+
+
+def test_suffix_steps_reuse_the_prefix_cache_in_place(policy):
+    batch = preprocess(policy, raw_batch())
+    model = policy.model
+    images = [batch[key] for key in policy.config.camera_keys]
+    prefix, mask = model.embed_prefix(images, batch["observation.language.tokens"],
+                                      batch["observation.language.attention_mask"])
+    suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
+    with torch.no_grad():
+        cache = model.fusion.forward_prefix(prefix, mask, suffix_len)
+        pointers = [k.data_ptr() for k in cache.keys]
+        prefix_keys = [k[:, :, : cache.prefix_length].clone() for k in cache.keys]
+        first = model.fusion.forward_suffix(torch.randn(2, suffix_len, width), cache)
+        second = model.fusion.forward_suffix(torch.randn(2, suffix_len, width), cache)
+    assert [k.data_ptr() for k in cache.keys] == pointers
+    for before, after in zip(prefix_keys, cache.keys, strict=True):
+        assert torch.equal(before, after[:, :, : cache.prefix_length])
+    assert not torch.allclose(first, second)
+
+
+def test_each_sample_of_a_padded_batch_gets_the_actions_it_gets_alone(policy):
+    tasks = ["pick up the red block and put it in the bowl", "push"]
+    batch = preprocess(policy, raw_batch(tasks=tasks))
+    mask = batch["observation.language.attention_mask"]
+    assert mask[0].sum() > mask[1].sum()  # the short prompt is padded
+    noise = fixed_noise(2, policy)
+    together = policy.predict_action_chunk(batch, noise=noise)
+    for i in range(2):
+        alone = raw_batch(tasks=tasks)
+        alone = {k: v[i : i + 1] if isinstance(v, torch.Tensor) else [v[i]] for k, v in alone.items()}
+        single = policy.predict_action_chunk(preprocess(policy, alone), noise=noise[i : i + 1])
+        torch.testing.assert_close(single[0], together[i], atol=1e-5, rtol=0)
+
+
+def test_padding_the_prompt_does_not_change_the_actions(policy):
+    batch = preprocess(policy, raw_batch())
+    noise = fixed_noise(2, policy)
+    reference = policy.predict_action_chunk(batch, noise=noise)
+    padded = dict(batch)
+    extra = 7
+    padded["observation.language.tokens"] = torch.nn.functional.pad(batch["observation.language.tokens"], (0, extra))
+    padded["observation.language.attention_mask"] = torch.nn.functional.pad(
+        batch["observation.language.attention_mask"], (0, extra), value=False
+    )
+    torch.testing.assert_close(policy.predict_action_chunk(padded, noise=noise), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("expert_mode", ["shared", "separate"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_expert_modes_train_with_finite_gradients(expert_mode, dtype):
+    policy = tiny_policy(expert_mode=expert_mode, dtype=dtype)
+    policy.train()
+    batch = preprocess(policy, raw_batch())
+    loss, info = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and info["loss"] > 0
+    grads = {name: p.grad for name, p in policy.named_parameters() if p.requires_grad}
+    # Only the prefix's last-layer tail (o_proj, MLP, final norm) feeds no loss in "separate" mode.
+    unused = {n for n, g in grads.items() if g is None}
+    last = len(policy.model.fusion.vlm_layers) - 1
+    allowed = {"model.fusion.vlm_norm.weight"} | {
+        n for n in grads if n.startswith(f"model.fusion.vlm_layers.{last}.") and "self_attn.o_proj" in n
+        or n.startswith(f"model.fusion.vlm_layers.{last}.") and ("mlp" in n or "post_attention" in n)
+    }
+    assert unused <= (allowed if expert_mode == "separate" else set()), unused
+    assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
+    # The expert's layers get gradient in both modes (in "shared" they are the LLM's layers).
+    expert_layer = policy.model.fusion.expert_layers[0].self_attn.q_proj.weight
+    assert expert_layer.grad.abs().sum() > 0
+
+
+def test_shared_mode_adds_no_transformer_parameters():
+    shared = tiny_policy(expert_mode="shared")
+    separate = tiny_policy(expert_mode="separate")
+    count = lambda p: sum(x.numel() for x in p.model.fusion.parameters())  # noqa: E731
+    assert count(shared) == sum(x.numel() for x in shared.model.fusion.vlm_layers.parameters()) + sum(
+        x.numel() for x in shared.model.fusion.vlm_norm.parameters()
+    )
+    assert count(separate) > count(shared)
+
+
+def test_loss_averages_only_real_action_steps_and_dims(policy):
+    batch = preprocess(policy, raw_batch())
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim)
+    time = torch.full((2,), 0.5)
+    is_pad = torch.zeros(2, CHUNK, dtype=torch.bool)
+    is_pad[0, CHUNK // 2 :] = True
+    batch["action_is_pad"] = is_pad
+    loss, info = policy.forward(batch, noise=noise, time=time)
+
+    images = [batch[key] for key in policy.config.camera_keys]
+    state = torch.nn.functional.pad(batch["observation.state"], (0, policy.config.max_state_dim - 5))
+    actions = torch.nn.functional.pad(batch["action"], (0, policy.config.max_action_dim - ACTION_DIM))
+    elements = policy.model(images, batch["observation.language.tokens"],
+                            batch["observation.language.attention_mask"], state, actions, noise=noise, time=time)
+    expected = elements[:, :, :ACTION_DIM][~is_pad].mean()  # padded steps and padded dims excluded
+    torch.testing.assert_close(loss, expected)
+    assert info["loss"] == pytest.approx(expected.item())
+    assert not torch.allclose(elements.mean(), expected)  # the masking matters
+
+
+def test_select_action_serves_a_queue_and_reset_empties_it(policy):
+    policy.config.n_action_steps = 3
+    policy.reset()
+    batch = preprocess(policy, raw_batch())
+    noise = fixed_noise(2, policy)
+    chunk = policy.predict_action_chunk(batch, noise=noise)
+    served = [policy.select_action(batch, noise=noise) for _ in range(3)]
+    for step, action in enumerate(served):
+        torch.testing.assert_close(action, chunk[:, step])
+    assert len(policy._action_queue) == 0
+    policy.select_action(batch, noise=noise)
+    assert len(policy._action_queue) == 2
+    policy.reset()
+    assert len(policy._action_queue) == 0
+
+
+def test_freeze_flags_select_the_trained_parameters():
+    frozen_vision = tiny_policy(freeze_vision_encoder=True)
+    names = {n for n, _ in frozen_vision.named_parameters()}
+    trained = {id(p) for p in frozen_vision.get_optim_params()}
+    vision = list(frozen_vision.model.image_encoder.vision_tower.parameters())
+    assert vision and not any(id(p) in trained for p in vision)
+    assert any(id(p) in trained for p in frozen_vision.model.fusion.vlm_layers.parameters())
+
+    expert_only = tiny_policy(train_expert_only=True, expert_mode="separate")
+    trained = {id(p) for p in expert_only.get_optim_params()}
+    assert not any(id(p) in trained for p in expert_only.model.fusion.vlm_layers.parameters())
+    assert not any(id(p) in trained for p in expert_only.model.embed_tokens.parameters())
+    assert all(id(p) in trained for p in expert_only.model.fusion.expert_layers.parameters())
+    assert all(id(p) in trained for p in expert_only.model.action_expert.parameters())
+    assert len(names) > len(trained)
+
+
+def test_save_and_load_give_identical_actions(policy, tmp_path):
+    batch = preprocess(policy, raw_batch())
+    noise = fixed_noise(2, policy)
+    before = policy.predict_action_chunk(batch, noise=noise)
+    policy.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    torch.manual_seed(123)  # a different init must be overwritten by the checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(tmp_path)
+    assert torch.equal(loaded.predict_action_chunk(batch, noise=noise), before)
+
+
+def test_tiny_model_overfits_a_few_samples():
+    policy = tiny_policy(seed=0, expert_mode="separate", expert_width_multiplier=1.0)
+    batch = preprocess(policy, raw_batch(batch_size=2, tasks=["go left", "go right"]))
+    optimizer = torch.optim.AdamW(policy.get_optim_params(), lr=3e-3)
+    policy.train()
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(300):
+        loss, _ = policy.forward(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first / 10, (first, last)
+    policy.config.num_steps = 10
+    sampled = policy.predict_action_chunk(batch, noise=fixed_noise(2, policy))
+    target = batch["action"]
+    error = (sampled - target).abs().mean()
+    baseline = (target - target.mean()).abs().mean()  # predicting the mean action
+    assert error < 0.3 * baseline, (error.item(), baseline.item())
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+def test_missing_camera_raises(policy):
+    batch = preprocess(policy, raw_batch())
+    del batch["observation.images.wrist"]
+    with pytest.raises(KeyError, match="observation.images.wrist"):
+        policy.predict_action_chunk(batch)
+
+
+def test_wrong_state_size_raises(policy):
+    batch = preprocess(policy, raw_batch())
+    batch["observation.state"] = torch.randn(2, 7)
+    with pytest.raises(ValueError, match="observation.state"):
+        policy.predict_action_chunk(batch)
+
+
+def test_wrong_action_size_raises(policy):
+    batch = preprocess(policy, raw_batch())
+    batch["action"] = torch.randn(2, CHUNK, ACTION_DIM + 1)
+    with pytest.raises(ValueError, match="action"):
+        policy.forward(batch)
+
+
+@pytest.mark.parametrize("key", ["observation.state", "observation.images.top", "action"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_raises(policy, key, bad):
+    batch = preprocess(policy, raw_batch())
+    batch[key] = batch[key].clone()
+    batch[key].view(-1)[0] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        policy.forward(batch)
+
+
+@pytest.mark.parametrize("task", ["", "   "])
+def test_empty_task_raises(policy, task):
+    with pytest.raises(ValueError, match="empty task"):
+        preprocess(policy, raw_batch(tasks=["pick", task]))
+
+
+def test_empty_language_mask_raises(policy):
+    batch = preprocess(policy, raw_batch())
+    batch["observation.language.attention_mask"] = torch.zeros_like(batch["observation.language.attention_mask"])
+    with pytest.raises(ValueError, match="empty task"):
+        policy.predict_action_chunk(batch)
+
+
+def test_wrong_noise_shape_raises(policy):
+    batch = preprocess(policy, raw_batch())
+    with pytest.raises(ValueError, match="noise"):
+        policy.predict_action_chunk(batch, noise=torch.randn(2, CHUNK, ACTION_DIM))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"n_action_steps": 10, "chunk_size": 5}, "n_action_steps"),
+        ({"expert_mode": "cross"}, "expert_mode"),
+        ({"time_sampling": "normal"}, "time_sampling"),
+        ({"expert_width_multiplier": 1.5}, "expert_width_multiplier"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"train_expert_only": True, "expert_mode": "shared"}, "train_expert_only"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_dataset_without_camera_or_action_is_rejected():
+    config = tiny_config(input_features={})
+    with pytest.raises(ValueError, match="camera"):
+        config.validate_features()
+    config = tiny_config(output_features={})
+    with pytest.raises(ValueError, match="action"):
+        config.validate_features()
+
+
+def test_head_geometry_mismatch_is_rejected(policy):
+    from lerobot_llava3d_fusion.fusion import check_head_geometry
+
+    vlm_layers = policy.model.fusion.vlm_layers
+    wrong = torch.nn.ModuleList([type(vlm_layers[0])(_narrow_heads(vlm_layers), layer_idx=0)] * len(vlm_layers))
+    with pytest.raises(ValueError, match="head_dim"):
+        check_head_geometry(vlm_layers, wrong)
+
+
+def _narrow_heads(vlm_layers):
+    import copy
+
+    config = copy.deepcopy(vlm_layers[0].self_attn.config)
+    config.head_dim = config.head_dim // 2
+    return config
