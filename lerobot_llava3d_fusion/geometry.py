@@ -1,0 +1,298 @@
+"""3D position features for vision patch tokens (the LLaVA-3D idea).
+
+A metric depth image and pinhole intrinsics (optionally camera-to-world extrinsics) are back-projected to one
+3D point per pixel, the valid points are averaged inside each vision patch, and the per-patch point is turned
+into a ``hidden_size`` vector (sinusoidal 3D encoding followed by an MLP). That vector is meant to be ADDED to
+the patch token. It is scaled by a learnable gate initialised at zero, so a pretrained vision-language model
+starts out unchanged and only learns to use geometry as the gate opens.
+
+Conventions (OpenCV):
+    * camera frame: x right, y down, z forward; depth is the metric z coordinate (not the ray length);
+    * pixel ``(u, v)`` = (column index, row index), and the centre of pixel ``(u, v)`` sits exactly at
+      ``(u, v)``, i.e. ``x = (u - cx) * z / fx`` and ``y = (v - cy) * z / fy``. Intrinsics that put pixel
+      centres at ``u + 0.5`` (some renderers) must have ``cx`` and ``cy`` shifted by ``-0.5`` by the caller;
+    * the intrinsics must describe the pixel grid of the depth image actually passed in: if the depth was
+      resized or cropped, scale/shift ``fx, fy, cx, cy`` accordingly before calling.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "backproject_depth",
+    "pool_points_to_patches",
+    "sinusoidal_3d_encoding",
+    "GeometryEncoder",
+    "DepthToPatchGeometry",
+]
+
+# Smallest wavelength of the sinusoidal encoding, in metres. One centimetre is about the precision that
+# matters for manipulation; finer wavelengths would mostly encode depth-sensor noise.
+DEFAULT_MIN_WAVELENGTH = 0.01
+
+
+def _batched_matrix(matrix: Tensor, size: int, batch_size: int, name: str) -> Tensor:
+    """Check that ``matrix`` is ``(size, size)`` or ``(batch_size, size, size)``; return the batched form."""
+    if matrix.ndim not in (2, 3) or matrix.shape[-2:] != (size, size):
+        raise ValueError(
+            f"{name} must have shape ({size}, {size}) or (B, {size}, {size}), got {tuple(matrix.shape)}"
+        )
+    if matrix.ndim == 2:
+        return matrix.unsqueeze(0).expand(batch_size, size, size)
+    if matrix.shape[0] != batch_size:
+        raise ValueError(f"{name} has batch size {matrix.shape[0]} but depth has batch size {batch_size}")
+    return matrix
+
+
+def _check_grid_size(grid_size: tuple[int, int]) -> tuple[int, int]:
+    """Check that ``grid_size`` is two positive ints and return it as a tuple."""
+    if (
+        not isinstance(grid_size, (tuple, list))
+        or len(grid_size) != 2
+        or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid_size)
+    ):
+        raise ValueError(f"grid_size must be two positive ints (gh, gw), got {grid_size!r}")
+    return int(grid_size[0]), int(grid_size[1])
+
+
+def backproject_depth(
+    depth: Tensor,
+    intrinsics: Tensor,
+    extrinsics: Tensor | None = None,
+    min_depth: float = 1e-3,
+    max_depth: float = 100.0,
+) -> tuple[Tensor, Tensor]:
+    """Back-project a metric depth image to one 3D point per pixel.
+
+    Args:
+        depth: ``(B, 1, H, W)`` or ``(B, H, W)``, metres along the camera z axis.
+        intrinsics: ``(B, 3, 3)`` or ``(3, 3)`` pinhole matrix ``[[fx, s, cx], [0, fy, cy], [0, 0, 1]]`` for
+            this depth image's pixel grid (see the module docstring for the pixel convention). Skew ``s`` is
+            honoured.
+        extrinsics: optional ``(B, 4, 4)`` or ``(4, 4)`` camera-to-world homogeneous transform; when given,
+            points are returned in the world (e.g. robot base) frame instead of the camera frame.
+        min_depth: depths ``<= min_depth`` are invalid (holes are usually reported as 0).
+        max_depth: depths ``> max_depth`` are invalid (sensor far-plane / sky values).
+
+    Returns:
+        points: ``(B, H, W, 3)`` float (float32, or float64 for float64 depth); invalid pixels are exactly 0.
+        valid: ``(B, H, W)`` bool, False where depth is non-finite, ``<= min_depth`` or ``> max_depth``.
+    """
+    if depth.ndim == 4:
+        if depth.shape[1] != 1:
+            raise ValueError(f"depth must have shape (B, 1, H, W) or (B, H, W), got {tuple(depth.shape)}")
+        depth = depth[:, 0]
+    elif depth.ndim != 3:
+        raise ValueError(f"depth must have shape (B, 1, H, W) or (B, H, W), got {tuple(depth.shape)}")
+    if not 0.0 <= min_depth < max_depth:
+        raise ValueError(f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
+
+    batch_size, height, width = depth.shape
+    # Half-precision depth loses centimetres at a few metres, so compute geometry in at least float32.
+    dtype = torch.promote_types(depth.dtype, torch.float32)
+    depth = depth.to(dtype)
+    intrinsics = _batched_matrix(intrinsics, 3, batch_size, "intrinsics").to(device=depth.device, dtype=dtype)
+
+    valid = torch.isfinite(depth) & (depth > min_depth) & (depth <= max_depth)
+    # Replace invalid depths before any arithmetic so NaN/inf never enter the graph, backward pass included.
+    z = torch.where(valid, depth, torch.zeros_like(depth))
+
+    fx = intrinsics[:, 0, 0].view(batch_size, 1, 1)
+    skew = intrinsics[:, 0, 1].view(batch_size, 1, 1)
+    cx = intrinsics[:, 0, 2].view(batch_size, 1, 1)
+    fy = intrinsics[:, 1, 1].view(batch_size, 1, 1)
+    cy = intrinsics[:, 1, 2].view(batch_size, 1, 1)
+    v = torch.arange(height, device=depth.device, dtype=dtype).view(1, height, 1)
+    u = torch.arange(width, device=depth.device, dtype=dtype).view(1, 1, width)
+
+    # Inverse of u = fx * x/z + s * y/z + cx, v = fy * y/z + cy.
+    y_over_z = (v - cy) / fy
+    x_over_z = (u - cx - skew * y_over_z) / fx
+    points = torch.stack((x_over_z * z, y_over_z * z, z), dim=-1)
+
+    if extrinsics is not None:
+        extrinsics = _batched_matrix(extrinsics, 4, batch_size, "extrinsics").to(
+            device=depth.device, dtype=dtype
+        )
+        rotation = extrinsics[:, :3, :3]
+        translation = extrinsics[:, :3, 3]
+        points = torch.einsum("bij,bhwj->bhwi", rotation, points) + translation.view(batch_size, 1, 1, 3)
+        # The translation moved the zeroed invalid points; put them back at 0 so they carry no information.
+        points = points * valid.unsqueeze(-1).to(dtype)
+
+    return points, valid
+
+
+def pool_points_to_patches(
+    points: Tensor, valid: Tensor, grid_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """Average the valid 3D points inside each cell of a ``(gh, gw)`` patch grid laid over the image.
+
+    Uses adaptive average pooling, so ``H`` and ``W`` need not be divisible by the grid; when they are not,
+    adjacent cells overlap by up to one pixel (PyTorch's adaptive-pooling windows), which is harmless for a
+    position feature.
+
+    Args:
+        points: ``(B, H, W, 3)`` points, e.g. from :func:`backproject_depth`.
+        valid: ``(B, H, W)`` bool mask of the points to average.
+        grid_size: ``(gh, gw)`` patch grid, e.g. the vision tower's patch grid.
+
+    Returns:
+        patch_points: ``(B, gh * gw, 3)`` mean of the valid points of each patch, in row-major patch order
+            (the order of ViT patch tokens); 0 for patches without any valid pixel.
+        patch_valid: ``(B, gh * gw)`` bool, True where the patch has at least one valid pixel.
+    """
+    grid_h, grid_w = _check_grid_size(grid_size)
+    if points.ndim != 4 or points.shape[-1] != 3:
+        raise ValueError(f"points must have shape (B, H, W, 3), got {tuple(points.shape)}")
+    if valid.shape != points.shape[:-1]:
+        raise ValueError(
+            f"valid must have shape {tuple(points.shape[:-1])} (B, H, W), got {tuple(valid.shape)}"
+        )
+
+    mask = valid.to(points.dtype).unsqueeze(1)  # (B, 1, H, W)
+    # Zero the invalid points explicitly (they may hold anything) so they add nothing to the sums.
+    masked_points = torch.where(valid.unsqueeze(-1), points, torch.zeros_like(points)).permute(0, 3, 1, 2)
+
+    # mean(points * valid) / mean(valid) over one window == sum of valid points / number of valid points.
+    point_sums = F.adaptive_avg_pool2d(masked_points, (grid_h, grid_w))  # (B, 3, gh, gw)
+    valid_fraction = F.adaptive_avg_pool2d(mask, (grid_h, grid_w))  # (B, 1, gh, gw)
+    patch_valid = valid_fraction > 0
+    # clamp_min only guards the empty patches, whose result is replaced by 0 anyway.
+    patch_points = point_sums / valid_fraction.clamp_min(torch.finfo(points.dtype).tiny)
+    patch_points = torch.where(patch_valid, patch_points, torch.zeros_like(patch_points))
+
+    batch_size = points.shape[0]
+    patch_points = patch_points.flatten(2).transpose(1, 2)  # (B, gh*gw, 3), row-major like ViT patches
+    return patch_points, patch_valid.view(batch_size, grid_h * grid_w)
+
+
+def sinusoidal_3d_encoding(
+    points: Tensor,
+    num_frequencies: int,
+    max_wavelength: float,
+    min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
+) -> Tensor:
+    """Encode 3D points with sines and cosines at geometrically spaced wavelengths.
+
+    The wavelengths are ``geomspace(min_wavelength, max_wavelength, num_frequencies)`` (log-uniform spacing, a
+    constant ratio between consecutive wavelengths; a single frequency uses ``max_wavelength``). The longest
+    wavelength keeps the encoding unambiguous across a workspace of that size, the shortest resolves
+    centimetre details.
+
+    Args:
+        points: ``(..., 3)`` metres.
+        num_frequencies: number of wavelengths per coordinate.
+        max_wavelength: longest wavelength, metres.
+        min_wavelength: shortest wavelength, metres (``0 < min_wavelength <= max_wavelength``).
+
+    Returns:
+        ``(..., 6 * num_frequencies)`` float32 in ``[-1, 1]``, laid out per coordinate (x, y, z) as
+        ``[sin(2 pi p / wavelength_k) for k] + [cos(2 pi p / wavelength_k) for k]``.
+    """
+    if points.shape[-1:] != (3,):
+        raise ValueError(f"points must have shape (..., 3), got {tuple(points.shape)}")
+    if num_frequencies < 1:
+        raise ValueError(f"num_frequencies must be >= 1, got {num_frequencies}")
+    if not 0.0 < min_wavelength <= max_wavelength:
+        raise ValueError(
+            f"need 0 < min_wavelength <= max_wavelength, got min_wavelength={min_wavelength}, "
+            f"max_wavelength={max_wavelength}"
+        )
+
+    # float32 even under bf16 autocast/weights: bf16 angles at 2*pi*p/1cm would be off by whole periods.
+    points = points.float()
+    if num_frequencies == 1:
+        wavelengths = torch.tensor([max_wavelength], device=points.device)
+    else:
+        wavelengths = torch.logspace(
+            math.log10(min_wavelength), math.log10(max_wavelength), num_frequencies, device=points.device
+        )
+    angles = points.unsqueeze(-1) * (2.0 * math.pi / wavelengths)  # (..., 3, F)
+    encoding = torch.cat((angles.sin(), angles.cos()), dim=-1)  # (..., 3, 2F)
+    return encoding.flatten(-2)
+
+
+class GeometryEncoder(nn.Module):
+    """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
+
+    ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied by the scalar ``gate``
+    (initialised at 0, so the output is exactly zero until training opens it) and zeroed on patches without
+    valid depth.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_frequencies: int = 16,
+        max_wavelength: float = 8.0,
+        min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
+    ):
+        super().__init__()
+        if not 0.0 < min_wavelength <= max_wavelength:
+            raise ValueError(
+                f"need 0 < min_wavelength <= max_wavelength, got min_wavelength={min_wavelength}, "
+                f"max_wavelength={max_wavelength}"
+            )
+        if num_frequencies < 1:
+            raise ValueError(f"num_frequencies must be >= 1, got {num_frequencies}")
+        self.num_frequencies = num_frequencies
+        self.max_wavelength = max_wavelength
+        self.min_wavelength = min_wavelength
+        self.mlp = nn.Sequential(
+            nn.Linear(6 * num_frequencies, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
+        """``(B, N, 3)`` points, ``(B, N)`` validity -> ``(B, N, hidden_size)`` in the parameters' dtype."""
+        if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
+            raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
+        if patch_valid.shape != patch_points.shape[:-1]:
+            raise ValueError(
+                f"patch_valid must have shape {tuple(patch_points.shape[:-1])} (B, N), "
+                f"got {tuple(patch_valid.shape)}"
+            )
+        dtype = self.mlp[0].weight.dtype
+        encoding = sinusoidal_3d_encoding(
+            patch_points, self.num_frequencies, self.max_wavelength, self.min_wavelength
+        )
+        features = self.mlp(encoding.to(dtype))
+        return self.gate * features * patch_valid.unsqueeze(-1).to(dtype)
+
+
+class DepthToPatchGeometry(nn.Module):
+    """Depth image + camera -> ``(B, gh * gw, hidden_size)`` geometry features to add to the patch tokens."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        grid_size: tuple[int, int],
+        num_frequencies: int = 16,
+        max_wavelength: float = 8.0,
+        min_depth: float = 1e-3,
+        max_depth: float = 100.0,
+        min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
+    ):
+        super().__init__()
+        if not 0.0 <= min_depth < max_depth:
+            raise ValueError(
+                f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}"
+            )
+        self.grid_size = _check_grid_size(grid_size)
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+        self.encoder = GeometryEncoder(hidden_size, num_frequencies, max_wavelength, min_wavelength)
+
+    def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
+        """See :func:`backproject_depth` for the input shapes; returns ``(B, gh * gw, hidden_size)``."""
+        points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
+        patch_points, patch_valid = pool_points_to_patches(points, valid, self.grid_size)
+        return self.encoder(patch_points, patch_valid)
