@@ -46,8 +46,13 @@ class Llava3DFusionConfig(PreTrainedConfig):
     load_vlm_weights: bool = True
     # Only for vlm_model_name="tiny": the decoder family of the tiny random LLM.
     tiny_llm_type: str = "qwen2"
+    # Original LLaVA-3D checkpoints carry only the LLM: the vision tower comes from this SigLIP/CLIP
+    # checkpoint (Hub id or local directory).
+    vision_tower_name: str | None = None
     # Keep only the first N LLM layers (<= 0: all of them).
     num_vlm_layers: int = -1
+    # Average-pool image patch tokens over k x k neighbourhoods (1 = no pooling) to bound the prefix.
+    image_pooling: int = 1
     dtype: str = "float32"
 
     # Action expert.
@@ -104,6 +109,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"expert_width_multiplier must be in (0, 1] (got {self.expert_width_multiplier})."
             )
+        if self.image_pooling < 1:
+            raise ValueError(f"image_pooling must be >= 1 (got {self.image_pooling}).")
         if self.num_steps < 1:
             raise ValueError(f"num_steps (Euler steps) must be >= 1 (got {self.num_steps}).")
         if self.max_state_dim < 1 or self.max_action_dim < 1:
