@@ -10,6 +10,15 @@ from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
 TINY_VLM_NAME = "tiny"
 
 EXPERT_MODES = ("shared", "separate")
+GEOMETRY_SOURCES = ("none", "depth", "estimator")
+GEOMETRY_TARGETS = ("prefix", "expert")
+# Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
+# observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
+# observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
+IMAGE_PREFIX = "observation.images."
+DEPTH_PREFIX = "observation.depth."
+INTRINSICS_PREFIX = "observation.intrinsics."
+EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
 TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
 DTYPES = ("float32", "bfloat16")
@@ -54,6 +63,20 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # Average-pool image patch tokens over k x k neighbourhoods (1 = no pooling) to bound the prefix.
     image_pooling: int = 1
     dtype: str = "float32"
+
+    # 3D geometry (LLaVA-3D): per-patch 3D points, encoded and added to the patch tokens through a
+    # zero-initialised gate. "depth": from observation.depth.<cam> + intrinsics; "estimator": depth
+    # from a monocular depth-estimation model (`depth_estimator_name`); "none": a plain 2D VLA.
+    geometry: str = "none"
+    # "prefix": geometry enters every layer through the VLM's patch tokens; "expert": the VLM
+    # stays 2D and 3D-aware patch tokens are given to the action expert only.
+    geometry_target: str = "prefix"
+    # Fallback camera matrices by camera name (<cam> of observation.images.<cam>), used when the
+    # batch carries no observation.intrinsics.<cam> / observation.extrinsics.<cam>.
+    camera_intrinsics: dict[str, list[list[float]]] = field(default_factory=dict)
+    camera_extrinsics: dict[str, list[list[float]]] = field(default_factory=dict)
+    depth_estimator_name: str | None = None
+    geometry_max_depth: float = 10.0  # metres; farther (or non-finite, <= 0) depth is ignored
 
     # Action expert.
     expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
@@ -104,6 +127,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
         _check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         _check_choice("tiny_llm_type", self.tiny_llm_type, TINY_LLM_TYPES)
+        _check_choice("geometry", self.geometry, GEOMETRY_SOURCES)
+        _check_choice("geometry_target", self.geometry_target, GEOMETRY_TARGETS)
+        if self.geometry == "estimator" and not self.depth_estimator_name:
+            raise ValueError("geometry='estimator' needs depth_estimator_name (a depth-estimation checkpoint).")
         _check_choice("dtype", self.dtype, DTYPES)
         if not 0.0 < self.expert_width_multiplier <= 1.0:
             raise ValueError(
@@ -141,10 +168,27 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if state is not None and state.shape[-1] > self.max_state_dim:
             raise ValueError(f"state dim {state.shape[-1]} exceeds max_state_dim ({self.max_state_dim}).")
 
+        if self.geometry == "depth" and not self.geometry_camera_keys:
+            raise ValueError(
+                "geometry='depth' needs a depth feature for at least one camera (observation.depth.<cam> "
+                f"next to observation.images.<cam>); input_features are {sorted(self.input_features)}."
+            )
+
     @property
     def camera_keys(self) -> list[str]:
         """Camera feature keys in a fixed order (the order of `input_features`)."""
         return [key for key, ft in (self.input_features or {}).items() if ft.type is FeatureType.VISUAL]
+
+    @property
+    def geometry_camera_keys(self) -> list[str]:
+        """Cameras that get 3D positions: all of them with an estimator, those with depth otherwise."""
+        if self.geometry == "none":
+            return []
+        if self.geometry == "estimator":
+            return self.camera_keys
+        features = self.input_features or {}
+        return [key for key in self.camera_keys if depth_key(key) in features]
+
 
     def get_optimizer_preset(self) -> AdamWConfig:
         return AdamWConfig(
@@ -179,3 +223,18 @@ class Llava3DFusionConfig(PreTrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+def camera_name(camera_key: str) -> str:
+    return camera_key.removeprefix(IMAGE_PREFIX)
+
+
+def depth_key(camera_key: str) -> str:
+    return DEPTH_PREFIX + camera_name(camera_key)
+
+
+def intrinsics_key(camera_key: str) -> str:
+    return INTRINSICS_PREFIX + camera_name(camera_key)
+
+
+def extrinsics_key(camera_key: str) -> str:
+    return EXTRINSICS_PREFIX + camera_name(camera_key)

@@ -7,6 +7,7 @@ model outputs back into LeRobot actions; the network itself lives in `model.py`.
 from __future__ import annotations
 
 from collections import deque
+from typing import NamedTuple
 
 import torch
 from lerobot.configs import PreTrainedConfig
@@ -15,8 +16,22 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
-from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .model import Llava3DFusionModel
+from .configuration_llava3d_fusion import (
+    Llava3DFusionConfig,
+    camera_name,
+    depth_key,
+    extrinsics_key,
+    intrinsics_key,
+)
+from .model import CameraGeometry, Llava3DFusionModel
+
+
+class ModelInputs(NamedTuple):
+    images: list[Tensor]  # per camera (B, 3, H, W) in [0, 1]
+    geometry: list[CameraGeometry | None]  # per camera
+    lang_tokens: Tensor  # (B, L)
+    lang_mask: Tensor  # (B, L) bool
+    state: Tensor  # (B, max_state_dim)
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -60,7 +75,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     # ------------------------------------------------------------------------ batch -> inputs
 
-    def _prepare_inputs(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _prepare_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
         cfg = self.config
         images = []
         for key in cfg.camera_keys:
@@ -82,8 +97,51 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         if not lang_mask.any(dim=1).all():
             raise ValueError("a sample has an empty task: llava3d_fusion needs a task instruction per sample.")
 
-        state = self._prepare_state(batch, batch_size=images[0].shape[0])
-        return images, lang_tokens, lang_mask, state
+        batch_size = images[0].shape[0]
+        geometry_cameras = set(cfg.geometry_camera_keys)
+        geometry = [
+            self._prepare_geometry(batch, key, batch_size) if key in geometry_cameras else None
+            for key in cfg.camera_keys
+        ]
+        state = self._prepare_state(batch, batch_size)
+        return ModelInputs(images, geometry, lang_tokens, lang_mask, state)
+
+    def _prepare_geometry(self, batch: dict[str, Tensor], camera_key: str, batch_size: int) -> CameraGeometry:
+        """Depth (unless estimated) and camera matrices of one camera, from the batch or the config."""
+        cfg = self.config
+        name = camera_name(camera_key)
+        device = batch[camera_key].device
+        depth = None
+        if cfg.geometry == "depth":
+            key = depth_key(camera_key)
+            if key not in batch:
+                raise KeyError(f"{key!r} missing from the batch (geometry='depth' uses it for {camera_key}).")
+            depth = batch[key].float()
+            if depth.ndim == 3:
+                depth = depth[:, None]
+            if depth.ndim != 4 or depth.shape[:2] != (batch_size, 1):
+                raise ValueError(f"{key}: expected depth of shape (B, 1, H, W), got {tuple(depth.shape)}")
+            if torch.isnan(depth).any():
+                raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
+        intrinsics = self._camera_matrix(batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device)
+        if intrinsics is None:
+            raise KeyError(
+                f"no intrinsics for camera {name!r}: put {intrinsics_key(camera_key)!r} in the observation or "
+                f"set camera_intrinsics[{name!r}] in the policy config."
+            )
+        extrinsics = self._camera_matrix(batch, extrinsics_key(camera_key), cfg.camera_extrinsics.get(name), 4, device)
+        return CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=extrinsics)
+
+    @staticmethod
+    def _camera_matrix(batch, key: str, fallback, size: int, device) -> Tensor | None:
+        matrix = batch[key] if key in batch else (torch.tensor(fallback, device=device) if fallback else None)
+        if matrix is None:
+            return None
+        matrix = matrix.float()
+        if matrix.shape[-2:] != (size, size):
+            raise ValueError(f"{key}: expected a {size}x{size} matrix per sample, got shape {tuple(matrix.shape)}")
+        _check_finite(key, matrix)
+        return matrix
 
     def _prepare_state(self, batch: dict[str, Tensor], batch_size: int) -> Tensor:
         cfg = self.config
@@ -114,7 +172,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
-        images, lang_tokens, lang_mask, state = self._prepare_inputs(batch)
+        inputs = self._prepare_inputs(batch)
         actions = batch[ACTION]
         expected = (self.config.chunk_size, self.action_dim)
         if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:
@@ -122,7 +180,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         _check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
 
-        losses = self.model(images, lang_tokens, lang_mask, state, padded_actions, noise=noise, time=time)
+        losses = self.model(*inputs, padded_actions, noise=noise, time=time)
         losses = losses[:, :, : self.action_dim]  # drop padded action dims
         step_valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
         weights = step_valid[..., None].expand_as(losses).float()
@@ -138,13 +196,13 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
         """(B, chunk_size, action_dim) actions; `noise` (B, chunk_size, max_action_dim) fixes the sample."""
         self.eval()
-        images, lang_tokens, lang_mask, state = self._prepare_inputs(batch)
-        shape = (images[0].shape[0], self.config.chunk_size, self.config.max_action_dim)
+        inputs = self._prepare_inputs(batch)
+        shape = (inputs.state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         if noise is None:
-            noise = torch.randn(shape, device=images[0].device)
+            noise = torch.randn(shape, device=inputs.state.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
-        actions = self.model.sample_actions(images, lang_tokens, lang_mask, state, noise.float())
+        actions = self.model.sample_actions(*inputs, noise.float())
         return actions[:, :, : self.action_dim]
 
     @torch.no_grad()

@@ -23,11 +23,11 @@ from lerobot.processor import (
     make_policy_processor_pipelines,
 )
 
-from .configuration_llava3d_fusion import Llava3DFusionConfig
+from .configuration_llava3d_fusion import DEPTH_PREFIX, EXTRINSICS_PREFIX, INTRINSICS_PREFIX, Llava3DFusionConfig
 from .vlm import load_tokenizer
 
 # Geometry inputs are metric and must reach the model untouched, whatever their feature type.
-UNNORMALIZED_PREFIXES = ("observation.depth.", "observation.intrinsics.", "observation.extrinsics.")
+UNNORMALIZED_PREFIXES = (DEPTH_PREFIX, INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_tokenizer")

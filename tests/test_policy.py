@@ -32,8 +32,8 @@ def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
     batch = preprocess(policy, raw_batch())
     model = policy.model
     images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask = model.embed_prefix(images, batch["observation.language.tokens"],
-                                      batch["observation.language.attention_mask"])
+    prefix, mask, _ = model.embed_prefix(images, [None, None], batch["observation.language.tokens"],
+                                         batch["observation.language.attention_mask"])
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     suffix_a = torch.randn(2, suffix_len, width)
     suffix_b = torch.randn(2, suffix_len, width)
@@ -49,8 +49,8 @@ def test_suffix_steps_reuse_the_prefix_cache_in_place(policy):
     batch = preprocess(policy, raw_batch())
     model = policy.model
     images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask = model.embed_prefix(images, batch["observation.language.tokens"],
-                                      batch["observation.language.attention_mask"])
+    prefix, mask, _ = model.embed_prefix(images, [None, None], batch["observation.language.tokens"],
+                                         batch["observation.language.attention_mask"])
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     with torch.no_grad():
         cache = model.fusion.forward_prefix(prefix, mask, suffix_len)
@@ -137,7 +137,7 @@ def test_loss_averages_only_real_action_steps_and_dims(policy):
     images = [batch[key] for key in policy.config.camera_keys]
     state = torch.nn.functional.pad(batch["observation.state"], (0, policy.config.max_state_dim - 5))
     actions = torch.nn.functional.pad(batch["action"], (0, policy.config.max_action_dim - ACTION_DIM))
-    elements = policy.model(images, batch["observation.language.tokens"],
+    elements = policy.model(images, [None, None], batch["observation.language.tokens"],
                             batch["observation.language.attention_mask"], state, actions, noise=noise, time=time)
     expected = elements[:, :, :ACTION_DIM][~is_pad].mean()  # padded steps and padded dims excluded
     torch.testing.assert_close(loss, expected)

@@ -1,0 +1,187 @@
+"""The 3D part: depth / estimator geometry reaches the model, starts neutral, and fails clearly."""
+
+import pytest
+import torch
+from conftest import CAMERAS, CHUNK, preprocess, raw_batch, tiny_config
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.utils.feature_utils import dataset_to_policy_features
+
+from lerobot_llava3d_fusion import make_llava3d_fusion_pre_post_processors
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+
+DEPTH_SIZE = 24
+INTRINSICS = [[20.0, 0.0, 11.5], [0.0, 20.0, 11.5], [0.0, 0.0, 1.0]]
+
+
+def geometry_features(cameras=CAMERAS):
+    features = {key: PolicyFeature(FeatureType.VISUAL, (3, 40, 40)) for key in CAMERAS}
+    features["observation.state"] = PolicyFeature(FeatureType.STATE, (5,))
+    for key in cameras:
+        name = key.removeprefix("observation.images.")
+        features[f"observation.depth.{name}"] = PolicyFeature(FeatureType.STATE, (1, DEPTH_SIZE, DEPTH_SIZE))
+    return features
+
+
+def geometry_policy(seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(geometry="depth", input_features=geometry_features(),
+                  camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS})
+    fields.update(overrides)
+    return Llava3DFusionPolicy(tiny_config(**fields))
+
+
+def with_depth(batch, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    batch = dict(batch)
+    for key in CAMERAS:
+        name = key.removeprefix("observation.images.")
+        batch[f"observation.depth.{name}"] = (0.5 + torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE, generator=generator)) * scale
+    return batch
+
+
+def noise_for(policy):
+    return torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(3))
+
+
+def test_geometry_starts_neutral_and_is_used_once_the_gate_opens():
+    plain = Llava3DFusionPolicy(tiny_config())
+    policy = geometry_policy()
+    missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("model.patch_geometry.") for k in missing)
+    batch = preprocess(plain, with_depth(raw_batch()))
+    noise = noise_for(policy)
+    reference = plain.predict_action_chunk(batch, noise=noise)
+    # Gate at zero: switching geometry on leaves the pretrained model's actions unchanged.
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), reference, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        policy.model.patch_geometry.encoder.gate.fill_(1.0)
+    opened = policy.predict_action_chunk(batch, noise=noise)
+    assert not torch.allclose(opened, reference, atol=1e-4)
+    # ... and the actions now depend on the depth values.
+    moved = policy.predict_action_chunk(preprocess(plain, with_depth(raw_batch(), scale=2.0)), noise=noise)
+    assert not torch.allclose(moved, opened, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["prefix", "expert"])
+def test_geometry_policy_trains_and_cached_sampling_matches(target):
+    policy = geometry_policy(geometry_target=target)
+    batch = preprocess(policy, with_depth(raw_batch()))
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert policy.model.patch_geometry.encoder.gate.grad is not None
+    noise = noise_for(policy)
+    cached = policy.predict_action_chunk(batch, noise=noise)
+    policy.config.use_cache = False
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
+
+
+def test_only_cameras_with_depth_get_geometry_and_intrinsics_can_come_from_the_batch():
+    policy = geometry_policy(input_features=geometry_features(cameras=CAMERAS[:1]), camera_intrinsics={})
+    assert policy.config.geometry_camera_keys == [CAMERAS[0]]
+    batch = preprocess(policy, with_depth(raw_batch()))
+    with pytest.raises(KeyError, match="intrinsics"):
+        policy.predict_action_chunk(batch)
+    batch["observation.intrinsics.top"] = torch.tensor(INTRINSICS).expand(2, 3, 3)
+    assert policy.predict_action_chunk(batch).shape == (2, CHUNK, 3)
+
+
+def test_dataset_depth_features_are_wired_and_never_normalized():
+    dataset_features = {
+        "observation.images.top": {"dtype": "image", "shape": (40, 40, 3), "names": ["height", "width", "channels"]},
+        "observation.depth.top": {"dtype": "float32", "shape": (1, DEPTH_SIZE, DEPTH_SIZE), "names": None},
+        "observation.intrinsics.top": {"dtype": "float32", "shape": (3, 3), "names": None},
+        "observation.state": {"dtype": "float32", "shape": (5,), "names": None},
+        "action": {"dtype": "float32", "shape": (3,), "names": None},
+    }
+    features = dataset_to_policy_features(dataset_features)
+    config = tiny_config(
+        geometry="depth",
+        input_features={k: v for k, v in features.items() if k != "action"},
+        output_features={"action": features["action"]},
+    )
+    assert config.geometry_camera_keys == ["observation.images.top"]
+    stats = {key: {"mean": torch.full(ft.shape, 3.0), "std": torch.full(ft.shape, 2.0)}
+             for key, ft in features.items() if ft.type is not FeatureType.VISUAL}
+    preprocessor, _ = make_llava3d_fusion_pre_post_processors(config, dataset_stats=stats)
+    depth = torch.rand(1, 1, DEPTH_SIZE, DEPTH_SIZE) + 0.5
+    state = torch.randn(1, 5)
+    out = preprocessor({
+        "observation.images.top": torch.rand(1, 3, 40, 40), "observation.depth.top": depth,
+        "observation.intrinsics.top": torch.tensor([INTRINSICS]), "observation.state": state,
+        "action": torch.zeros(1, 3), "task": ["touch the red block"],
+    })
+    assert torch.equal(out["observation.depth.top"], depth)  # metric depth untouched
+    torch.testing.assert_close(out["observation.state"], (state - 3.0) / 2.0)  # state normalized
+
+
+def test_geometry_without_depth_features_is_rejected():
+    with pytest.raises(ValueError, match="geometry='depth'"):
+        tiny_config(geometry="depth").validate_features()
+    with pytest.raises(ValueError, match="depth_estimator_name"):
+        tiny_config(geometry="estimator")
+
+
+def test_nan_depth_and_bad_matrices_raise():
+    policy = geometry_policy()
+    batch = preprocess(policy, with_depth(raw_batch()))
+    bad = dict(batch)
+    bad["observation.depth.top"] = batch["observation.depth.top"].clone()
+    bad["observation.depth.top"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        policy.predict_action_chunk(bad)
+    bad = dict(batch)
+    bad["observation.intrinsics.top"] = torch.eye(4).expand(2, 4, 4)
+    with pytest.raises(ValueError, match="3x3"):
+        policy.predict_action_chunk(bad)
+    del batch["observation.depth.wrist"]
+    with pytest.raises(KeyError, match="observation.depth.wrist"):
+        policy.predict_action_chunk(batch)
+
+
+def test_invalid_depth_gives_finite_actions_and_gradients():
+    policy = geometry_policy()
+    with torch.no_grad():
+        policy.model.patch_geometry.encoder.gate.fill_(1.0)
+    batch = preprocess(policy, with_depth(raw_batch()))
+    batch["observation.depth.top"] = torch.zeros_like(batch["observation.depth.top"])  # all invalid
+    batch["observation.depth.wrist"][:, :, :5] = float("inf")
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+    assert torch.isfinite(policy.predict_action_chunk(batch)).all()
+
+
+def tiny_depth_estimator(directory):
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                            image_size=28, patch_size=14, reshape_hidden_states=False,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 16, 16],
+                                 fusion_hidden_size=8, head_hidden_size=8, depth_estimation_type="metric", max_depth=5)
+    DepthAnythingForDepthEstimation(config).save_pretrained(directory)
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False).save_pretrained(directory)
+
+
+def test_estimator_geometry_needs_no_recorded_depth(tmp_path):
+    tiny_depth_estimator(tmp_path)
+    torch.manual_seed(0)
+    policy = Llava3DFusionPolicy(tiny_config(
+        geometry="estimator", depth_estimator_name=str(tmp_path),
+        camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS},
+    ))
+    with torch.no_grad():
+        policy.model.patch_geometry.encoder.gate.fill_(1.0)
+    batch = preprocess(policy, raw_batch())  # no depth in the batch
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    estimator = policy.model.depth_estimator
+    assert not any(p.requires_grad for p in estimator.parameters())
+    depth, intrinsics = estimator(batch[CAMERAS[0]], torch.tensor([INTRINSICS] * 2))
+    assert depth.shape == (2, 1, 28, 28) and torch.isfinite(depth).all()
+    # 40 px image -> 28 px depth grid: focal lengths scale by 28/40.
+    assert intrinsics[0, 0, 0].item() == pytest.approx(20.0 * 28 / 40)
+    assert policy.predict_action_chunk(batch).shape == (2, CHUNK, 3)
