@@ -1,0 +1,147 @@
+"""LeRobot integration of the touch-block env: `--env.type=touch_block` and its env processor.
+
+How the camera geometry reaches the policy during `lerobot-eval` / `lerobot-train` evaluation:
+the env returns top-level arrays ``depth`` (1, H, W), ``intrinsics`` (3, 3) and ``extrinsics``
+(4, 4) next to ``pixels`` and ``agent_pos``. LeRobot's `preprocess_observation` passes unknown
+top-level arrays through as float32 tensors ``observation.<key>`` (batched by the vector env), and
+`TouchBlockProcessorStep` (the env preprocessor) renames them to the per-camera keys used by the
+dataset: ``observation.depth.top``, ``observation.intrinsics.top``, ``observation.extrinsics.top``.
+The instruction reaches the policy through the env's ``task_description`` attribute, which
+LeRobot's rollout reads with ``env.call("task_description")`` and stores under ``task``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
+from lerobot.envs.configs import EnvConfig
+from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline, ProcessorStepRegistry
+from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE, OBS_STR
+
+from . import touch_block  # registers the gymnasium id
+
+# Env observation keys carrying camera geometry -> their number of dims without the batch dim.
+_GEOMETRY_NDIMS = {"depth": 3, "intrinsics": 2, "extrinsics": 2}
+
+
+def geometry_key(name: str, camera: str = touch_block.CAMERA_NAME) -> str:
+    """Policy/dataset key of a camera-geometry entry, e.g. ``observation.depth.top``."""
+    return f"{OBS_STR}.{name}.{camera}"
+
+
+@dataclass
+@ProcessorStepRegistry.register(name="touch_block_camera_geometry")
+class TouchBlockProcessorStep(ObservationProcessorStep):
+    """Moves `observation.{depth,intrinsics,extrinsics}` to `observation.<name>.<camera>`.
+
+    Inputs (as produced by `preprocess_observation` from a vector env): depth (B, 1, H, W),
+    intrinsics (B, 3, 3), extrinsics (B, 4, 4); unbatched inputs get a batch dimension. Outputs are
+    float32. Observations that already use the per-camera keys pass through unchanged.
+    """
+
+    camera: str = touch_block.CAMERA_NAME
+
+    def observation(self, observation: dict) -> dict:
+        for name, ndim in _GEOMETRY_NDIMS.items():
+            source = f"{OBS_STR}.{name}"
+            if source not in observation:
+                continue
+            value = torch.as_tensor(observation.pop(source)).to(torch.float32)
+            if value.dim() == ndim:
+                value = value.unsqueeze(0)
+            if value.dim() != ndim + 1:
+                raise ValueError(f"{source} must have {ndim} (or {ndim + 1} batched) dims, got {value.shape}")
+            observation[geometry_key(name, self.camera)] = value
+        return observation
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        observation_features = features.get(PipelineFeatureType.OBSERVATION, {})
+        renamed = {}
+        for key, feature in observation_features.items():
+            name = key.removeprefix(f"{OBS_STR}.")
+            renamed[geometry_key(name, self.camera) if name in _GEOMETRY_NDIMS else key] = feature
+        return {**features, PipelineFeatureType.OBSERVATION: renamed}
+
+    def get_config(self) -> dict:
+        return {"camera": self.camera}
+
+
+@EnvConfig.register_subclass("touch_block")
+@dataclass
+class TouchBlockEnvConfig(EnvConfig):
+    """`--env.type=touch_block`: move to, and stop on, the top of the block named by the instruction.
+
+    `features` are keyed by env observation names and `features_map` gives the policy keys, as for
+    LeRobot's own envs. Depth and camera matrices are STATE features, matching how a dataset's
+    plain float32 features are typed by `dataset_to_policy_features`.
+    """
+
+    task: str | None = "TouchBlock-v0"
+    fps: int = touch_block.FPS
+    episode_length: int = touch_block.DEFAULT_EPISODE_LENGTH
+    observation_height: int = 64
+    observation_width: int = 64
+    num_blocks: int = 3
+    max_step: float = 0.02
+    success_radius: float = 0.015
+    render_mode: str = "rgb_array"
+    features: dict[str, PolicyFeature] = field(
+        default_factory=lambda: {
+            ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(3,)),
+            "agent_pos": PolicyFeature(type=FeatureType.STATE, shape=(3,)),
+            "intrinsics": PolicyFeature(type=FeatureType.STATE, shape=(3, 3)),
+            "extrinsics": PolicyFeature(type=FeatureType.STATE, shape=(4, 4)),
+        }
+    )
+    features_map: dict[str, str] = field(
+        default_factory=lambda: {
+            ACTION: ACTION,
+            "agent_pos": OBS_STATE,
+            f"pixels/{touch_block.CAMERA_NAME}": f"{OBS_IMAGES}.{touch_block.CAMERA_NAME}",
+            **{name: geometry_key(name) for name in _GEOMETRY_NDIMS},
+        }
+    )
+
+    def __post_init__(self):
+        if self.task != "TouchBlock-v0":
+            raise ValueError(f"touch_block has a single task 'TouchBlock-v0', got {self.task!r}")
+        if self.fps != touch_block.FPS:
+            raise ValueError(f"touch_block runs at {touch_block.FPS} fps, got {self.fps}")
+        if self.episode_length < 1:
+            raise ValueError(f"episode_length must be positive, got {self.episode_length}")
+        h, w = self.observation_height, self.observation_width
+        self.features[f"pixels/{touch_block.CAMERA_NAME}"] = PolicyFeature(
+            type=FeatureType.VISUAL, shape=(h, w, 3)
+        )
+        self.features["depth"] = PolicyFeature(type=FeatureType.STATE, shape=(1, h, w))
+
+    @property
+    def package_name(self) -> str:
+        # The module whose import registers `gym_id` (already imported by this file).
+        return touch_block.__name__
+
+    @property
+    def gym_id(self) -> str:
+        return touch_block.GYM_ID
+
+    @property
+    def gym_kwargs(self) -> dict:
+        return {
+            "observation_height": self.observation_height,
+            "observation_width": self.observation_width,
+            "num_blocks": self.num_blocks,
+            "max_step": self.max_step,
+            "success_radius": self.success_radius,
+            "render_mode": self.render_mode,
+            "max_episode_steps": self.episode_length,
+        }
+
+    def get_env_processors(self):
+        return (
+            PolicyProcessorPipeline(steps=[TouchBlockProcessorStep()]),
+            PolicyProcessorPipeline(steps=[]),
+        )

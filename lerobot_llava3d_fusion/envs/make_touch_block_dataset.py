@@ -1,0 +1,204 @@
+"""Record scripted-expert touch-block episodes as a local LeRobotDataset (LeRobot 0.6.1 format).
+
+    python -m lerobot_llava3d_fusion.envs.make_touch_block_dataset \
+        --root DIR --repo-id local/touch_block --episodes 200 --seed 0
+
+The result is read offline with ``lerobot-train --dataset.repo_id=local/touch_block
+--dataset.root=DIR``. Episode ``i`` replays the env reset with seed ``seed + i``; every frame holds
+the observation before the expert's action and that action; the last frame is the expert's stop
+on the target, the success step (the expert always succeeds well within the step budget, so a
+failure is reported as a bug).
+
+Features (H x W from --height/--width):
+    observation.images.top       image (or video) (H, W, 3) uint8
+    observation.depth.top        float32 (1, H, W), metres along the camera z axis
+    observation.intrinsics.top   float32 (3, 3)
+    observation.extrinsics.top   float32 (4, 4), camera-to-world
+    observation.state            float32 (3,), end-effector xyz (world, m)
+    action                       float32 (3,) in [-1, 1]
+    next.reward / next.success / next.done   (1,) after the action
+and the instruction as the frame's task.
+
+`meta/stats.json` follows LeRobot except for the camera-geometry features: LeRobot 0.6.1 reduces a
+multi-dimensional float feature over every axis but the last (depth stats would be shaped (W,),
+matrix stats (cols,)), so they are recomputed here with usable shapes: depth per channel like
+LeRobot's depth maps, (1, 1, 1); intrinsics/extrinsics per element, (3, 3) / (4, 4). The
+per-episode stats under `meta/episodes` keep LeRobot's shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import datasets
+import gymnasium as gym
+import numpy as np
+from lerobot.datasets import LeRobotDataset
+from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
+from lerobot.datasets.io_utils import write_stats
+from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
+from lerobot.utils.utils import init_logging
+from tqdm import tqdm
+
+from . import touch_block
+from .configs import geometry_key
+
+logger = logging.getLogger(__name__)
+
+IMAGE_KEY = f"{OBS_IMAGES}.{touch_block.CAMERA_NAME}"
+
+
+def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[str, dict]:
+    """LeRobotDataset feature spec of the touch-block data contract."""
+    return {
+        IMAGE_KEY: {
+            "dtype": "video" if use_videos else "image",
+            "shape": (height, width, 3),
+            "names": ["height", "width", "channels"],
+        },
+        # A plain float32 array rather than an image: PNG/video would quantise metric depth.
+        geometry_key("depth"): {
+            "dtype": "float32",
+            "shape": (1, height, width),
+            "names": ["channels", "height", "width"],
+        },
+        geometry_key("intrinsics"): {"dtype": "float32", "shape": (3, 3), "names": ["rows", "cols"]},
+        geometry_key("extrinsics"): {"dtype": "float32", "shape": (4, 4), "names": ["rows", "cols"]},
+        OBS_STATE: {"dtype": "float32", "shape": (3,), "names": ["x", "y", "z"]},
+        ACTION: {"dtype": "float32", "shape": (3,), "names": ["dx", "dy", "dz"]},
+        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+        "next.success": {"dtype": "bool", "shape": (1,), "names": None},
+        "next.done": {"dtype": "bool", "shape": (1,), "names": None},
+    }
+
+
+def geometry_stats(depth: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> dict[str, dict]:
+    """Stats of one episode's camera geometry.
+
+    Args:
+        depth: (T, 1, H, W); intrinsics: (T, 3, 3); extrinsics: (T, 4, 4).
+
+    Returns:
+        {feature key: {stat name: array}}, depth stats shaped (1, 1, 1), matrix stats (3, 3) / (4, 4),
+        "count" shaped (1,) as in LeRobot.
+    """
+    depth_stats = get_feature_stats(depth, axis=(0, 2, 3), keepdims=True)
+    stats = {geometry_key("depth"): {k: v if k == "count" else v[0] for k, v in depth_stats.items()}}
+    for name, matrices in (("intrinsics", intrinsics), ("extrinsics", extrinsics)):
+        flat_stats = get_feature_stats(matrices.reshape(len(matrices), -1), axis=0, keepdims=False)
+        stats[geometry_key(name)] = {
+            k: v if k == "count" else v.reshape(matrices.shape[1:]) for k, v in flat_stats.items()
+        }
+    return stats
+
+
+def make_touch_block_dataset(
+    root: str | Path,
+    repo_id: str,
+    num_episodes: int,
+    seed: int,
+    height: int = 64,
+    width: int = 64,
+    use_videos: bool = False,
+) -> LeRobotDataset:
+    """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist)."""
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be positive, got {num_episodes}")
+    root = Path(root)
+    if root.exists():
+        raise ValueError(f"dataset root {root} already exists; choose a new directory")
+
+    env = gym.make(touch_block.GYM_ID, observation_height=height, observation_width=width)
+    sim: touch_block.TouchBlockEnv = env.unwrapped
+    dataset = LeRobotDataset.create(
+        repo_id=repo_id,
+        fps=touch_block.FPS,
+        features=dataset_features(height, width, use_videos),
+        root=root,
+        robot_type="touch_block_point",
+        use_videos=use_videos,
+    )
+    start, num_frames = time.perf_counter(), 0
+    episode_geometry_stats = []
+    try:
+        for episode in tqdm(range(num_episodes), desc="touch_block episodes", unit="ep"):
+            obs, _ = env.reset(seed=seed + episode)
+            task = sim.task_description
+            geometry: dict[str, list[np.ndarray]] = {"depth": [], "intrinsics": [], "extrinsics": []}
+            done = False
+            while not done:
+                action = touch_block.expert_action(sim.ee_position, sim.target_position, sim.max_step)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+                dataset.add_frame(
+                    {
+                        IMAGE_KEY: obs["pixels"][touch_block.CAMERA_NAME],
+                        geometry_key("depth"): obs["depth"],
+                        geometry_key("intrinsics"): obs["intrinsics"],
+                        geometry_key("extrinsics"): obs["extrinsics"],
+                        OBS_STATE: obs["agent_pos"],
+                        ACTION: action,
+                        "next.reward": np.array([reward], dtype=np.float32),
+                        "next.success": np.array([info["is_success"]]),
+                        "next.done": np.array([done]),
+                        "task": task,
+                    }
+                )
+                for name, frames in geometry.items():
+                    frames.append(obs[name])
+                obs = next_obs
+                num_frames += 1
+            if not info["is_success"]:
+                raise RuntimeError(f"scripted expert failed on seed {seed + episode}; this is a bug")
+            dataset.save_episode()
+            episode_geometry_stats.append(geometry_stats(**{k: np.stack(v) for k, v in geometry.items()}))
+    finally:
+        dataset.finalize()
+        env.close()
+    dataset.meta.stats.update(aggregate_stats(episode_geometry_stats))
+    write_stats(dataset.meta.stats, dataset.root)
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "Wrote %d episodes / %d frames to %s in %.1fs (%.0f frames/s)",
+        num_episodes,
+        num_frames,
+        root,
+        elapsed,
+        num_frames / elapsed,
+    )
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", type=Path, required=True, help="dataset directory to create")
+    parser.add_argument("--repo-id", default="local/touch_block")
+    parser.add_argument("--episodes", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0, help="episode i uses env seed `seed + i`")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument(
+        "--video", action="store_true", help="store RGB as (lossy) video instead of lossless PNG images"
+    )
+    args = parser.parse_args(argv)
+    init_logging()
+    # One progress bar (episodes) instead of one `datasets` bar per saved episode.
+    datasets.disable_progress_bars()
+    make_touch_block_dataset(
+        root=args.root,
+        repo_id=args.repo_id,
+        num_episodes=args.episodes,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        use_videos=args.video,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,379 @@
+"""Touch-block: a tiny closed-loop 3D reaching task whose solution needs depth.
+
+A table (world plane ``z = 0``, z up, metres) carries ``num_blocks`` blocks of distinct colours and
+random heights. The instruction names one colour ("touch the top of the red block") and the agent
+moves a point end-effector with bounded 3D displacements, then stops: the episode ends at the first
+"stop" action (every component below `STOP_ACTION` in magnitude) and succeeds iff the end-effector
+is then within ``success_radius`` of that block's top-centre; the step budget ends it otherwise.
+
+Success is judged where the agent stops, not whenever the end-effector crosses the target ball,
+because the RGB image pins the target to one camera ray: a depth-blind policy that slides down that
+ray crosses the ball in every episode (2 cm steps, 3 cm ball, nothing solid in the way). Having to
+stop at the top makes the block height, hence depth, necessary: that sliding policy never succeeds
+and stopping at a fixed mid-range height succeeds in about a quarter of the episodes, against ~100%
+when the height is read from depth.
+
+One pinhole camera looks straight down from ``(0, 0, camera_height)``. It yields
+
+* an RGB image in which the colours and the x/y layout are visible but block heights are not:
+  surfaces are flat-coloured (no shading, no shadows) and every block is a *frustum block*, the
+  extrusion of a square table footprint along the camera rays (its walls point at the camera
+  centre). Seen from the camera, a block therefore covers exactly its footprint's pixels whatever
+  its height and no wall is ever visible, so the RGB carries no size or parallax cue. With the
+  defaults the walls lean by at most ~14 degrees from vertical;
+* a metric depth image (z along the camera axis). Because the camera looks straight down, a block
+  top of height ``h`` has depth exactly ``camera_height - h`` and the table has ``camera_height``;
+* its intrinsics (OpenCV convention, ``u`` = column) and camera-to-world extrinsics, so depth
+  back-projects into the same world frame as the end-effector state.
+
+The end-effector is rendered (RGB and depth, z-buffered against the scene) as a small white
+sphere; the episode's ground truth is its centre, which is also the state.
+
+Rendering is a handful of vectorised numpy operations: block membership is a per-pixel test of
+where the pixel's ray meets the table (exact for frustum blocks) and the end-effector is an
+analytic ray/sphere intersection. Static blocks are rendered once per episode.
+
+Importing this module registers the gymnasium id ``lerobot_llava3d_fusion/TouchBlock-v0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
+CAMERA_NAME = "top"
+FPS = 10
+DEFAULT_EPISODE_LENGTH = 60
+
+# Flat colours; the table and end-effector colours are not in the palette so every block colour
+# identifies exactly one block.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 70),
+    "blue": (40, 80, 220),
+    "yellow": (230, 200, 40),
+}
+TABLE_RGB = (128, 128, 128)
+END_EFFECTOR_RGB = (255, 255, 255)
+INSTRUCTION_TEMPLATE = "touch the top of the {colour} block"
+
+BLOCK_HALF_SIZE = 0.025  # half side of a block's square table footprint (m)
+BLOCK_HEIGHT_RANGE = (0.02, 0.12)  # (m)
+BLOCK_CENTRE_EXTENT = 0.15  # footprint centres are drawn in [-extent, extent]^2 (m)
+BLOCK_GAP = 0.02  # minimum free space between two footprints (m)
+STOP_ACTION = 0.05  # |action| below this on every axis means "stop here" (1 mm at 2 cm/step)
+END_EFFECTOR_RADIUS = 0.01  # rendered sphere radius (m); the state is its centre
+END_EFFECTOR_START_Z = (0.20, 0.30)  # start height range (m), above every block top
+WORKSPACE_LOW = np.array([-0.2, -0.2, 0.0])  # end-effector position bounds (m)
+WORKSPACE_HIGH = np.array([0.2, 0.2, 0.4])
+VIEW_HALF_EXTENT = 0.2  # half of the table extent seen along the smaller image side (m)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One block arrangement.
+
+    Attributes:
+        footprint_centres: (N, 2) float64, centres of the blocks' square table footprints (world x, y).
+        heights: (N,) float64, block heights (m).
+        colours: N distinct colour names, keys of `PALETTE`.
+        target: index of the block named by the instruction.
+    """
+
+    footprint_centres: np.ndarray
+    heights: np.ndarray
+    colours: tuple[str, ...]
+    target: int
+
+    @property
+    def instruction(self) -> str:
+        return INSTRUCTION_TEMPLATE.format(colour=self.colours[self.target])
+
+
+def sample_scene(rng: np.random.Generator, num_blocks: int) -> Scene:
+    """Draws non-overlapping footprints, independent heights, distinct colours and a target."""
+    if not 1 <= num_blocks <= len(PALETTE):
+        raise ValueError(f"num_blocks must be in [1, {len(PALETTE)}], got {num_blocks}")
+    min_centre_distance = 2 * BLOCK_HALF_SIZE + BLOCK_GAP
+    centres: list[np.ndarray] = []
+    # Rejection sampling; at most 4 blocks of 5 cm in a 30 cm square, so this ends in a few draws.
+    for _ in range(10_000):
+        candidate = rng.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
+        # Axis-aligned squares are disjoint iff their centres are far enough apart along some axis.
+        if all(np.abs(candidate - c).max() >= min_centre_distance for c in centres):
+            centres.append(candidate)
+            if len(centres) == num_blocks:
+                break
+    else:
+        raise RuntimeError(f"could not place {num_blocks} non-overlapping blocks")
+    colour_ids = rng.choice(len(PALETTE), size=num_blocks, replace=False)
+    return Scene(
+        footprint_centres=np.stack(centres),
+        heights=rng.uniform(*BLOCK_HEIGHT_RANGE, size=num_blocks),
+        colours=tuple(list(PALETTE)[i] for i in colour_ids),
+        target=int(rng.integers(num_blocks)),
+    )
+
+
+class TouchBlockRenderer:
+    """Ray-casting renderer for a straight-down pinhole camera at (0, 0, camera_height).
+
+    Attributes:
+        intrinsics: (3, 3) float32, OpenCV pinhole matrix: ``x = (u - cx) * z / fx``, u = column.
+        extrinsics: (4, 4) float32, camera-to-world transform. The camera x axis is world +x, its y
+            axis world -y (image rows grow towards -y) and its z axis world -z.
+    """
+
+    def __init__(
+        self, height: int, width: int, camera_height: float = 1.0, view_half_extent: float = VIEW_HALF_EXTENT
+    ):
+        if height < 8 or width < 8:
+            raise ValueError(f"image size must be at least 8x8, got {height}x{width}")
+        if camera_height <= WORKSPACE_HIGH[2] + END_EFFECTOR_RADIUS:
+            raise ValueError(
+                f"camera_height must exceed the workspace top ({WORKSPACE_HIGH[2]} m), got {camera_height}"
+            )
+        if view_half_extent <= 0:
+            raise ValueError(f"view_half_extent must be positive, got {view_half_extent}")
+        self.height, self.width, self.camera_height = height, width, camera_height
+
+        # Square pixels; the smaller image side spans 2 * view_half_extent on the table.
+        focal = min(height, width) * camera_height / (2 * view_half_extent)
+        cx, cy = (width - 1) / 2, (height - 1) / 2  # integer pixel coordinates are pixel centres
+        self._rotation = np.diag([1.0, -1.0, -1.0])  # camera-to-world
+        self._position = np.array([0.0, 0.0, camera_height])
+        self.intrinsics = np.array([[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]], dtype=np.float32)
+        extrinsics = np.eye(4)
+        extrinsics[:3, :3], extrinsics[:3, 3] = self._rotation, self._position
+        self.extrinsics = extrinsics.astype(np.float32)
+
+        # Camera-frame ray of every pixel centre, scaled to unit camera depth: (H, W) each.
+        self._ray_x, self._ray_y = np.meshgrid(
+            (np.arange(width) - cx) / focal, (np.arange(height) - cy) / focal
+        )
+        # Where each pixel's ray meets the table (camera y is world -y).
+        self._table_x = self._ray_x * camera_height
+        self._table_y = -self._ray_y * camera_height
+
+    def render_blocks(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+        """Renders table and blocks.
+
+        Returns:
+            rgb: (H, W, 3) uint8.
+            depth: (1, H, W) float32, metres along the camera z axis.
+        """
+        rgb = np.empty((self.height, self.width, 3), dtype=np.uint8)
+        rgb[:] = TABLE_RGB
+        depth = np.full((self.height, self.width), self.camera_height)
+        for (x0, y0), h, colour in zip(scene.footprint_centres, scene.heights, scene.colours, strict=True):
+            # A frustum block covers a pixel iff the pixel's ray meets the table inside its footprint.
+            mask = (np.abs(self._table_x - x0) <= BLOCK_HALF_SIZE) & (
+                np.abs(self._table_y - y0) <= BLOCK_HALF_SIZE
+            )
+            rgb[mask] = PALETTE[colour]
+            depth[mask] = self.camera_height - h  # exact for a camera looking straight down
+        return rgb, depth[None].astype(np.float32)
+
+    def add_end_effector(
+        self, rgb: np.ndarray, depth: np.ndarray, position: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Z-buffers the end-effector sphere centred at world `position` (3,) into copies of rgb/depth."""
+        q = self._rotation.T @ (np.asarray(position, dtype=np.float64) - self._position)  # camera frame
+        # Points on a pixel ray are z * (ray_x, ray_y, 1); solve |z * a - q|^2 = r^2 for the near z.
+        a_dot_q = self._ray_x * q[0] + self._ray_y * q[1] + q[2]
+        a_sq = self._ray_x**2 + self._ray_y**2 + 1.0
+        disc = a_dot_q**2 - a_sq * (q @ q - END_EFFECTOR_RADIUS**2)
+        z = (a_dot_q - np.sqrt(np.maximum(disc, 0.0))) / a_sq
+        hit = (disc >= 0) & (z > 0) & (z < depth[0])
+        rgb, depth = rgb.copy(), depth.copy()
+        rgb[hit] = END_EFFECTOR_RGB
+        depth[0][hit] = z[hit]
+        return rgb, depth
+
+    def render(self, scene: Scene, ee_position: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Renders the full view: rgb (H, W, 3) uint8 and depth (1, H, W) float32."""
+        return self.add_end_effector(*self.render_blocks(scene), ee_position)
+
+    def block_top_centres(self, scene: Scene) -> np.ndarray:
+        """(N, 3) world centres of the block tops.
+
+        A frustum block's top is its footprint shrunk towards the camera axis by
+        (camera_height - h) / camera_height, so the top-centre is the footprint centre scaled alike.
+        """
+        scale = (self.camera_height - scene.heights) / self.camera_height
+        return np.concatenate([scene.footprint_centres * scale[:, None], scene.heights[:, None]], axis=1)
+
+
+def expert_action(
+    ee_position: np.ndarray,
+    target: np.ndarray,
+    max_step: float,
+    clearance: float = 0.03,
+    xy_tolerance: float = 0.005,
+) -> np.ndarray:
+    """Scripted expert: go above the target top (at least `clearance` higher), then straight down.
+
+    It lands exactly on the target, after which its action is zero, i.e. a stop.
+
+    Args:
+        ee_position: (3,) current end-effector position.
+        target: (3,) target top-centre.
+        max_step: the env's displacement per unit action (m).
+
+    Returns:
+        (3,) float32 action in [-1, 1].
+    """
+    if np.linalg.norm(target[:2] - ee_position[:2]) > xy_tolerance:
+        waypoint = np.array([target[0], target[1], max(ee_position[2], target[2] + clearance)])
+    else:
+        waypoint = target
+    return np.clip((waypoint - ee_position) / max_step, -1.0, 1.0).astype(np.float32)
+
+
+def _matrix_space(matrix: np.ndarray) -> spaces.Box:
+    return spaces.Box(float(matrix.min()), float(matrix.max()), matrix.shape, np.float32)
+
+
+class TouchBlockEnv(gym.Env):
+    """Gymnasium env for the touch-block task.
+
+    Observation (dict):
+        pixels: {"top": (H, W, 3) uint8}
+        agent_pos: (3,) float32, end-effector xyz in the world frame (m).
+        depth: (1, H, W) float32, metres along the camera z axis (0 would mean invalid; every
+            pixel sees the table here).
+        intrinsics: (3, 3) float32, pinhole matrix of the depth/RGB pixel grid.
+        extrinsics: (4, 4) float32, camera-to-world transform.
+    LeRobot's `preprocess_observation` maps these to `observation.images.top`, `observation.state`,
+    `observation.depth`, `observation.intrinsics` and `observation.extrinsics`; the env processor of
+    `TouchBlockEnvConfig` appends the camera name to the last three.
+
+    Action: (3,) float32 in [-1, 1], scaled by `max_step` into an end-effector displacement; the
+    position is clipped to the workspace box. An action with every |component| < `STOP_ACTION` is
+    a stop: it terminates the episode, successfully iff the end-effector is within
+    `success_radius` of the named block's top-centre (`info["is_success"]`, reward 1). The step
+    budget is enforced by the TimeLimit wrapper from `gym.make` (default 60 steps).
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
+    task = "touch_block"
+
+    def __init__(
+        self,
+        observation_height: int = 64,
+        observation_width: int = 64,
+        num_blocks: int = 3,
+        max_step: float = 0.02,
+        success_radius: float = 0.015,
+        render_mode: str | None = "rgb_array",
+    ):
+        super().__init__()
+        if not 1 <= num_blocks <= len(PALETTE):
+            raise ValueError(f"num_blocks must be in [1, {len(PALETTE)}], got {num_blocks}")
+        if max_step <= 0:
+            raise ValueError(f"max_step must be positive, got {max_step}")
+        if success_radius <= 0:
+            raise ValueError(f"success_radius must be positive, got {success_radius}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        self.num_blocks, self.max_step, self.success_radius = num_blocks, max_step, success_radius
+        self.render_mode = render_mode
+        self.renderer = TouchBlockRenderer(observation_height, observation_width)
+
+        h, w = observation_height, observation_width
+        self.observation_space = spaces.Dict(
+            {
+                "pixels": spaces.Dict({CAMERA_NAME: spaces.Box(0, 255, (h, w, 3), np.uint8)}),
+                "agent_pos": spaces.Box(
+                    WORKSPACE_LOW.astype(np.float32), WORKSPACE_HIGH.astype(np.float32), dtype=np.float32
+                ),
+                "depth": spaces.Box(0.0, self.renderer.camera_height, (1, h, w), np.float32),
+                # The camera is fixed; bound its constant matrices by their own entries.
+                "intrinsics": _matrix_space(self.renderer.intrinsics),
+                "extrinsics": _matrix_space(self.renderer.extrinsics),
+            }
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+        self.scene: Scene | None = None
+        self.ee_position = np.zeros(3)
+        self._blocks_rgb: np.ndarray | None = None
+        self._blocks_depth: np.ndarray | None = None
+        self._rgb: np.ndarray | None = None
+
+    @property
+    def task_description(self) -> str:
+        """The current episode's instruction; LeRobot's eval passes it to the policy as the task."""
+        return self._require_scene().instruction
+
+    @property
+    def target_position(self) -> np.ndarray:
+        """(3,) world top-centre of the named block (privileged; for the expert and metrics)."""
+        scene = self._require_scene()
+        return self.renderer.block_top_centres(scene)[scene.target]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        # `options` is accepted for API compatibility (LeRobot passes a rollout marker) and unused.
+        super().reset(seed=seed)
+        self.scene = sample_scene(self.np_random, self.num_blocks)
+        xy = self.np_random.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
+        self.ee_position = np.array([*xy, self.np_random.uniform(*END_EFFECTOR_START_Z)])
+        self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
+        return self._observation(), {"is_success": False, "distance": self._distance()}
+
+    def step(self, action: np.ndarray):
+        self._require_scene()
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (3,):
+            raise ValueError(f"action must have shape (3,), got {action.shape}")
+        action = np.clip(action, -1.0, 1.0)
+        # The commanded action, not the displacement, signals a stop: a clipped push against the
+        # workspace boundary is not one.
+        stop = bool(np.abs(action).max() < STOP_ACTION)
+        self.ee_position = np.clip(self.ee_position + action * self.max_step, WORKSPACE_LOW, WORKSPACE_HIGH)
+        distance = self._distance()
+        success = stop and distance <= self.success_radius
+        info = {"is_success": success, "distance": distance}
+        return self._observation(), float(success), stop, False, info
+
+    def render(self) -> np.ndarray | None:
+        """(H, W, 3) uint8 camera image of the current state, or None when render_mode is None."""
+        if self.render_mode is None:
+            return None
+        if self._rgb is None:
+            raise RuntimeError("call reset() before render()")
+        return self._rgb.copy()
+
+    def _observation(self) -> dict[str, Any]:
+        self._rgb, depth = self.renderer.add_end_effector(
+            self._blocks_rgb, self._blocks_depth, self.ee_position
+        )
+        return {
+            "pixels": {CAMERA_NAME: self._rgb.copy()},
+            "agent_pos": self.ee_position.astype(np.float32),
+            "depth": depth,
+            "intrinsics": self.renderer.intrinsics.copy(),
+            "extrinsics": self.renderer.extrinsics.copy(),
+        }
+
+    def _distance(self) -> float:
+        return float(np.linalg.norm(self.ee_position - self.target_position))
+
+    def _require_scene(self) -> Scene:
+        if self.scene is None:
+            raise RuntimeError("call reset() before using the environment")
+        return self.scene
+
+
+# Guarded so that re-importing (e.g. after importlib.reload) does not re-register.
+if GYM_ID not in gym.registry:
+    gym.register(
+        id=GYM_ID,
+        entry_point="lerobot_llava3d_fusion.envs.touch_block:TouchBlockEnv",
+        max_episode_steps=DEFAULT_EPISODE_LENGTH,
+    )

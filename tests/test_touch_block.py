@@ -1,0 +1,359 @@
+"""Tests of the touch-block env, its LeRobot integration and its dataset command.
+
+CPU only and offline (tests/conftest.py sets HF_HUB_OFFLINE=1 before LeRobot is imported).
+"""
+
+from dataclasses import replace
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
+from lerobot.datasets import LeRobotDataset
+from lerobot.envs import make_env, make_env_pre_post_processors, preprocess_observation
+from lerobot.envs.configs import EnvConfig
+from lerobot.envs.utils import env_to_policy_features
+from lerobot.scripts.lerobot_eval import rollout
+from lerobot.utils.feature_utils import dataset_to_policy_features
+from torch import nn
+
+from lerobot_llava3d_fusion.envs import touch_block as tb
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
+from lerobot_llava3d_fusion.envs.make_touch_block_dataset import dataset_features, main
+
+CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
+    "observation.images.top": (lambda h, w: (3, h, w), torch.float32),
+    "observation.depth.top": (lambda h, w: (1, h, w), torch.float32),
+    "observation.intrinsics.top": (lambda h, w: (3, 3), torch.float32),
+    "observation.extrinsics.top": (lambda h, w: (4, 4), torch.float32),
+    "observation.state": (lambda h, w: (3,), torch.float32),
+}
+
+
+def back_project(depth, k, e, rows, cols):
+    """World points (3, N) of pixels (rows, cols) given intrinsics k and camera-to-world e."""
+    z = depth[0, rows, cols]
+    cam = np.stack([(cols - k[0, 2]) * z / k[0, 0], (rows - k[1, 2]) * z / k[1, 1], z])
+    return e[:3, :3] @ cam + e[:3, 3:]
+
+
+def colour_mask(rgb, colour):
+    return np.all(rgb == np.array(tb.PALETTE[colour], dtype=np.uint8), axis=-1)
+
+
+def estimate_target(rgb, depth, k, e, task):
+    """Mean back-projected point of the pixels of the colour named in `task`: (3,)."""
+    colour = task.removeprefix("touch the top of the ").removesuffix(" block")
+    return back_project(depth, k, e, *np.nonzero(colour_mask(rgb, colour))).mean(axis=1)
+
+
+def run_episode(env, seed, policy_fn):
+    env.reset(seed=seed)
+    while True:
+        _, _, terminated, truncated, info = env.step(policy_fn())
+        if terminated or truncated:
+            return info["is_success"]
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_blocks_have_their_colour_and_exact_metric_depth(seed):
+    env = gym.make(tb.GYM_ID)
+    obs, _ = env.reset(seed=seed)
+    sim = env.unwrapped
+    rgb, depth, k, e = obs["pixels"]["top"], obs["depth"], obs["intrinsics"], obs["extrinsics"]
+    tops = sim.renderer.block_top_centres(sim.scene)
+    ee_pixels = np.all(rgb == tb.END_EFFECTOR_RGB, axis=-1)
+    # Without the end-effector nothing occludes the blocks, so their pixel sets are complete.
+    blocks_rgb, blocks_depth = sim.renderer.render_blocks(sim.scene)
+    block_px = 2 * tb.BLOCK_HALF_SIZE * k[0, 0] / sim.renderer.camera_height  # footprint side (pixels)
+
+    for i, (colour, height) in enumerate(zip(sim.scene.colours, sim.scene.heights, strict=True)):
+        # The top-centre projects onto a pixel of the block's colour (unless the gripper hides it).
+        cam = e[:3, :3].T @ (tops[i] - e[:3, 3])
+        u, v = (k @ (cam / cam[2]))[:2]
+        if not ee_pixels[round(v), round(u)]:
+            assert tuple(rgb[round(v), round(u)]) == tb.PALETTE[colour]
+        # Depth of the top is camera_height - block height, exactly up to float32 rounding.
+        mask = colour_mask(rgb, colour)
+        assert mask.any()
+        np.testing.assert_allclose(depth[0][mask], sim.renderer.camera_height - height, rtol=0, atol=1e-6)
+
+        # Back-projecting the block's pixels recovers its top height and top-centre.
+        mask = colour_mask(blocks_rgb, colour)
+        assert (block_px - 1) ** 2 <= mask.sum() <= (block_px + 1) ** 2
+        points = back_project(blocks_depth, k, e, *np.nonzero(mask))
+        np.testing.assert_allclose(points[2], height, atol=1e-5)
+        np.testing.assert_allclose(points[:2].mean(axis=1), tops[i, :2], atol=0.004)  # < 1 pixel
+
+    # The target is the named block and the table is flat at depth camera_height.
+    assert sim.task_description == f"touch the top of the {sim.scene.colours[sim.scene.target]} block"
+    np.testing.assert_allclose(sim.target_position, tops[sim.scene.target])
+    table = np.all(rgb == tb.TABLE_RGB, axis=-1)
+    np.testing.assert_allclose(back_project(depth, k, e, *np.nonzero(table))[2], 0.0, atol=1e-5)
+
+
+def test_end_effector_is_rendered_on_its_sphere():
+    env = gym.make(tb.GYM_ID)
+    obs, _ = env.reset(seed=3)
+    rows, cols = np.nonzero(np.all(obs["pixels"]["top"] == tb.END_EFFECTOR_RGB, axis=-1))
+    assert len(rows) > 0
+    points = back_project(obs["depth"], obs["intrinsics"], obs["extrinsics"], rows, cols)
+    distances = np.linalg.norm(points - obs["agent_pos"][:, None].astype(np.float64), axis=0)
+    np.testing.assert_allclose(distances, tb.END_EFFECTOR_RADIUS, atol=1e-4)
+
+
+def test_heights_change_depth_but_not_rgb():
+    renderer = tb.TouchBlockRenderer(64, 64)
+    scene = tb.sample_scene(np.random.default_rng(0), 3)
+    taller = replace(scene, heights=scene.heights[::-1] + 0.03)
+    ee = np.array([0.19, 0.19, 0.39])  # a corner, away from every block
+    rgb_a, depth_a = renderer.render(scene, ee)
+    rgb_b, depth_b = renderer.render(taller, ee)
+    np.testing.assert_array_equal(rgb_a, rgb_b)
+    assert not np.allclose(depth_a, depth_b)
+    for colour, h_a, h_b in zip(scene.colours, scene.heights, taller.heights, strict=True):
+        mask = colour_mask(rgb_a, colour)
+        np.testing.assert_allclose(depth_a[0][mask] - depth_b[0][mask], h_b - h_a, atol=1e-6)
+
+
+# --- task difficulty -----------------------------------------------------------------------------
+
+
+def test_expert_succeeds_and_random_fails():
+    env = gym.make(tb.GYM_ID)
+    sim = env.unwrapped
+    expert = lambda: tb.expert_action(sim.ee_position, sim.target_position, sim.max_step)  # noqa: E731
+    expert_successes = sum(run_episode(env, seed, expert) for seed in range(40))
+    rng = np.random.default_rng(0)
+    uniform = lambda: rng.uniform(-1, 1, 3).astype(np.float32)  # noqa: E731
+    random_successes = sum(run_episode(env, seed, uniform) for seed in range(100, 140))
+    assert expert_successes >= 38
+    assert random_successes <= 4
+
+
+def test_success_needs_a_stop_at_the_top_so_depth_is_needed():
+    env = gym.make(tb.GYM_ID)
+    sim = env.unwrapped
+    camera_height = sim.renderer.camera_height
+
+    def geometric_policy(obs, flat_height=None):
+        """Back-projects the named block's pixels; without depth, assumes a top at `flat_height`."""
+        depth = obs["depth"].astype(np.float64)
+        if flat_height is not None:
+            depth = np.full_like(depth, camera_height - flat_height)
+        k, e = obs["intrinsics"].astype(np.float64), obs["extrinsics"].astype(np.float64)
+        target = estimate_target(obs["pixels"]["top"], depth, k, e, sim.task_description)
+        return tb.expert_action(obs["agent_pos"].astype(np.float64), target, sim.max_step)
+
+    def rate(policy):
+        successes = 0
+        for seed in range(40):
+            obs, _ = env.reset(seed=seed)
+            while True:
+                obs, _, terminated, truncated, info = env.step(policy(obs))
+                if terminated or truncated:
+                    break
+            successes += info["is_success"]
+        return successes / 40
+
+    assert rate(geometric_policy) >= 0.95
+    mid_height = np.mean(tb.BLOCK_HEIGHT_RANGE)
+    assert rate(lambda obs: geometric_policy(obs, flat_height=mid_height)) <= 0.5
+
+    # Sliding through the target without stopping there is not a success.
+    env.reset(seed=0)
+    sim.ee_position = sim.target_position + [0.0, 0.0, 0.05]
+    distances = []
+    while sim.ee_position[2] > 0.0:
+        _, _, terminated, _, info = env.step(np.array([0.0, 0.0, -1.0]))
+        distances.append(info["distance"])
+        assert not terminated and not info["is_success"]
+    assert min(distances) <= sim.success_radius
+
+
+# --- gymnasium / LeRobot integration ---------------------------------------------------------------
+
+
+def test_gym_make_and_env_checker():
+    env = gym.make(tb.GYM_ID)  # the passive env checker runs on reset/step
+    obs, info = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    assert info == {"is_success": False, "distance": pytest.approx(info["distance"])}
+    assert env.spec.max_episode_steps == tb.DEFAULT_EPISODE_LENGTH
+    check_env(gym.make(tb.GYM_ID, observation_height=24, observation_width=32).unwrapped)
+
+
+def test_bad_arguments_raise_value_errors():
+    with pytest.raises(ValueError, match="num_blocks"):
+        tb.TouchBlockEnv(num_blocks=len(tb.PALETTE) + 1)
+    with pytest.raises(ValueError, match="max_step"):
+        tb.TouchBlockEnv(max_step=0.0)
+    with pytest.raises(ValueError, match="image size"):
+        tb.TouchBlockEnv(observation_height=4)
+    with pytest.raises(ValueError, match="single task"):
+        TouchBlockEnvConfig(task="Other-v0")
+    env = tb.TouchBlockEnv()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="shape"):
+        env.step(np.zeros(2))
+
+
+def test_env_config_is_registered_and_matches_dataset_features():
+    assert EnvConfig.get_choice_class("touch_block") is TouchBlockEnvConfig
+    cfg = TouchBlockEnvConfig(observation_height=24, observation_width=32)
+    from_dataset = {
+        k: v
+        for k, v in dataset_to_policy_features(dataset_features(24, 32)).items()
+        if not k.startswith("next.")
+    }
+    from_env = env_to_policy_features(cfg)
+    assert from_env == from_dataset
+    assert {k: v.shape for k, v in from_env.items() if k != "action"} == {
+        k: shape(24, 32) for k, (shape, _) in CONTRACT.items()
+    }
+
+
+def test_make_env_and_env_processor_produce_the_policy_contract():
+    cfg = TouchBlockEnvConfig(observation_height=24, observation_width=32)
+    envs = make_env(cfg, n_envs=2)
+    vec = envs["touch_block"][0]
+    env_pre, env_post = make_env_pre_post_processors(cfg, policy_cfg=None)
+    try:
+        vec.reset(seed=[0, 1])
+        obs, _, _, _, _ = vec.step(np.zeros((2, 3), dtype=np.float32))
+        batch = preprocess_observation(obs)
+        batch["task"] = list(vec.call("task_description"))
+        batch = env_pre(batch)
+    finally:
+        vec.close()
+    observation = {k: v for k, v in batch.items() if k.startswith("observation.")}
+    assert set(observation) == set(CONTRACT)
+    for key, (shape, dtype) in CONTRACT.items():
+        assert observation[key].shape == (2, *shape(24, 32)), key
+        assert observation[key].dtype == dtype, key
+    images = observation["observation.images.top"]
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    np.testing.assert_allclose(observation["observation.depth.top"].numpy(), obs["depth"])
+    np.testing.assert_allclose(observation["observation.state"].numpy(), obs["agent_pos"])
+    assert len(batch["task"]) == 2 and all(t.startswith("touch the top of the ") for t in batch["task"])
+
+
+def test_processor_step_batches_renames_and_describes_features():
+    step = TouchBlockProcessorStep()
+    out = step.observation(
+        {
+            "observation.depth": torch.ones(1, 8, 8, dtype=torch.float64),
+            "observation.intrinsics": torch.eye(3),
+            "observation.extrinsics": torch.eye(4),
+            "observation.state": torch.zeros(1, 3),
+        }
+    )
+    assert {k: (tuple(v.shape), v.dtype) for k, v in out.items()} == {
+        "observation.depth.top": ((1, 1, 8, 8), torch.float32),
+        "observation.intrinsics.top": ((1, 3, 3), torch.float32),
+        "observation.extrinsics.top": ((1, 4, 4), torch.float32),
+        "observation.state": ((1, 3), torch.float32),
+    }
+    with pytest.raises(ValueError, match="observation.depth"):
+        step.observation({"observation.depth": torch.ones(2, 2, 1, 8, 8)})
+    features = {
+        PipelineFeatureType.OBSERVATION: {"observation.depth": PolicyFeature(FeatureType.STATE, (1, 8, 8))}
+    }
+    renamed = step.transform_features(features)[PipelineFeatureType.OBSERVATION]
+    assert list(renamed) == ["observation.depth.top"]
+
+
+class GeometricOraclePolicy(nn.Module):
+    """Solves the task from the policy inputs alone: colour mask + depth back-projection."""
+
+    def reset(self):
+        pass
+
+    def select_action(self, batch):
+        actions = []
+        for i, task in enumerate(batch["task"]):
+            rgb = (batch["observation.images.top"][i].permute(1, 2, 0) * 255).round().byte().numpy()
+            depth, k, e = (
+                batch[f"observation.{name}.top"][i].numpy().astype(np.float64)
+                for name in ("depth", "intrinsics", "extrinsics")
+            )
+            state = batch["observation.state"][i].numpy().astype(np.float64)
+            actions.append(tb.expert_action(state, estimate_target(rgb, depth, k, e, task), max_step=0.02))
+        return torch.from_numpy(np.stack(actions))
+
+
+def test_lerobot_rollout_with_policy_using_only_the_contract():
+    """LeRobot's own eval rollout: depth/intrinsics/extrinsics/task suffice to solve the task."""
+    cfg = TouchBlockEnvConfig()
+    vec = make_env(cfg, n_envs=2)["touch_block"][0]
+    env_pre, env_post = cfg.get_env_processors()
+    try:
+        data = rollout(
+            env=vec,
+            policy=GeometricOraclePolicy(),
+            env_preprocessor=env_pre,
+            env_postprocessor=env_post,
+            preprocessor=lambda batch: batch,
+            postprocessor=lambda action: action,
+            seeds=[0, 1],
+        )
+    finally:
+        vec.close()
+    assert data["success"].any(dim=1).all()
+    assert data["action"].shape[-1] == 3
+
+
+# --- dataset -------------------------------------------------------------------------------------
+
+
+def test_dataset_command_writes_a_loadable_offline_dataset(tmp_path):
+    root = tmp_path / "touch_block"
+    main(["--root", str(root), "--repo-id", "local/touch_block", "--episodes", "3", "--seed", "7",
+          "--height", "24", "--width", "32"])  # fmt: skip
+
+    dataset = LeRobotDataset("local/touch_block", root=root)
+    assert dataset.num_episodes == 3 and dataset.fps == tb.FPS
+    features = dataset.meta.features
+    assert features["observation.images.top"]["dtype"] == "image"
+    assert features["observation.images.top"]["names"] == ["height", "width", "channels"]
+    assert tuple(features["observation.images.top"]["shape"]) == (24, 32, 3)
+    assert features["observation.depth.top"]["dtype"] == "float32"
+    assert tuple(features["observation.depth.top"]["shape"]) == (1, 24, 32)
+
+    for index in range(len(dataset)):
+        frame = dataset[index]
+        for key, (shape, dtype) in CONTRACT.items():
+            assert frame[key].shape == shape(24, 32), key
+            assert frame[key].dtype == dtype, key
+        assert frame["action"].shape == (3,) and frame["action"].abs().max() <= 1.0
+        assert frame["task"].startswith("touch the top of the ")
+
+    # Frame 0 of each episode is exactly the env's reset observation for seed `seed + episode`.
+    env = gym.make(tb.GYM_ID, observation_height=24, observation_width=32)
+    for episode in range(3):
+        obs, _ = env.reset(seed=7 + episode)
+        start = dataset.meta.episodes[episode]["dataset_from_index"]
+        end = dataset.meta.episodes[episode]["dataset_to_index"]
+        frame = dataset[start]
+        assert frame["task"] == env.unwrapped.task_description
+        assert {dataset[i]["task"] for i in range(start, end)} == {frame["task"]}
+        image = (frame["observation.images.top"] * 255).round().byte().permute(1, 2, 0)
+        np.testing.assert_array_equal(image.numpy(), obs["pixels"]["top"])
+        np.testing.assert_array_equal(frame["observation.depth.top"].numpy(), obs["depth"])
+        np.testing.assert_array_equal(frame["observation.state"].numpy(), obs["agent_pos"])
+        assert dataset[end - 1]["next.success"]  # the expert's last action is its stop
+        assert dataset[end - 1]["action"].abs().max() < tb.STOP_ACTION
+
+    stats = dataset.meta.stats
+    for key in [*CONTRACT, "action"]:
+        assert key in stats, key
+    assert stats["observation.depth.top"]["mean"].shape == (1, 1, 1)
+    assert stats["observation.intrinsics.top"]["mean"].shape == (3, 3)
+    assert stats["observation.extrinsics.top"]["mean"].shape == (4, 4)
+    np.testing.assert_allclose(stats["observation.intrinsics.top"]["mean"], obs["intrinsics"], rtol=1e-6)
+    assert 0.8 < stats["observation.depth.top"]["mean"].item() < 1.0
