@@ -1,3 +1,7 @@
-"""Environments registered with LeRobot on import: ``touch_block`` (demo task)."""
+"""Environments registered with LeRobot on import.
 
-from . import configs  # noqa: F401  (registers --env.type=touch_block and its processor step)
+``touch_block`` (the closed-loop demo task) and ``libero_rgbd`` (LeRobot's LIBERO plus per-camera
+metric depth and camera matrices). Neither import loads a simulator.
+"""
+
+from . import configs, libero_rgbd  # noqa: F401  (register --env.type=touch_block / libero_rgbd)

@@ -1,0 +1,290 @@
+"""Tests of the offline LIBERO setup and the ``libero_rgbd`` env (depth + camera geometry).
+
+They set LIBERO up themselves (``ensure_libero_ready``) and need no network and no GPU. Simulator cost
+(a reset is ~4-10 s on CPU): one 128-pixel ``libero_rgbd`` rollout shared by most tests, one LeRobot
+``libero`` reset to compare against, and 2 short 64-pixel episodes for the recorder; about a minute.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature  # noqa: E402
+from lerobot.envs.configs import EnvConfig  # noqa: E402
+from lerobot.envs.factory import make_env, make_env_config  # noqa: E402
+from lerobot.envs.utils import preprocess_observation  # noqa: E402
+from lerobot.processor import LiberoProcessorStep  # noqa: E402
+
+from lerobot_llava3d_fusion.envs.libero_rgbd import (  # noqa: E402
+    LiberoRGBDEnvConfig,
+    LiberoRGBDProcessorStep,
+    flip_intrinsics,
+)
+from lerobot_llava3d_fusion.geometry import backproject_depth  # noqa: E402
+from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
+
+SUITE = "libero_spatial"
+SIZE = 128
+CAMERAS = ("image", "image2")
+TABLE_Z = 0.90  # LIBERO's table top in the MuJoCo world frame (table body at 0.875 + top half-thickness)
+
+
+def expected_observation_shapes(size: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"observation.state": (1, 8)}
+    for cam in CAMERAS:
+        shapes[f"observation.images.{cam}"] = (1, 3, size, size)
+        shapes[f"observation.depth.{cam}"] = (1, 1, size, size)
+        shapes[f"observation.intrinsics.{cam}"] = (1, 3, 3)
+        shapes[f"observation.extrinsics.{cam}"] = (1, 4, 4)
+    return shapes
+
+
+def policy_observation(vec_env, observation, env_preprocessor) -> dict:
+    """What lerobot-eval hands to the policy's preprocessor (see lerobot_eval.rollout)."""
+    batch = preprocess_observation(observation)
+    batch["task"] = list(vec_env.call("task_description"))
+    return env_preprocessor(batch)
+
+
+def project(point: torch.Tensor, intrinsics: torch.Tensor, cam_to_world: torch.Tensor) -> tuple[int, int]:
+    """(row, col) of a world point in the image described by ``intrinsics`` / ``cam_to_world``."""
+    world_to_cam = torch.linalg.inv(cam_to_world.double())
+    p_cam = world_to_cam[:3, :3] @ point.double() + world_to_cam[:3, 3]
+    u, v, w = intrinsics.double() @ p_cam
+    return round((v / w).item()), round((u / w).item())
+
+
+# ---- No simulator --------------------------------------------------------------------------------
+
+
+def test_setup_is_idempotent(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", str(tmp_path / "libero_cfg"))
+    config_dir = ensure_libero_ready()
+    config_file = config_dir / "config.yaml"
+    first = (config_file.read_text(), config_file.stat().st_mtime_ns)
+
+    assert ensure_libero_ready() == config_dir == tmp_path / "libero_cfg"
+    assert (config_file.read_text(), config_file.stat().st_mtime_ns) == first  # not rewritten
+
+    root = find_libero_root()
+    assets_link = root / "assets"
+    assert assets_link.is_symlink() and assets_link.resolve() == find_assets_dir().resolve()
+    assert (assets_link / "scenes").is_dir()
+    config = yaml.safe_load(first[0])
+    assert set(config) == {"benchmark_root", "bddl_files", "init_states", "datasets", "assets"}
+    assert config["bddl_files"] == str(root / "bddl_files") and (root / "bddl_files" / SUITE).is_dir()
+    assert config["init_states"] == str(root / "init_files") and (root / "init_files" / SUITE).is_dir()
+    assert os.environ["MUJOCO_GL"]
+
+
+def test_env_type_resolves_through_lerobot():
+    assert EnvConfig.get_choice_class("libero_rgbd") is LiberoRGBDEnvConfig
+    cfg = make_env_config("libero_rgbd", task=SUITE, observation_height=SIZE, observation_width=SIZE)
+    assert cfg.type == "libero_rgbd"
+    assert cfg.features_map["depth_image2"] == "observation.depth.image2"
+    assert cfg.features["depth_image"] == PolicyFeature(FeatureType.STATE, (1, SIZE, SIZE))
+    env_pre, _ = cfg.get_env_processors()
+    assert [type(step) for step in env_pre.steps] == [LiberoProcessorStep, LiberoRGBDProcessorStep]
+
+
+def test_processor_rotates_depth_and_intrinsics_consistently():
+    """Rotating depth and adapting K must not move any back-projected world point."""
+    torch.manual_seed(0)
+    batch, height, width = 2, 6, 8  # non-square so a swapped H/W shows up
+    k_opencv = torch.tensor([[100.0, 0.0, 3.2], [0.0, 90.0, 2.7], [0.0, 0.0, 1.0]]).expand(batch, 3, 3)
+    k_raw = flip_intrinsics(k_opencv, height, width, flip_rows=True, flip_cols=False)  # robosuite's grid
+    rotation = torch.linalg.qr(torch.randn(batch, 3, 3)).Q
+    rotation = rotation * torch.linalg.det(rotation).sign().view(batch, 1, 1)  # proper rotation
+    cam_to_world = torch.eye(4).repeat(batch, 1, 1)
+    cam_to_world[:, :3, :3], cam_to_world[:, :3, 3] = rotation, torch.randn(batch, 3)
+    depth_raw = torch.rand(batch, height, width, 1) + 0.5
+
+    out = LiberoRGBDProcessorStep().observation(
+        {
+            "observation.depth_cam": depth_raw,
+            "observation.intrinsics_cam": k_raw,
+            "observation.extrinsics_cam": cam_to_world,
+            "observation.state": torch.zeros(batch, 8),
+        }
+    )
+    moved = {f"observation.{kind}.cam" for kind in ("depth", "intrinsics", "extrinsics")}
+    assert set(out) == moved | {"observation.state"}
+    depth = out["observation.depth.cam"]
+    assert depth.shape == (batch, 1, height, width) and depth.dtype == torch.float32
+    assert torch.equal(depth[:, 0], depth_raw[..., 0].flip(1, 2))
+
+    points_raw, _ = backproject_depth(depth_raw.permute(0, 3, 1, 2), k_raw, cam_to_world)
+    points, _ = backproject_depth(depth, out["observation.intrinsics.cam"], out["observation.extrinsics.cam"])
+    torch.testing.assert_close(points, points_raw.flip(1, 2))
+
+    features = {
+        PipelineFeatureType.OBSERVATION: {
+            "observation.depth_cam": PolicyFeature(FeatureType.STATE, (height, width, 1)),
+            "observation.intrinsics_cam": PolicyFeature(FeatureType.STATE, (3, 3)),
+        }
+    }
+    assert LiberoRGBDProcessorStep().transform_features(features)[PipelineFeatureType.OBSERVATION] == {
+        "observation.depth.cam": PolicyFeature(FeatureType.STATE, (1, height, width)),
+        "observation.intrinsics.cam": PolicyFeature(FeatureType.STATE, (3, 3)),
+    }
+
+
+# ---- Simulator -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rollout() -> dict:
+    """Reset a libero_rgbd env of task 0, then move the hand up for 3 steps; the env is closed after.
+
+    Everything the tests look at is captured here, because robosuite renders with whichever EGL context
+    is current: an env must not render again once another env (the tests build several) came and went.
+    """
+    ensure_libero_ready()
+    cfg = make_env_config(
+        "libero_rgbd", task=SUITE, task_ids=[0], observation_height=SIZE, observation_width=SIZE
+    )
+    vec_env = make_env(cfg, n_envs=1)[SUITE][0]
+    env_preprocessor, _ = cfg.get_env_processors()
+    try:
+        observation, _ = vec_env.reset(seed=0)
+        captured = {
+            "reset": policy_observation(vec_env, observation, env_preprocessor),
+            "plate": torch.tensor(vec_env.envs[0]._env.sim.data.get_body_xpos("plate_1_main")),
+        }
+        up = np.array([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0]], dtype=np.float32)
+        for _ in range(3):
+            observation, *_ = vec_env.step(up)
+        captured["moved"] = policy_observation(vec_env, observation, env_preprocessor)
+    finally:
+        vec_env.close()
+    return captured
+
+
+def test_observation_keys_shapes_dtypes(rollout):
+    shapes = expected_observation_shapes(SIZE)
+    for obs in (rollout["reset"], rollout["moved"]):
+        assert {key for key in obs if key.startswith("observation.")} == set(shapes)
+        for key, shape in shapes.items():
+            assert obs[key].shape == shape, key
+            assert obs[key].dtype == torch.float32, key
+
+
+def test_rgb_and_state_are_lerobots_libero(rollout):
+    """The images and state are exactly what LeRobot's own `libero` env delivers."""
+    cfg = make_env_config("libero", task=SUITE, task_ids=[0], observation_height=SIZE, observation_width=SIZE)
+    vec_env = make_env(cfg, n_envs=1)[SUITE][0]
+    try:
+        observation, _ = vec_env.reset(seed=0)
+        reference = policy_observation(vec_env, observation, cfg.get_env_processors()[0])
+    finally:
+        vec_env.close()
+    for key in ("observation.images.image", "observation.images.image2", "observation.state"):
+        torch.testing.assert_close(rollout["reset"][key], reference[key], msg=key)
+
+
+def test_depth_is_valid_and_metric(rollout):
+    obs = rollout["reset"]
+    for cam in CAMERAS:
+        depth = obs[f"observation.depth.{cam}"]
+        assert torch.isfinite(depth).all()
+        valid = depth > 0
+        assert valid.float().mean() > 0.95, cam  # the scene is closed: nearly every pixel hits something
+        assert depth[valid].min() > 0.01 and depth[valid].max() < 10.0, cam
+        k = obs[f"observation.intrinsics.{cam}"][0]
+        # Delivered grid = robosuite's image rotated by 180 degrees = a mirrored view: fx < 0 < fy.
+        assert k[0, 0] < 0 < k[1, 1] and torch.isclose(-k[0, 0], k[1, 1])
+        assert torch.allclose(k[:2, 2], torch.tensor([(SIZE - 1) / 2] * 2))
+        rotation = obs[f"observation.extrinsics.{cam}"][0, :3, :3]
+        assert torch.allclose(rotation @ rotation.T, torch.eye(3), atol=1e-5)
+        assert torch.isclose(torch.linalg.det(rotation), torch.tensor(1.0), atol=1e-5)
+
+
+def test_backprojected_table_is_flat_at_table_height(rollout):
+    """The table top back-projects to one horizontal plane at the table's height, from both cameras."""
+    obs = rollout["reset"]
+    heights = {}
+    for cam in CAMERAS:
+        points, valid = backproject_depth(
+            obs[f"observation.depth.{cam}"],
+            obs[f"observation.intrinsics.{cam}"],
+            obs[f"observation.extrinsics.{cam}"],
+        )
+        heights[cam] = points[0, ..., 2], valid[0]
+    # The agent view's bottom rows see only table, over a range of distances: one height, to the mm.
+    z, valid = heights["image"]
+    bottom = z[SIZE * 7 // 8 :][valid[SIZE * 7 // 8 :]]
+    assert abs(bottom.median().item() - TABLE_Z) < 0.005
+    assert bottom.std().item() < 0.002
+    # The wrist camera looks down at the table between the objects: most of its pixels are table top.
+    z, valid = heights["image2"]
+    assert ((z[valid] - TABLE_Z).abs() < 0.005).float().mean() > 0.3
+
+
+def test_object_position_matches_depth_and_rgb(rollout):
+    """The plate's sim position projects onto plate-coloured pixels whose depth back-projects onto it."""
+    obs, plate = rollout["reset"], rollout["plate"]
+    for cam in CAMERAS:
+        k, cam_to_world = obs[f"observation.intrinsics.{cam}"][0], obs[f"observation.extrinsics.{cam}"][0]
+        row, col = project(plate, k, cam_to_world)
+        assert 0 <= row < SIZE and 0 <= col < SIZE, cam
+        points, _ = backproject_depth(obs[f"observation.depth.{cam}"], k, cam_to_world)
+        assert torch.linalg.norm(points[0, row, col].double() - plate) < 0.03, cam
+        # The plate is white; the mirrored pixel (what a missing/extra flip would pick) is not the plate.
+        rgb = obs[f"observation.images.{cam}"][0, :, row, col]
+        assert rgb.min() > 0.55, (cam, rgb)
+        assert torch.linalg.norm(points[0, row, SIZE - 1 - col].double() - plate) > 0.1, cam
+
+
+def test_wrist_camera_follows_the_end_effector(rollout):
+    before, after = rollout["reset"], rollout["moved"]
+    torch.testing.assert_close(after["observation.extrinsics.image"], before["observation.extrinsics.image"])
+    wrist_before = before["observation.extrinsics.image2"][0, :3, 3]
+    wrist_after = after["observation.extrinsics.image2"][0, :3, 3]
+    eef_before, eef_after = before["observation.state"][0, :3], after["observation.state"][0, :3]
+    assert wrist_after[2] - wrist_before[2] > 0.005
+    # Same world frame as the state: the camera moves with the hand and sits a few cm from it.
+    torch.testing.assert_close(wrist_after - wrist_before, eef_after - eef_before, atol=0.005, rtol=0)
+    assert torch.linalg.norm(wrist_after - eef_after) < 0.15
+
+
+# ---- Recorder -------------------------------------------------------------------------------------
+
+
+def test_recorder_writes_a_loadable_dataset(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd import main
+
+    ensure_libero_ready()
+    root, size = tmp_path / "ds", 64
+    main(
+        ["record", "--root", str(root), "--repo-id", "local/libero_rgbd", "--suite", SUITE, "--task-ids", "0",
+         "--episodes", "2", "--steps", "3", "--image-size", str(size)]
+    )  # fmt: skip
+
+    dataset = LeRobotDataset("local/libero_rgbd", root=root)
+    assert dataset.meta.total_episodes == 2 and len(dataset) == 6 and dataset.fps == 10
+    features = dataset.meta.features
+    assert features["observation.images.image"]["dtype"] == "image"
+    assert tuple(features["observation.images.image"]["shape"]) == (size, size, 3)
+    assert tuple(features["observation.state"]["shape"]) == (8,) and tuple(features["action"]["shape"]) == (
+        7,
+    )
+    for cam in CAMERAS:
+        assert features[f"observation.depth.{cam}"]["dtype"] == "float32"
+        assert tuple(features[f"observation.depth.{cam}"]["shape"]) == (1, size, size)
+
+    frame = dataset[4]
+    shapes = {key: shape[1:] for key, shape in expected_observation_shapes(size).items()}
+    for key, shape in shapes.items():
+        assert frame[key].shape == shape and frame[key].dtype == torch.float32, key
+    assert frame["action"].shape == (7,) and frame["action"].abs().max() <= 1.0
+    assert (
+        frame["task"] == "pick up the black bowl between the plate and the ramekin and place it on the plate"
+    )
+    assert (frame["observation.depth.image"] > 0).float().mean() > 0.95
+    assert frame["observation.intrinsics.image"][0, 0] < 0  # the delivered (rotated) grid, as at eval time
