@@ -1,0 +1,476 @@
+"""Backbones from checkpoints on disk, laid out exactly as the real ones, loaded as a user loads them.
+
+Formats: transformers' LLaVA (LLaVA-1.5 style, Llama/Mistral LLM, CLIP/SigLIP tower), transformers'
+LLaVA-OneVision (Qwen2 LLM, SigLIP tower) and the original LLaVA-3D layout (Llama LLM + mlp2x_gelu
+projector in one safetensors state dict, vision tower from a separate CLIP/SigLIP checkpoint).
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import (
+    BertConfig,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GemmaConfig,
+    LlamaConfig,
+    LlamaModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    MistralConfig,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, load_backbone, map_llava3d_key
+
+VISION_SIZES = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "image_size": 32, "patch_size": 8,
+}
+GRID = 32 // 8  # patch grid side
+LLM_LAYERS = 3
+LLM_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": LLM_LAYERS,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+VOCAB = len(build_tiny_tokenizer())
+LLM_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+# Where a few tensors live in each layout (transformers 5 saves LLaVA under these legacy names).
+TRANSFORMERS_KEYS = {
+    "embed_tokens": "model.language_model.model.embed_tokens.weight",
+    "q_proj": "model.language_model.model.layers.0.self_attn.q_proj.weight",
+    "projector": "model.multi_modal_projector.linear_1.weight",
+    "vision_q_proj": "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+}
+LLAVA3D_KEYS = {
+    "embed_tokens": "model.embed_tokens.weight",
+    "q_proj": "model.layers.0.self_attn.q_proj.weight",
+    "projector": "model.mm_projector.0.weight",
+}
+VISION_TOWER_KEYS = {"vision_q_proj": "vision_model.encoder.layers.0.self_attn.q_proj.weight"}
+
+
+# ------------------------------------------------------------------------------ checkpoint writers
+
+
+def vision_config(tower: str):
+    return CLIPVisionConfig(**VISION_SIZES) if tower == "clip" else SiglipVisionConfig(**VISION_SIZES)
+
+
+def save_image_processor(directory, tower: str) -> None:
+    if tower == "clip":
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+    else:
+        SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+
+
+def save_llava(directory, llm_type: str, tower: str):
+    """A llava-hf/llava-1.5-style checkpoint: CLS-dropping "default" features of layer -2 for CLIP."""
+    torch.manual_seed(1)
+    config = LlavaConfig(
+        vision_config=vision_config(tower),
+        text_config=LLM_CONFIGS[llm_type](vocab_size=VOCAB, **LLM_SIZES),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default" if tower == "clip" else "full",
+        image_token_id=VOCAB - 1,
+        image_seq_length=GRID**2,
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    build_tiny_tokenizer().save_pretrained(directory)
+    save_image_processor(directory, tower)
+    return directory
+
+
+def save_onevision(directory):
+    """A llava-hf/llava-onevision-style checkpoint: Qwen2 LLM, SigLIP tower, "full" features."""
+    torch.manual_seed(2)
+    config = LlavaOnevisionConfig(
+        vision_config=vision_config("siglip"),
+        text_config=Qwen2Config(vocab_size=VOCAB, **LLM_SIZES),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_token_id=VOCAB - 1,
+    )
+    LlavaOnevisionForConditionalGeneration(config).save_pretrained(directory)
+    build_tiny_tokenizer().save_pretrained(directory)
+    save_image_processor(directory, "siglip")
+    return directory
+
+
+def save_vision_tower(directory, tower: str):
+    """A full CLIP checkpoint (as openai/clip-vit-*) or a vision-only SigLIP one, with its processor."""
+    torch.manual_seed(3)
+    if tower == "clip":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        CLIPModel(CLIPConfig(vision_config=VISION_SIZES, text_config=text)).save_pretrained(directory)
+    else:
+        SiglipVisionModel(vision_config("siglip")).save_pretrained(directory)
+    save_image_processor(directory, tower)
+    return directory
+
+
+def llava3d_config(**overrides) -> dict:
+    """config.json of an original LLaVA-3D checkpoint (a LlamaConfig plus the LLaVA mm_* fields)."""
+    return {
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "vocab_size": VOCAB,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "torch_dtype": "bfloat16",
+        **LLM_SIZES,
+        "mm_hidden_size": VISION_SIZES["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_video_tower": "SpatialAwareModule",
+        "mm_patch_merge_type": "flat",
+        **overrides,
+    }
+
+
+def llava3d_tensors() -> dict[str, torch.Tensor]:
+    """The state dict of an original LLaVA-3D checkpoint, in bfloat16 as released."""
+    torch.manual_seed(4)
+    width, vision_width = LLM_SIZES["hidden_size"], VISION_SIZES["hidden_size"]
+    llm = LlamaModel(LlamaConfig(vocab_size=VOCAB, **LLM_SIZES))
+    tensors = {f"model.{key}": value for key, value in llm.state_dict().items()}
+    tensors |= {
+        "lm_head.weight": torch.randn(VOCAB, width),
+        "model.mm_projector.0.weight": torch.randn(width, vision_width),
+        "model.mm_projector.0.bias": torch.randn(width),
+        "model.mm_projector.2.weight": torch.randn(width, width),
+        "model.mm_projector.2.bias": torch.randn(width),
+        # The original's own towers: not used (the tower comes from vision_tower_name).
+        "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": torch.randn(4, 3, 8, 8),
+        "model.video_tower.pos_emb3d.0.weight": torch.randn(8, 3),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.randn(8),
+    }
+    return {key: value.to(torch.bfloat16).contiguous() for key, value in tensors.items()}
+
+
+def save_llava3d(directory, tensors: dict[str, torch.Tensor] | None = None, shards: int = 1, **config_overrides):
+    """Write an original LLaVA-3D checkpoint: config.json, safetensors (optionally sharded), tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = llava3d_tensors() if tensors is None else tensors
+    (directory / "config.json").write_text(json.dumps(llava3d_config(**config_overrides)))
+    build_tiny_tokenizer().save_pretrained(directory)
+    if shards == 1:
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        return directory
+    keys = sorted(tensors)
+    weight_map = {}
+    for shard in range(shards):
+        filename = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        shard_keys = keys[shard::shards]
+        save_file({key: tensors[key] for key in shard_keys}, directory / filename, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard_keys, filename)
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    return directory
+
+
+def saved_tensors(*directories) -> dict[str, torch.Tensor]:
+    """Every safetensors tensor in these directories, as float32."""
+    tensors = {}
+    for directory in directories:
+        for file in directory.glob("*.safetensors"):
+            with safe_open(file, framework="pt") as reader:
+                tensors |= {key: reader.get_tensor(key).float() for key in reader.keys()}
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, tuple]:
+    """format name -> (vlm_model_name dir, vision_tower_name dir or None)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    clip = save_vision_tower(root / "clip", "clip")
+    siglip = save_vision_tower(root / "siglip", "siglip")
+    return {
+        "llava-llama-clip": (save_llava(root / "llava-llama-clip", "llama", "clip"), None),
+        "llava-mistral-siglip": (save_llava(root / "llava-mistral-siglip", "mistral", "siglip"), None),
+        "onevision-qwen2-siglip": (save_onevision(root / "onevision"), None),
+        "llava3d-clip": (save_llava3d(root / "llava3d-clip"), clip),
+        "llava3d-siglip-sharded": (save_llava3d(root / "llava3d-siglip", shards=2), siglip),
+    }
+
+
+FORMATS = ["llava-llama-clip", "llava-mistral-siglip", "onevision-qwen2-siglip", "llava3d-clip",
+           "llava3d-siglip-sharded"]
+
+
+def checkpoint_policy(checkpoints, fmt: str, seed: int = 0, **overrides) -> Llava3DFusionPolicy:
+    vlm_dir, tower_dir = checkpoints[fmt]
+    torch.manual_seed(seed)
+    return Llava3DFusionPolicy(
+        tiny_config(vlm_model_name=str(vlm_dir), vision_tower_name=tower_dir and str(tower_dir), **overrides)
+    )
+
+
+def expected_tensors(checkpoints, fmt: str) -> dict[str, torch.Tensor]:
+    """name -> the tensor on disk, for the names of TRANSFORMERS_KEYS."""
+    vlm_dir, tower_dir = checkpoints[fmt]
+    if tower_dir is None:
+        tensors = saved_tensors(vlm_dir)
+        return {name: tensors[key] for name, key in TRANSFORMERS_KEYS.items()}
+    tensors, tower = saved_tensors(vlm_dir), saved_tensors(tower_dir)
+    return {name: tensors[key] for name, key in LLAVA3D_KEYS.items()} | {
+        name: tower[key] for name, key in VISION_TOWER_KEYS.items()
+    }
+
+
+def loaded_tensors(policy: Llava3DFusionPolicy) -> dict[str, torch.Tensor]:
+    model = policy.model
+    return {
+        "embed_tokens": model.embed_tokens.weight,
+        "q_proj": model.fusion.vlm_layers[0].self_attn.q_proj.weight,
+        "projector": model.image_encoder.projector.linear_1.weight,
+        "vision_q_proj": model.image_encoder.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight,
+    }
+
+
+def normalised_pixels(policy: Llava3DFusionPolicy, batch_size: int = 2) -> torch.Tensor:
+    pixels = torch.rand(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return (pixels - policy.model.image_mean) / policy.model.image_std
+
+
+# --------------------------------------------------------------------------------- loading works
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_weights_come_from_the_checkpoint(checkpoints, fmt):
+    policy = checkpoint_policy(checkpoints, fmt)
+    loaded = loaded_tensors(policy)
+    for name, expected in expected_tensors(checkpoints, fmt).items():
+        assert torch.equal(loaded[name], expected), name
+    # Image normalisation comes from the (vision tower's) image processor config.
+    tower = "clip" if "clip" in fmt else "siglip"
+    processor = CLIPImageProcessor() if tower == "clip" else SiglipImageProcessor()
+    torch.testing.assert_close(policy.model.image_mean.flatten(), torch.tensor(processor.image_mean))
+    torch.testing.assert_close(policy.model.image_std.flatten(), torch.tensor(processor.image_std))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_policy_from_a_checkpoint_trains_and_samples(checkpoints, fmt):
+    policy = checkpoint_policy(checkpoints, fmt)
+    batch = preprocess(policy, raw_batch())  # the tokenizer step loads the checkpoint's tokenizer
+    policy.train()
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grad = policy.model.fusion.vlm_layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    actions = policy.predict_action_chunk(batch)
+    assert actions.shape == (2, CHUNK, ACTION_DIM)
+    assert torch.isfinite(actions).all()
+
+
+@pytest.mark.parametrize("fmt", ["llava-llama-clip", "onevision-qwen2-siglip", "llava3d-clip"])
+def test_random_init_builds_the_checkpoint_architecture(checkpoints, fmt):
+    policy = checkpoint_policy(checkpoints, fmt, load_vlm_weights=False)
+    loaded = loaded_tensors(policy)
+    for name, expected in expected_tensors(checkpoints, fmt).items():
+        assert loaded[name].shape == expected.shape, name
+        assert not torch.equal(loaded[name], expected), name
+    assert len(policy.model.fusion.vlm_layers) == LLM_LAYERS
+
+
+def test_llava15_drops_the_cls_token_like_transformers(checkpoints):
+    vlm_dir, _ = checkpoints["llava-llama-clip"]
+    policy = checkpoint_policy(checkpoints, "llava-llama-clip")
+    pixels = normalised_pixels(policy)
+    tokens = policy.model.image_encoder(pixels)
+    assert tokens.shape == (2, GRID**2, LLM_SIZES["hidden_size"])  # not GRID**2 + 1
+    reference = LlavaForConditionalGeneration.from_pretrained(vlm_dir).model.get_image_features(
+        pixel_values=pixels, vision_feature_layer=-2, vision_feature_select_strategy="default"
+    )
+    assert reference.hidden_states[-2].shape[1] == GRID**2 + 1  # the tower does output a CLS token
+    torch.testing.assert_close(tokens, torch.stack(reference.pooler_output))
+
+
+@pytest.mark.parametrize("fmt, tower_cls, drops_cls", [
+    ("llava3d-clip", CLIPVisionModel, True),
+    ("llava3d-siglip-sharded", SiglipVisionModel, False),  # SigLIP has no CLS token to drop
+])
+def test_llava3d_image_tokens_match_the_original_computation(checkpoints, fmt, tower_cls, drops_cls):
+    vlm_dir, tower_dir = checkpoints[fmt]
+    policy = checkpoint_policy(checkpoints, fmt)
+    pixels = normalised_pixels(policy)
+    # The original: tower features of layer mm_vision_select_layer (CLS dropped for "patch"), then
+    # mm_projector = Sequential(Linear, GELU, Linear).
+    features = tower_cls.from_pretrained(tower_dir)(pixels, output_hidden_states=True).hidden_states[-2]
+    features = features[:, 1:] if drops_cls else features
+    tensors = saved_tensors(vlm_dir)
+    mm_projector = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
+    mm_projector.load_state_dict(
+        {key.removeprefix("model.mm_projector."): value for key, value in tensors.items() if "mm_projector" in key}
+    )
+    torch.testing.assert_close(policy.model.image_encoder(pixels), mm_projector(features))
+
+
+def test_llava3d_key_mapping():
+    assert map_llava3d_key("model.layers.3.mlp.up_proj.weight") == ("language_model", "layers.3.mlp.up_proj.weight")
+    assert map_llava3d_key("model.embed_tokens.weight") == ("language_model", "embed_tokens.weight")
+    assert map_llava3d_key("model.norm.weight") == ("language_model", "norm.weight")
+    assert map_llava3d_key("model.mm_projector.0.bias") == ("projector", "linear_1.bias")
+    assert map_llava3d_key("model.mm_projector.2.weight") == ("projector", "linear_2.weight")
+    assert map_llava3d_key("lm_head.weight") == ("skipped", "lm_head.")
+    assert map_llava3d_key("model.video_tower.encoder.weight") == ("skipped", "model.video_tower.")
+    assert map_llava3d_key("model.layers.0.self_attn.rotary_emb.inv_freq") == ("skipped", "rotary_emb.inv_freq")
+    assert map_llava3d_key("model.mm_projector.4.weight") is None
+    assert map_llava3d_key("model.grounding_head.weight") is None
+
+
+@pytest.mark.parametrize("fmt", ["llava-llama-clip", "llava3d-clip"])
+def test_from_pretrained_of_a_policy_built_from_a_checkpoint_gives_identical_actions(checkpoints, tmp_path, fmt):
+    policy = checkpoint_policy(checkpoints, fmt)
+    batch = preprocess(policy, raw_batch())
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    before = policy.predict_action_chunk(batch, noise=noise)
+    policy.save_pretrained(tmp_path)
+    torch.manual_seed(123)  # the reloaded backbone starts from other random weights
+    reloaded = Llava3DFusionPolicy.from_pretrained(tmp_path)
+    assert reloaded.config.load_vlm_weights is False
+    assert torch.equal(reloaded.predict_action_chunk(batch, noise=noise), before)
+
+
+# ---------------------------------------------------------------------------- pooling and layers
+
+
+def test_image_pooling_averages_patch_neighbourhoods(checkpoints):
+    plain = checkpoint_policy(checkpoints, "llava-llama-clip")
+    pooled = checkpoint_policy(checkpoints, "llava-llama-clip", image_pooling=2)
+    pixels = normalised_pixels(plain)
+    tokens = plain.model.image_encoder(pixels)  # (2, 16, D)
+    pooled_tokens = pooled.model.image_encoder(pixels)  # (2, 4, D)
+    assert pooled_tokens.shape[1] == tokens.shape[1] // 2**2
+    # Row-major 4x4 grid -> 2x2 grid of block means.
+    blocks = tokens.view(2, 2, 2, 2, 2, -1)  # (B, block row, row in block, block col, col in block, D)
+    torch.testing.assert_close(pooled_tokens, blocks.mean(dim=(2, 4)).flatten(1, 2))
+    loss, _ = pooled.forward(preprocess(pooled, raw_batch()))
+    assert torch.isfinite(loss)
+
+
+def test_patch_grid_is_reported_after_pooling(checkpoints):
+    vlm_dir, _ = checkpoints["llava-llama-clip"]
+    assert load_backbone(str(vlm_dir), load_weights=False).patch_grid == (GRID, GRID)
+    backbone = load_backbone(str(vlm_dir), load_weights=False, image_pooling=2)
+    assert backbone.patch_grid == (GRID // 2, GRID // 2)
+    assert backbone.feature_grid == (GRID, GRID)
+
+
+def test_image_pooling_must_divide_the_patch_grid(checkpoints):
+    with pytest.raises(ValueError, match=r"image_pooling=3 must divide the 4x4 patch grid.*\[1, 2, 4\]"):
+        checkpoint_policy(checkpoints, "llava-llama-clip", image_pooling=3)
+
+
+@pytest.mark.parametrize("fmt", ["onevision-qwen2-siglip", "llava3d-clip"])
+def test_num_vlm_layers_keeps_the_first_loaded_layers(checkpoints, fmt):
+    policy = checkpoint_policy(checkpoints, fmt, num_vlm_layers=1)
+    assert len(policy.model.fusion.vlm_layers) == 1
+    assert torch.equal(loaded_tensors(policy)["q_proj"], expected_tensors(checkpoints, fmt)["q_proj"])
+    with pytest.raises(ValueError, match=f"num_vlm_layers=5 but the LLM has only {LLM_LAYERS} layers"):
+        checkpoint_policy(checkpoints, fmt, num_vlm_layers=5)
+
+
+# ---------------------------------------------------------------------------------------- errors
+
+
+def test_missing_checkpoint_directory_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected a local checkpoint directory containing config.json"):
+        load_backbone(str(tmp_path / "does-not-exist"), load_weights=True)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_backbone(str(tmp_path), load_weights=True)
+
+
+@pytest.mark.parametrize("config", [
+    BertConfig().to_dict(),
+    {**llava3d_config(), "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral"},
+])
+def test_unknown_architecture_raises(tmp_path, config):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture.*expected a transformers LLaVA checkpoint"):
+        load_backbone(str(tmp_path), load_weights=True)
+
+
+def test_unsupported_llm_type_raises(tmp_path):
+    text_config = GemmaConfig(vocab_size=VOCAB, **LLM_SIZES)
+    LlavaConfig(vision_config=vision_config("clip"), text_config=text_config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"LLM type 'gemma' is not supported; expected one of .*llama"):
+        load_backbone(str(tmp_path), load_weights=True)
+
+
+def test_llava3d_needs_vision_tower_name(checkpoints):
+    vlm_dir, _ = checkpoints["llava3d-clip"]
+    with pytest.raises(ValueError, match="set vision_tower_name .*openai/clip-vit-large-patch14-336"):
+        load_backbone(str(vlm_dir), load_weights=True)
+
+
+def test_vision_tower_name_is_rejected_for_checkpoints_with_their_own_tower(checkpoints):
+    vlm_dir, _ = checkpoints["llava-llama-clip"]
+    clip_dir = checkpoints["llava3d-clip"][1]
+    with pytest.raises(ValueError, match="vision_tower_name=.* is only used for original LLaVA-3D"):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(clip_dir))
+
+
+def test_vision_tower_name_must_be_clip_or_siglip(checkpoints):
+    vlm_dir, _ = checkpoints["llava3d-clip"]
+    llava_dir, _ = checkpoints["llava-llama-clip"]
+    with pytest.raises(ValueError, match="'llava' checkpoint; expected a CLIP or SigLIP vision tower"):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(llava_dir))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop("model.norm.weight"), r"LLM weights.*missing: \['norm.weight'\]"),
+    (lambda t: t.pop("model.mm_projector.2.bias"), r"projector weights.*missing: \['linear_2.bias'\]"),
+    (lambda t: t.update({"model.grounding_head.weight": torch.zeros(2)}), r"unknown.*model.grounding_head.weight"),
+    (lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}), r"unknown.*layers.0.mlp.extra.weight"),
+])
+def test_llava3d_missing_or_unknown_keys_raise(checkpoints, tmp_path, change, message):
+    tensors = llava3d_tensors()
+    change(tensors)
+    vlm_dir = save_llava3d(tmp_path / "llava3d", tensors)
+    with pytest.raises(ValueError, match=message):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(checkpoints["llava3d-clip"][1]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mm_projector_type": "linear"}, "mm_projector_type 'linear' is not supported; expected 'mlp2x_gelu'"),
+    ({"mm_hidden_size": 1024}, "has hidden size 32, but the projector .* expects mm_hidden_size=1024"),
+    ({"num_attention_heads": None}, r"config.json lacks \['num_attention_heads'\]"),
+])
+def test_llava3d_bad_config_raises(checkpoints, tmp_path, overrides, message):
+    vlm_dir = save_llava3d(tmp_path / "llava3d", **overrides)
+    config = json.loads((vlm_dir / "config.json").read_text())
+    (vlm_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    with pytest.raises(ValueError, match=message):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(checkpoints["llava3d-clip"][1]))
+
+
+def test_llava3d_without_safetensors_raises(checkpoints, tmp_path):
+    vlm_dir = save_llava3d(tmp_path / "llava3d")
+    (vlm_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(checkpoints["llava3d-clip"][1]))
