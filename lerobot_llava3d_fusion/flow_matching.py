@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lerobot.policies.common.flow_matching import euler_integrate, sample_time_beta
+from lerobot.policies.common.flow_matching import sample_time_beta
 from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding
 from torch import Tensor, nn
 
@@ -87,8 +87,18 @@ class FlowMatchingActionExpert(nn.Module):
         return F.mse_loss(self.velocity(transformer, state, x_t, time), target, reduction="none")
 
     def sample_actions(self, transformer: SuffixTransformer, state: Tensor, noise: Tensor, num_steps: int) -> Tensor:
-        """Euler integration from x_1 = noise (B, H, A_max) at t = 1 to actions at t = 0."""
-        return euler_integrate(lambda x_t, t: self.velocity(transformer, state, x_t, t), noise, num_steps)
+        """Euler integration from x_1 = noise (B, H, A_max) at t = 1 to actions at t = 0.
+
+        The time grid is built on the device once: unlike a Python float turned into a tensor at
+        every step, indexing it never copies from the host, so the GPU runs the steps unsynchronised.
+        """
+        batch = noise.shape[0]
+        times = torch.linspace(1.0, 0.0, num_steps + 1, device=noise.device)[:-1]  # (num_steps,)
+        dt = -1.0 / num_steps
+        x_t = noise
+        for step in range(num_steps):
+            x_t = x_t + dt * self.velocity(transformer, state, x_t, times[step].expand(batch))
+        return x_t
 
 
 def sample_time(batch_size: int, device: torch.device, method: str, alpha: float, beta: float,
