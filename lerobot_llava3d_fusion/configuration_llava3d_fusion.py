@@ -81,6 +81,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # Action expert.
     expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
     expert_width_multiplier: float = 0.5
+    # MLP width of the expert relative to the LLM's (None: the same as expert_width_multiplier).
+    expert_mlp_multiplier: float | None = None
     use_state_token: bool = True
 
     # Language.
@@ -138,6 +140,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
             )
         if self.image_pooling < 1:
             raise ValueError(f"image_pooling must be >= 1 (got {self.image_pooling}).")
+        if self.expert_mlp_multiplier is not None and not 0.0 < self.expert_mlp_multiplier <= 1.0:
+            raise ValueError(f"expert_mlp_multiplier must be in (0, 1] (got {self.expert_mlp_multiplier}).")
         if self.num_steps < 1:
             raise ValueError(f"num_steps (Euler steps) must be >= 1 (got {self.num_steps}).")
         if self.max_state_dim < 1 or self.max_action_dim < 1:

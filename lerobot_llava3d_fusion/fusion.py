@@ -38,20 +38,24 @@ class PrefixKVCache:
     prefix_length: int
 
 
-def build_expert_layers(llm: nn.Module, width_multiplier: float) -> tuple[nn.ModuleList, nn.Module]:
+def build_expert_layers(
+    llm: nn.Module, width_multiplier: float, mlp_multiplier: float | None = None
+) -> tuple[nn.ModuleList, nn.Module]:
     """A narrower copy of the LLM's decoder stack for the action expert.
 
     Same number of layers, heads, KV heads and head dim as the LLM (so both streams share one
-    attention space); hidden and MLP widths scaled by `width_multiplier`. Built with the LLM's own
-    layer classes. At multiplier 1.0 the expert starts as a copy of the LLM layers.
+    attention space); hidden width scaled by `width_multiplier`, MLP width by `mlp_multiplier`
+    (default: the same). Built with the LLM's own layer classes. When both are 1.0 the expert
+    starts as a copy of the LLM layers.
     """
-    if width_multiplier == 1.0:
+    mlp_multiplier = width_multiplier if mlp_multiplier is None else mlp_multiplier
+    if width_multiplier == 1.0 and mlp_multiplier == 1.0:
         return copy.deepcopy(llm.layers), copy.deepcopy(llm.norm)
     config = copy.deepcopy(llm.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     config.head_dim = head_dim
     config.hidden_size = int(round(config.hidden_size * width_multiplier))
-    config.intermediate_size = int(round(config.intermediate_size * width_multiplier))
+    config.intermediate_size = int(round(config.intermediate_size * mlp_multiplier))
     layer_cls = type(llm.layers[0])
     layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(len(llm.layers)))
     norm = type(llm.norm)(config.hidden_size, eps=config.rms_norm_eps)
@@ -76,7 +80,10 @@ def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList)
 class LLaVA3DWithActionExpertModel(nn.Module):
     """The deep-fusion transformer with three forward modes: joint, prefix-only and suffix-only."""
 
-    def __init__(self, llm: nn.Module, expert_mode: str, expert_width_multiplier: float):
+    def __init__(
+        self, llm: nn.Module, expert_mode: str, expert_width_multiplier: float,
+        expert_mlp_multiplier: float | None = None,
+    ):
         super().__init__()
         self.vlm_layers = llm.layers
         self.vlm_norm = llm.norm
@@ -84,7 +91,7 @@ class LLaVA3DWithActionExpertModel(nn.Module):
         self.expert_mode = expert_mode
         if expert_mode == "separate":
             self.separate_expert_layers, self.separate_expert_norm = build_expert_layers(
-                llm, expert_width_multiplier
+                llm, expert_width_multiplier, expert_mlp_multiplier
             )
             check_head_geometry(self.vlm_layers, self.separate_expert_layers)
         elif expert_mode != "shared":

@@ -64,7 +64,8 @@ class Llava3DFusionModel(nn.Module):
         self.register_buffer("image_std", torch.tensor(backbone.image_std).view(1, 3, 1, 1), persistent=False)
         self.embed_tokens = backbone.language_model.embed_tokens
         self.fusion = LLaVA3DWithActionExpertModel(
-            backbone.language_model, config.expert_mode, config.expert_width_multiplier
+            backbone.language_model, config.expert_mode, config.expert_width_multiplier,
+            config.expert_mlp_multiplier,
         )
         self.action_expert = FlowMatchingActionExpert(
             width=self.fusion.expert_width,

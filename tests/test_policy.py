@@ -306,3 +306,13 @@ def _narrow_heads(vlm_layers):
     config = copy.deepcopy(vlm_layers[0].self_attn.config)
     config.head_dim = config.head_dim // 2
     return config
+
+
+def test_expert_widths_follow_the_multipliers():
+    policy = tiny_policy(expert_mode="separate", expert_width_multiplier=0.5, expert_mlp_multiplier=0.25)
+    llm_layer, expert_layer = policy.model.fusion.vlm_layers[0], policy.model.fusion.expert_layers[0]
+    assert expert_layer.self_attn.q_proj.in_features == llm_layer.self_attn.q_proj.in_features // 2
+    assert expert_layer.mlp.up_proj.out_features == llm_layer.mlp.up_proj.out_features // 4
+    # Same attention space: heads x head_dim of queries and keys match the LLM's.
+    assert expert_layer.self_attn.q_proj.out_features == llm_layer.self_attn.q_proj.out_features
+    assert expert_layer.self_attn.k_proj.out_features == llm_layer.self_attn.k_proj.out_features
