@@ -7,15 +7,16 @@ resizes and normalizes them for its vision tower once, on the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lerobot.configs import FeatureType
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.lerobot_types import PolicyAction
 from lerobot.processor import (
     NewLineTaskProcessorStep,
     NormalizerProcessorStep,
+    ObservationProcessorStep,
     PolicyProcessorPipeline,
     ProcessorStepRegistry,
     TokenizerProcessorStep,
@@ -28,6 +29,53 @@ from .vlm import load_tokenizer
 
 # Geometry inputs are metric and must reach the model untouched, whatever their feature type.
 UNNORMALIZED_PREFIXES = (DEPTH_PREFIX, INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
+
+
+@ProcessorStepRegistry.register(name="llava3d_fusion_check_observation")
+@dataclass
+class Llava3DFusionObservationCheckStep(ObservationProcessorStep):
+    """Fails clearly when an observation's features do not have the shapes the policy was built for.
+
+    Runs before normalization, whose broadcasting error ("The size of tensor a (3) must match the size
+    of tensor b (8)") would otherwise be the first symptom of a checkpoint used with another robot or
+    env. Images and depth maps: only the channel count is checked (the model resizes images, and depth
+    is back-projected at its own resolution with its own intrinsics); other features: the exact shape.
+    Absent features are left to the policy, which names them (and may use config fallbacks).
+    """
+
+    features: dict[str, PolicyFeature] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.features = {
+            key: ft if isinstance(ft, PolicyFeature) else PolicyFeature(FeatureType(ft["type"]), tuple(ft["shape"]))
+            for key, ft in self.features.items()
+        }
+
+    def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
+        for key, feature in self.features.items():
+            value = observation.get(key)
+            if not isinstance(value, torch.Tensor):
+                continue
+            got, expected = tuple(value.shape[1:]), tuple(feature.shape)  # batch dim excluded
+            if feature.type is FeatureType.VISUAL or key.startswith(DEPTH_PREFIX):
+                matches = len(got) == len(expected) and got[:1] == expected[:1]
+            else:
+                matches = got == expected
+            if not matches:
+                raise ValueError(
+                    f"{key}: the policy was built for shape {expected}, but the observation has shape {got} "
+                    "(batch dimension excluded). This checkpoint does not fit this robot/environment: use a "
+                    "policy trained on matching features (or map observation keys with --rename_map)."
+                )
+        return observation
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"features": {key: {"type": ft.type.value, "shape": list(ft.shape)} for key, ft in self.features.items()}}
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_tokenizer")
@@ -73,6 +121,7 @@ def make_llava3d_fusion_pre_post_processors(
     input_steps = [
         steps.rename_observations,
         steps.add_batch_dim,
+        Llava3DFusionObservationCheckStep(features=dict(config.input_features)),
         NewLineTaskProcessorStep(),
         Llava3DFusionTokenizerStep(
             vlm_model_name=config.vlm_model_name,
