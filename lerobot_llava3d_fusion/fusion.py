@@ -26,7 +26,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 @dataclass
 class PrefixKVCache:
-    """Keys/values of the prefix for every layer, in buffers with room for the suffix.
+    """Keys/values of the prefix for every layer, in buffers with room for the suffix, plus what
+    every Euler step of the chunk shares (suffix rotary embedding and attention mask).
 
     keys[i], values[i]: (B, H_kv, L_prefix + L_suffix, D). The prefix part is written once; every
     Euler step overwrites the suffix part in place, so the prefix is never copied.
@@ -34,8 +35,9 @@ class PrefixKVCache:
 
     keys: list[Tensor]
     values: list[Tensor]
-    prefix_pad_mask: Tensor  # (B, L_prefix) bool, True = real token
     prefix_length: int
+    suffix_rotation: tuple[Tensor, Tensor]  # RoPE (cos, sin) of the suffix positions, (B, L_suffix, D)
+    suffix_mask: Tensor | None  # (B, 1, 1, L_prefix + L_suffix) bool; None when no prefix token is padding
 
 
 def build_expert_layers(
@@ -150,8 +152,15 @@ class LLaVA3DWithActionExpertModel(nn.Module):
         its keys/values, so its attention and MLP are not run.
         """
         batch, prefix_len = prefix_pad_mask.shape
-        prefix_pos, _ = _position_ids(prefix_pad_mask, 0)
-        mask = prefix_pad_mask[:, None, None, :]  # (B, 1, 1, Lp)
+        prefix_pos, suffix_pos = _position_ids(prefix_pad_mask, suffix_length)
+        # Without padding every query sees every key: no mask lets SDPA pick its fastest kernel.
+        # (One host sync per chunk, none per Euler step.)
+        padded = not bool(prefix_pad_mask.all())
+        mask = prefix_pad_mask[:, None, None, :] if padded else None  # (B, 1, 1, Lp)
+        suffix_mask = None
+        if padded:
+            key_valid = torch.cat([prefix_pad_mask, prefix_pad_mask.new_ones(batch, suffix_length)], dim=1)
+            suffix_mask = key_valid[:, None, None, :]
         rotation = [self.rotary_emb(prefix_embeds, prefix_pos)]
         keys, values = [], []
         hidden = [prefix_embeds]
@@ -166,26 +175,24 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             values.append(value_buffer)
             if index < last:
                 hidden = _attend_and_finish([layer], hidden, q, k, v, mask)
-        return PrefixKVCache(keys, values, prefix_pad_mask, prefix_len)
+        suffix_rotation = self.rotary_emb(prefix_embeds, suffix_pos)
+        return PrefixKVCache(keys, values, prefix_len, suffix_rotation, suffix_mask)
 
     def forward_suffix(self, suffix_embeds: Tensor, cache: PrefixKVCache) -> Tensor:
         """Suffix-only mode (each Euler step): the suffix attends to the cached prefix and itself."""
-        batch, suffix_len = suffix_embeds.shape[:2]
+        suffix_len = suffix_embeds.shape[1]
         start = cache.prefix_length
         if cache.keys[0].shape[2] != start + suffix_len:
             raise ValueError(
                 f"cache was built for a suffix of {cache.keys[0].shape[2] - start} tokens, got {suffix_len}."
             )
-        _, suffix_pos = _position_ids(cache.prefix_pad_mask, suffix_len)
-        key_valid = torch.cat([cache.prefix_pad_mask, cache.prefix_pad_mask.new_ones(batch, suffix_len)], dim=1)
-        mask = key_valid[:, None, None, :]
-        rotation = [self.rotary_emb(suffix_embeds, suffix_pos)]
+        rotation = [cache.suffix_rotation]
         hidden = [suffix_embeds]
         for layer, key_buffer, value_buffer in zip(self.expert_layers, cache.keys, cache.values, strict=True):
             q, k, v = _project_streams([layer], hidden, rotation)
             key_buffer[:, :, start:] = k
             value_buffer[:, :, start:] = v
-            hidden = _attend_and_finish([layer], hidden, q, key_buffer, value_buffer, mask)
+            hidden = _attend_and_finish([layer], hidden, q, key_buffer, value_buffer, cache.suffix_mask)
         return self.expert_norm(hidden[0])
 
 
@@ -216,7 +223,7 @@ def _project_streams(layers, streams, rotations) -> tuple[Tensor, Tensor, Tensor
     return torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
 
 
-def _attend_and_finish(layers, streams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> list[Tensor]:
+def _attend_and_finish(layers, streams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> list[Tensor]:
     """One SDPA call over all streams, then per-stream o_proj, residual, post-norm, MLP, residual."""
     scale = layers[0].self_attn.scaling
     attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

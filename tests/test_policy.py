@@ -14,9 +14,10 @@ def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> 
 
 @pytest.mark.parametrize("llm_type", ["qwen2", "llama", "mistral"])
 @pytest.mark.parametrize("expert_mode", ["shared", "separate"])
-def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode):
+@pytest.mark.parametrize("tasks", [("pick up the red block", "push"), ("push", "pull")], ids=["padded", "unpadded"])
+def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode, tasks):
     policy = tiny_policy(tiny_llm_type=llm_type, expert_mode=expert_mode)
-    batch = preprocess(policy, raw_batch())
+    batch = preprocess(policy, raw_batch(tasks=tasks))
     noise = fixed_noise(2, policy)
     policy.config.use_cache = True
     cached = policy.predict_action_chunk(batch, noise=noise)
