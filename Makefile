@@ -7,6 +7,7 @@ export MUJOCO_GL ?= egl
 .PHONY: setup test test-fast demo clean
 
 $(VENV)/.installed: pyproject.toml
+	@scripts/install_system_deps.sh
 	@set -e; py=$$(scripts/find_python.sh); \
 	  [ -x $(PY) ] || $$py -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip; \
