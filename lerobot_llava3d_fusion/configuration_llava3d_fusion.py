@@ -91,6 +91,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # Flow matching.
     num_steps: int = 10  # Euler steps at inference
     use_cache: bool = True  # reuse the prefix KV cache across Euler steps
+    # torch.compile the cached denoising step (the per-Euler-step work); "reduce-overhead" also
+    # replays it as a CUDA graph on GPUs. The first call of each shape pays the compilation.
+    compile_model: bool = False
+    compile_mode: str = "default"
     time_sampling: str = "beta"
     time_sampling_beta_alpha: float = 1.5
     time_sampling_beta_beta: float = 1.0

@@ -93,6 +93,11 @@ class Llava3DFusionModel(nn.Module):
             ).to(dtype)
             self.expert_patch_proj = nn.Linear(vlm_width, expert_width).to(dtype)
         self.patch_grid = backbone.patch_grid
+        self.denoise_step = (
+            torch.compile(self.fusion.forward_suffix, mode=config.compile_mode)
+            if config.compile_model
+            else self.fusion.forward_suffix
+        )
 
     # --------------------------------------------------------------------------------- prefix
 
@@ -175,7 +180,7 @@ class Llava3DFusionModel(nn.Module):
             )
 
             def transformer(suffix: Tensor) -> Tensor:
-                return _without_context(self.fusion.forward_suffix(_with_context(expert_context, suffix), cache),
+                return _without_context(self.denoise_step(_with_context(expert_context, suffix), cache),
                                         expert_context)
         else:
 

@@ -317,3 +317,12 @@ def test_expert_widths_follow_the_multipliers():
     # Same attention space: heads x head_dim of queries and keys match the LLM's.
     assert expert_layer.self_attn.q_proj.out_features == llm_layer.self_attn.q_proj.out_features
     assert expert_layer.self_attn.k_proj.out_features == llm_layer.self_attn.k_proj.out_features
+
+
+@pytest.mark.slow
+def test_compiled_denoising_step_samples_the_same_actions():
+    batch = preprocess(tiny_policy(), raw_batch())
+    noise = fixed_noise(2, tiny_policy())
+    eager = tiny_policy().predict_action_chunk(batch, noise=noise)
+    compiled = tiny_policy(compile_model=True).predict_action_chunk(batch, noise=noise)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
