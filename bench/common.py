@@ -157,12 +157,24 @@ def parse_args(description: str, script: str, add_arguments: Callable | None = N
     """The options every benchmark takes, plus the script's own (`add_arguments(parser)`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights dtype of both policies (each its own bf16 mode)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="model sizes; default: small on cpu, full on cuda")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                        help="torch intra-op threads, the same for every model (default: all cores)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights dtype of both policies (each its own bf16 mode)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model sizes; default: small on cpu, full on cuda",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch intra-op threads, the same for every model (default: all cores)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench" / f"{script}.json")
@@ -192,7 +204,8 @@ def seed_everything(seed: int) -> None:
 def run_info(args: argparse.Namespace) -> dict:
     """Where and how the numbers were taken."""
     device_name = (
-        torch.cuda.get_device_name() if args.device == "cuda"
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
         else f"{platform.machine()} cpu ({torch.backends.cpu.get_cpu_capability()})"
     )
     return {
@@ -206,8 +219,12 @@ def run_info(args: argparse.Namespace) -> dict:
         "cpu_load_1min_at_start": os.getloadavg()[0],
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "lerobot": lerobot.__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "lerobot": lerobot.__version__,
+            "python": platform.python_version(),
+        },
         "geometry": dataclasses.asdict(PRESETS[args.preset]),
     }
 
@@ -267,8 +284,9 @@ def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
     return directory
 
 
-def build_ours(geometry: Geometry, device: torch.device, dtype: str, seed: int,
-               freeze_vision_encoder: bool = False) -> Llava3DFusionPolicy:
+def build_ours(
+    geometry: Geometry, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
+) -> Llava3DFusionPolicy:
     """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes)."""
     inputs, outputs = _features(geometry)
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
@@ -335,8 +353,9 @@ def pi0_sized(geometry: Geometry) -> Iterator[None]:
         yield
 
 
-def build_pi0(geometry: Geometry, device: torch.device, dtype: str, seed: int,
-              freeze_vision_encoder: bool = False) -> PI0Policy:
+def build_pi0(
+    geometry: Geometry, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
+) -> PI0Policy:
     """LeRobot's pi0 (gemma_2b VLM + gemma_300m expert) with random weights at `geometry`."""
     inputs, outputs = _features(geometry)
     config = PI0Config(
@@ -381,28 +400,39 @@ def _decoder_size(layers: nn.ModuleList) -> dict:
 
 def _vision_size(tower: nn.Module) -> dict:
     config = tower.config
-    return {"width": config.hidden_size, "depth": len(tower.vision_model.encoder.layers),
-            "mlp_dim": config.intermediate_size, "num_heads": config.num_attention_heads,
-            "patch_size": config.patch_size, "image_size": config.image_size}
+    return {
+        "width": config.hidden_size,
+        "depth": len(tower.vision_model.encoder.layers),
+        "mlp_dim": config.intermediate_size,
+        "num_heads": config.num_attention_heads,
+        "patch_size": config.patch_size,
+        "image_size": config.image_size,
+    }
 
 
 def _parts(policy: nn.Module, name: str) -> dict[str, nn.Module]:
     """The comparable parts of each policy, read off the built modules (not the configs)."""
     if name == "ours":
         model = policy.model
-        return {"vision tower": model.image_encoder.vision_tower, "projector": model.image_encoder.projector,
-                "embeddings": model.embed_tokens, "llm": model.fusion.vlm_layers,
-                "expert": model.fusion.expert_layers, "unused lm heads": nn.ModuleList()}
+        return {
+            "vision tower": model.image_encoder.vision_tower,
+            "projector": model.image_encoder.projector,
+            "embeddings": model.embed_tokens,
+            "llm": model.fusion.vlm_layers,
+            "expert": model.fusion.expert_layers,
+            "unused lm heads": nn.ModuleList(),
+        }
     with_expert = policy.model.paligemma_with_expert
     pali = with_expert.paligemma.model
-    return {"vision tower": pali.vision_tower, "projector": pali.multi_modal_projector,
-            "embeddings": pali.language_model.embed_tokens,
-            "llm": pali.language_model.layers,
-            "expert": with_expert.gemma_expert.model.layers,
-            # pi0 never decodes text, but builds both LM heads (untied from the embeddings).
-            "unused lm heads": nn.ModuleList([with_expert.paligemma.lm_head,
-                                              with_expert.gemma_expert.lm_head]),
-            }
+    return {
+        "vision tower": pali.vision_tower,
+        "projector": pali.multi_modal_projector,
+        "embeddings": pali.language_model.embed_tokens,
+        "llm": pali.language_model.layers,
+        "expert": with_expert.gemma_expert.model.layers,
+        # pi0 never decodes text, but builds both LM heads (untied from the embeddings).
+        "unused lm heads": nn.ModuleList([with_expert.paligemma.lm_head, with_expert.gemma_expert.lm_head]),
+    }
 
 
 def describe(policy: nn.Module, name: str) -> dict:
@@ -417,8 +447,9 @@ def describe(policy: nn.Module, name: str) -> dict:
         "llm": _decoder_size(parts["llm"]),
         "expert": _decoder_size(parts["expert"]),
         "vocab_size": parts["embeddings"].num_embeddings,
-        "projector": " -> ".join(type(m).__name__ for m in parts["projector"].modules()
-                                 if not list(m.children())),
+        "projector": " -> ".join(
+            type(m).__name__ for m in parts["projector"].modules() if not list(m.children())
+        ),
         "params_m": {part: round(count, 2) for part, count in params.items()},
     }
 
@@ -502,8 +533,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, reps: int,
-                     device: torch.device) -> dict[str, list[float]]:
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], warmup: int, reps: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per call of each function, taken round-robin so drift hits all of them alike."""
     for _ in range(warmup):
         for call in calls.values():
@@ -522,9 +554,15 @@ def time_interleaved(calls: dict[str, Callable[[], object]], warmup: int, reps: 
 def summarize(samples: list[float]) -> dict:
     """Median and spread (p10 / p90, min / max) of repeated timings, seconds."""
     values = np.asarray(samples)
-    return {"median": float(np.median(values)), "p10": float(np.percentile(values, 10)),
-            "p90": float(np.percentile(values, 90)), "min": float(values.min()), "max": float(values.max()),
-            "n": len(samples), "samples": [float(v) for v in values]}
+    return {
+        "median": float(np.median(values)),
+        "p10": float(np.percentile(values, 10)),
+        "p90": float(np.percentile(values, 90)),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "n": len(samples),
+        "samples": [float(v) for v in values],
+    }
 
 
 def check_target(key: str, value: float) -> dict:
@@ -547,8 +585,10 @@ def print_table(title: str, headers: list[str], rows: list[list]) -> None:
 
 
 def print_targets(targets: dict[str, dict]) -> None:
-    rows = [[t["target"], f"{t['value']:.3f}", t["required"], "MET" if t["met"] else "not met"]
-            for t in targets.values()]
+    rows = [
+        [t["target"], f"{t['value']:.3f}", t["required"], "MET" if t["met"] else "not met"]
+        for t in targets.values()
+    ]
     print_table("targets", ["ratio", "measured", "target", ""], rows)
 
 
@@ -559,9 +599,11 @@ def _format(value) -> str:
 
 
 def print_header(script: str, info: dict) -> None:
-    print(f"{script} | {info['device_name']} | {info['dtype']} | preset {info['preset']} "
-          f"| threads {info['threads']} | batch {info['batch_size']} "
-          f"| cpu load {info['cpu_load_1min_at_start']:.1f} (1 min avg)")
+    print(
+        f"{script} | {info['device_name']} | {info['dtype']} | preset {info['preset']} "
+        f"| threads {info['threads']} | batch {info['batch_size']} "
+        f"| cpu load {info['cpu_load_1min_at_start']:.1f} (1 min avg)"
+    )
     for change in info["preset_changes"]:
         print(f"  preset: {change}")
 

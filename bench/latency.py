@@ -86,12 +86,18 @@ def main() -> None:
         f"predict_action_chunk seconds (batch {args.batch_size}, {geometry.cameras} cameras, "
         f"{geometry.prompt_length} prompt tokens, chunk {geometry.chunk_size}, "
         f"{geometry.num_steps} Euler steps)",
-        ["variant", "median", "p10", "p90", "n"], rows,
+        ["variant", "median", "p10", "p90", "n"],
+        rows,
     )
     print_targets(targets)
 
-    payload = {"script": "latency", "info": info, "models": descriptions, "results": results,
-               "targets": targets}
+    payload = {
+        "script": "latency",
+        "info": info,
+        "models": descriptions,
+        "results": results,
+        "targets": targets,
+    }
     if args.profile:
         with torch.inference_mode():
             payload["profile"] = profile(calls["ours use_cache=true"], device, args.profile_rows)

@@ -55,8 +55,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--matmul-size", type=int, default=None,
-                        help="side of the reference's square matmuls (default: 2048 on cpu, 8192 on cuda)")
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        default=None,
+        help="side of the reference's square matmuls (default: 2048 on cpu, 8192 on cuda)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -91,8 +95,9 @@ def layer(n: int, n_keys: int, dims: dict) -> int:
     return qkvo(n, dims) + attention(n, n_keys, dims) + mlp(n, dims)
 
 
-def sampling_flops(geometry: Geometry, model: dict, suffix_length: int, num_steps: int,
-                   batch_size: int) -> dict:
+def sampling_flops(
+    geometry: Geometry, model: dict, suffix_length: int, num_steps: int, batch_size: int
+) -> dict:
     """Per-part FLOPs (see the module docstring) of one predict_action_chunk call, cached and not."""
     vision, llm, expert = model["vision"], model["llm"], model["expert"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
@@ -113,7 +118,9 @@ def sampling_flops(geometry: Geometry, model: dict, suffix_length: int, num_step
     parts["expert step (cache)"] = depth * layer(suffix_length, total_len, expert) + heads
     parts["joint step (no cache)"] = (
         (depth - 1) * (layer(prefix_len, total_len, llm) + layer(suffix_length, total_len, expert))
-        + q_only(prefix_len, llm) + kv_only(prefix_len, llm) + layer(suffix_length, total_len, expert)
+        + q_only(prefix_len, llm)
+        + kv_only(prefix_len, llm)
+        + layer(suffix_length, total_len, expert)
         + heads
     )
     parts = {name: batch_size * flops for name, flops in parts.items()}
@@ -184,8 +191,11 @@ def main() -> None:
     parts = flops["parts"]
     measured = [
         (f"cache: whole call ({steps} steps)", flops["cached"], seconds[f"cache {steps} steps"]),
-        ("cache: vision + projector + LLM prefix", flops["fixed_cache"],
-         seconds["cache 1 step"] - step_cache),
+        (
+            "cache: vision + projector + LLM prefix",
+            flops["fixed_cache"],
+            seconds["cache 1 step"] - step_cache,
+        ),
         ("cache: one Euler step (expert)", parts["expert step (cache)"], step_cache),
         (f"no cache: whole call ({steps} steps)", flops["nocache"], seconds[f"no cache {steps} steps"]),
         ("no cache: vision + projector", flops["fixed_nocache"], seconds["no cache 1 step"] - step_nocache),
@@ -193,22 +203,33 @@ def main() -> None:
     ]
     rows = [[f"matmul {matmul_size}^3 reference", matmul_flops / 1e9, seconds["matmul"], peak / 1e9, 1.0]]
     rows += [[name, f / 1e9, s, f / s / 1e9, f / s / peak] for name, f, s in measured]
-    print_table(f"FLOP rate (batch {args.batch_size}, {flops['prefix_tokens']} prefix + "
-                f"{flops['suffix_tokens']} suffix tokens, {args.dtype})",
-                ["", "GFLOP", "seconds", "GFLOP/s", "of matmul"], rows)
+    print_table(
+        f"FLOP rate (batch {args.batch_size}, {flops['prefix_tokens']} prefix + "
+        f"{flops['suffix_tokens']} suffix tokens, {args.dtype})",
+        ["", "GFLOP", "seconds", "GFLOP/s", "of matmul"],
+        rows,
+    )
     print_table("analytic GFLOP per part", ["part", "GFLOP"], [[name, f / 1e9] for name, f in parts.items()])
 
     fraction = flops["cached"] / seconds[f"cache {steps} steps"] / peak
     targets = {"sampling_fraction_of_matmul_peak": check_target("sampling_fraction_of_matmul_peak", fraction)}
     print_targets(targets)
-    write_json(args.out, {
-        "script": "roofline", "info": info, "model": model, "flops": flops,
-        "matmul": {"size": matmul_size, "flops": matmul_flops, "flops_per_s": peak},
-        "results": results,
-        "rates": {name: {"flops": f, "seconds": s, "flops_per_s": f / s, "fraction_of_matmul": f / s / peak}
-                  for name, f, s in measured},
-        "targets": targets,
-    })
+    write_json(
+        args.out,
+        {
+            "script": "roofline",
+            "info": info,
+            "model": model,
+            "flops": flops,
+            "matmul": {"size": matmul_size, "flops": matmul_flops, "flops_per_s": peak},
+            "results": results,
+            "rates": {
+                name: {"flops": f, "seconds": s, "flops_per_s": f / s, "fraction_of_matmul": f / s / peak}
+                for name, f, s in measured
+            },
+            "targets": targets,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,16 @@ def add_arguments(parser) -> None:
     parser.set_defaults(batch_size=2)
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (allocate AdamW state)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps")
-    parser.add_argument("--freeze-vision-encoder", action="store_true",
-                        help="freeze both vision towers (default: train everything, as pi0 does)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="one policy's process after the other instead of both stepping in turns")
+    parser.add_argument(
+        "--freeze-vision-encoder",
+        action="store_true",
+        help="freeze both vision towers (default: train everything, as pi0 does)",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one policy's process after the other instead of both stepping in turns",
+    )
 
 
 # ------------------------------------------------------------------------------------- memory
@@ -72,8 +78,10 @@ def reset_peak_memory(device: torch.device) -> None:
 def memory_gib(device: torch.device) -> dict:
     """Current and peak (since the last reset) memory of this process, GiB."""
     if device.type == "cuda":
-        return {"current": torch.cuda.memory_allocated() / 2**30,
-                "peak": torch.cuda.max_memory_allocated() / 2**30}
+        return {
+            "current": torch.cuda.memory_allocated() / 2**30,
+            "peak": torch.cuda.max_memory_allocated() / 2**30,
+        }
     return {"current": _status_kib("VmRSS") / 2**20, "peak": _status_kib("VmHWM") / 2**20}
 
 
@@ -108,12 +116,18 @@ def train_worker(name: str, args, conn: Connection) -> None:
         conn.send((time.perf_counter() - start, loss.item()))
 
     peak = memory_gib(device)["peak"]
-    conn.send({
-        "memory_gib": {"runtime_before_build": runtime_memory, "after_build": after_build,
-                       "peak_training": peak, "peak_training_net": peak - runtime_memory},
-        "optimizer": type(optimizer).__name__,
-        "model": describe(policy, name),
-    })
+    conn.send(
+        {
+            "memory_gib": {
+                "runtime_before_build": runtime_memory,
+                "after_build": after_build,
+                "peak_training": peak,
+                "peak_training_net": peak - runtime_memory,
+            },
+            "optimizer": type(optimizer).__name__,
+            "model": describe(policy, name),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------- parent
@@ -157,8 +171,9 @@ def _train_group(names: list[str], args) -> dict[str, dict]:
         results[name] = _receive(name, worker)
         worker[0].join()
         seconds = summarize(step_times[name])
-        results[name].update(step_seconds=seconds, samples_per_s=args.batch_size / seconds["median"],
-                             losses=losses[name])
+        results[name].update(
+            step_seconds=seconds, samples_per_s=args.batch_size / seconds["median"], losses=losses[name]
+        )
     return results
 
 
@@ -174,24 +189,53 @@ def _receive(name: str, worker):
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "throughput", add_arguments)
     setup(args)
-    info = {**run_info(args), "freeze_vision_encoder": args.freeze_vision_encoder,
-            "sequential": args.sequential}
+    info = {
+        **run_info(args),
+        "freeze_vision_encoder": args.freeze_vision_encoder,
+        "sequential": args.sequential,
+    }
     print_header("throughput", info)
-    print(f"vision encoder {'frozen' if args.freeze_vision_encoder else 'trained'} in both; "
-          f"{'one policy after the other' if args.sequential else 'policies step in turns'}")
+    print(
+        f"vision encoder {'frozen' if args.freeze_vision_encoder else 'trained'} in both; "
+        f"{'one policy after the other' if args.sequential else 'policies step in turns'}"
+    )
 
     results = train_in_turns(args)
     memory_kind = "GPU max_memory_allocated" if args.device == "cuda" else "RSS high-water"
     rows = []
     for name, r in results.items():
         step, memory = r["step_seconds"], r["memory_gib"]
-        rows.append([name, r["samples_per_s"], step["median"], step["p10"], step["p90"],
-                     memory["runtime_before_build"], memory["after_build"], memory["peak_training"],
-                     memory["peak_training_net"], r["model"]["params_m"]["trainable"]])
-    print_table(f"training step (forward + backward + clip + AdamW), {args.steps} timed steps; "
-                f"memory GiB: {memory_kind}; net = peak - runtime",
-                ["model", "samples/s", "step s median", "p10", "p90", "runtime", "after build", "peak",
-                 "net peak", "trainable M"], rows)
+        rows.append(
+            [
+                name,
+                r["samples_per_s"],
+                step["median"],
+                step["p10"],
+                step["p90"],
+                memory["runtime_before_build"],
+                memory["after_build"],
+                memory["peak_training"],
+                memory["peak_training_net"],
+                r["model"]["params_m"]["trainable"],
+            ]
+        )
+    print_table(
+        f"training step (forward + backward + clip + AdamW), {args.steps} timed steps; "
+        f"memory GiB: {memory_kind}; net = peak - runtime",
+        [
+            "model",
+            "samples/s",
+            "step s median",
+            "p10",
+            "p90",
+            "runtime",
+            "after build",
+            "peak",
+            "net peak",
+            "trainable M",
+        ],
+        rows,
+    )
     ours, pi0 = results["ours"], results["pi0"]
     speed = ours["samples_per_s"] / pi0["samples_per_s"]
     memory = ours["memory_gib"]["peak_training_net"] / pi0["memory_gib"]["peak_training_net"]

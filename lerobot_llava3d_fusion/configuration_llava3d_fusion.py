@@ -136,7 +136,9 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("geometry", self.geometry, GEOMETRY_SOURCES)
         _check_choice("geometry_target", self.geometry_target, GEOMETRY_TARGETS)
         if self.geometry == "estimator" and not self.depth_estimator_name:
-            raise ValueError("geometry='estimator' needs depth_estimator_name (a depth-estimation checkpoint).")
+            raise ValueError(
+                "geometry='estimator' needs depth_estimator_name (a depth-estimation checkpoint)."
+            )
         _check_choice("dtype", self.dtype, DTYPES)
         if not 0.0 < self.expert_width_multiplier <= 1.0:
             raise ValueError(
@@ -197,7 +199,6 @@ class Llava3DFusionConfig(PreTrainedConfig):
         features = self.input_features or {}
         return [key for key in self.camera_keys if depth_key(key) in features]
 
-
     def get_optimizer_preset(self) -> AdamWConfig:
         return AdamWConfig(
             lr=self.optimizer_lr,
@@ -231,6 +232,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
 
 def camera_name(camera_key: str) -> str:
     return camera_key.removeprefix(IMAGE_PREFIX)

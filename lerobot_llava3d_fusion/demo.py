@@ -39,16 +39,34 @@ def write_demo_backbone(directory: Path) -> Path:
     localise a 5 cm block) and a 4-layer Qwen2 LLM of width 128."""
     if (directory / "config.json").exists():
         return directory
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipImageProcessor
-    from transformers import SiglipVisionConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
 
     tokenizer = build_tiny_tokenizer()
     config = LlavaConfig(
-        vision_config=SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=2, image_size=64, patch_size=8),
-        text_config=Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                pad_token_id=tokenizer.pad_token_id),
+        vision_config=SiglipVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=8,
+        ),
+        text_config=Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
         image_token_id=tokenizer.pad_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
@@ -122,7 +140,9 @@ def reference_success(policy: str, episodes: int) -> float:
         observation, _ = env.reset(seed=seed)
         for _ in range(touch_block.DEFAULT_EPISODE_LENGTH):
             if policy == "expert":
-                action = touch_block.expert_action(observation["agent_pos"], env.target_position, env.max_step)
+                action = touch_block.expert_action(
+                    observation["agent_pos"], env.target_position, env.max_step
+                )
             else:
                 action = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
             observation, _, terminated, _, info = env.step(action)
@@ -133,7 +153,9 @@ def reference_success(policy: str, episodes: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--episodes", type=int, default=200, help="expert episodes in the training set")
     parser.add_argument("--steps", type=int, default=3000, help="training steps per policy")
@@ -146,19 +168,28 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset_root = args.workdir / "dataset"
     if not dataset_root.exists():
-        make_touch_block_dataset(root=dataset_root, repo_id="local/touch_block", num_episodes=args.episodes, seed=0)
+        make_touch_block_dataset(
+            root=dataset_root, repo_id="local/touch_block", num_episodes=args.episodes, seed=0
+        )
 
     backbone = write_demo_backbone(args.workdir / "backbone")
-    results = {"expert": reference_success("expert", args.eval_episodes),
-               "random": reference_success("random", args.eval_episodes)}
+    results = {
+        "expert": reference_success("expert", args.eval_episodes),
+        "random": reference_success("random", args.eval_episodes),
+    }
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(args.workdir, dataset_root, backbone, geometry, args.steps)
         results[f"llava3d_fusion (geometry={geometry})"] = evaluate(
             args.workdir, checkpoint, geometry, args.eval_episodes
         )
 
-    summary = {"success_rate_pc": results, "eval_episodes": args.eval_episodes, "train_steps": args.steps,
-               "train_episodes": args.episodes, "minutes": round((time.monotonic() - started) / 60, 1)}
+    summary = {
+        "success_rate_pc": results,
+        "eval_episodes": args.eval_episodes,
+        "train_steps": args.steps,
+        "train_episodes": args.episodes,
+        "minutes": round((time.monotonic() - started) / 60, 1),
+    }
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=2))
     print(f"\ntouch_block success over {args.eval_episodes} episodes (seeds {EVAL_START_SEED}+):")
     for name, rate in results.items():

@@ -42,6 +42,9 @@ class MonocularDepthEstimator(nn.Module):
         depth = depth.float().unsqueeze(1)  # (B, 1, h, w)
         scale_x, scale_y = depth.shape[-1] / width, depth.shape[-2] / height
         # Pixel centres at integer coordinates: u' = (u + 0.5) * s - 0.5.
-        scale = torch.tensor([[scale_x, 0.0, 0.5 * scale_x - 0.5], [0.0, scale_y, 0.5 * scale_y - 0.5], [0, 0, 1]],
-                             device=intrinsics.device, dtype=intrinsics.dtype)
+        scale = torch.tensor(
+            [[scale_x, 0.0, 0.5 * scale_x - 0.5], [0.0, scale_y, 0.5 * scale_y - 0.5], [0, 0, 1]],
+            device=intrinsics.device,
+            dtype=intrinsics.dtype,
+        )
         return depth, scale @ intrinsics

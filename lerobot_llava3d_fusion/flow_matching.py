@@ -86,7 +86,9 @@ class FlowMatchingActionExpert(nn.Module):
         target = noise - actions
         return F.mse_loss(self.velocity(transformer, state, x_t, time), target, reduction="none")
 
-    def sample_actions(self, transformer: SuffixTransformer, state: Tensor, noise: Tensor, num_steps: int) -> Tensor:
+    def sample_actions(
+        self, transformer: SuffixTransformer, state: Tensor, noise: Tensor, num_steps: int
+    ) -> Tensor:
         """Euler integration from x_1 = noise (B, H, A_max) at t = 1 to actions at t = 0.
 
         The time grid is built on the device once: unlike a Python float turned into a tensor at
@@ -101,8 +103,9 @@ class FlowMatchingActionExpert(nn.Module):
         return x_t
 
 
-def sample_time(batch_size: int, device: torch.device, method: str, alpha: float, beta: float,
-                scale: float, offset: float) -> Tensor:
+def sample_time(
+    batch_size: int, device: torch.device, method: str, alpha: float, beta: float, scale: float, offset: float
+) -> Tensor:
     """Training times (B,): Beta(alpha, beta) * scale + offset, or uniform on [offset, offset + scale]."""
     if method == "beta":
         return sample_time_beta(batch_size, device, alpha=alpha, beta=beta, scale=scale, offset=offset)

@@ -68,7 +68,9 @@ def build_expert_layers(
 def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
     """Both streams must project into the same attention space, layer by layer."""
     if len(vlm_layers) != len(expert_layers):
-        raise ValueError(f"expert has {len(expert_layers)} layers, the VLM {len(vlm_layers)}: they must match.")
+        raise ValueError(
+            f"expert has {len(expert_layers)} layers, the VLM {len(vlm_layers)}: they must match."
+        )
     vlm_attn, expert_attn = vlm_layers[0].self_attn, expert_layers[0].self_attn
     vlm_geometry = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
     expert_geometry = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
@@ -83,7 +85,10 @@ class LLaVA3DWithActionExpertModel(nn.Module):
     """The deep-fusion transformer with three forward modes: joint, prefix-only and suffix-only."""
 
     def __init__(
-        self, llm: nn.Module, expert_mode: str, expert_width_multiplier: float,
+        self,
+        llm: nn.Module,
+        expert_mode: str,
+        expert_width_multiplier: float,
         expert_mlp_multiplier: float | None = None,
     ):
         super().__init__()
@@ -116,7 +121,11 @@ class LLaVA3DWithActionExpertModel(nn.Module):
     # ----------------------------------------------------------------------------------- modes
 
     def forward(
-        self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_embeds: Tensor, output_prefix: bool = False
+        self,
+        prefix_embeds: Tensor,
+        prefix_pad_mask: Tensor,
+        suffix_embeds: Tensor,
+        output_prefix: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Joint mode (training): (B, Lp, D_vlm), (B, Lp), (B, Ls, D_exp) -> suffix output (B, Ls, D_exp).
 
@@ -135,7 +144,9 @@ class LLaVA3DWithActionExpertModel(nn.Module):
         streams = [prefix_embeds, suffix_embeds]
         rotations = [self.rotary_emb(prefix_embeds, prefix_pos), self.rotary_emb(suffix_embeds, suffix_pos)]
         last = len(self.vlm_layers) - 1
-        for index, (vlm_layer, expert_layer) in enumerate(zip(self.vlm_layers, self.expert_layers, strict=True)):
+        for index, (vlm_layer, expert_layer) in enumerate(
+            zip(self.vlm_layers, self.expert_layers, strict=True)
+        ):
             q, k, v = _project_streams([vlm_layer, expert_layer], streams, rotations)
             if index == last and not output_prefix:
                 suffix_out = _attend_and_finish(
@@ -145,7 +156,9 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             streams = _attend_and_finish([vlm_layer, expert_layer], streams, q, k, v, mask)
         return self.vlm_norm(streams[0]), self.expert_norm(streams[1])
 
-    def forward_prefix(self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_length: int) -> PrefixKVCache:
+    def forward_prefix(
+        self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_length: int
+    ) -> PrefixKVCache:
         """Prefix-only mode: the prefix keys/values of every layer, for `forward_suffix`.
 
         Uses the training prefix mask (bidirectional over valid tokens). The last layer only needs

@@ -34,6 +34,7 @@ class CameraGeometry:
     depth: Tensor | None = None  # (B, 1, H, W) metres; None = estimate it from the image
     extrinsics: Tensor | None = None  # (B, 4, 4) camera-to-world
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -60,11 +61,15 @@ class Llava3DFusionModel(nn.Module):
             pooling=backbone.image_pooling,
         ).to(dtype)
         self.image_size = backbone.image_size
-        self.register_buffer("image_mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "image_mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("image_std", torch.tensor(backbone.image_std).view(1, 3, 1, 1), persistent=False)
         self.embed_tokens = backbone.language_model.embed_tokens
         self.fusion = LLaVA3DWithActionExpertModel(
-            backbone.language_model, config.expert_mode, config.expert_width_multiplier,
+            backbone.language_model,
+            config.expert_mode,
+            config.expert_width_multiplier,
             config.expert_mlp_multiplier,
         )
         self.action_expert = FlowMatchingActionExpert(
@@ -105,8 +110,12 @@ class Llava3DFusionModel(nn.Module):
         """Cameras' (B, 3, H, W) images in [0, 1] -> per camera patch tokens (B, P, D)."""
         size = (self.image_size, self.image_size)
         pixels = torch.cat(
-            [F.interpolate(img, size=size, mode="bilinear", align_corners=False) if img.shape[-2:] != size else img
-             for img in images]
+            [
+                F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+                if img.shape[-2:] != size
+                else img
+                for img in images
+            ]
         )  # (n_cameras * B, 3, S, S), camera-major: one vision-tower call for all cameras
         pixels = ((pixels - self.image_mean) / self.image_std).to(self.embed_tokens.weight.dtype)
         return list(self.image_encoder(pixels).chunk(len(images)))
@@ -120,7 +129,11 @@ class Llava3DFusionModel(nn.Module):
         return self.patch_geometry(depth, intrinsics, geometry.extrinsics)
 
     def embed_prefix(
-        self, images: list[Tensor], geometry: list[CameraGeometry | None], lang_tokens: Tensor, lang_mask: Tensor
+        self,
+        images: list[Tensor],
+        geometry: list[CameraGeometry | None],
+        lang_tokens: Tensor,
+        lang_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> prefix tokens (B, Lp, D) = [image patches][task tokens], pad mask (B, Lp) bool, and the
         3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert"."""
@@ -149,21 +162,29 @@ class Llava3DFusionModel(nn.Module):
 
     # ------------------------------------------------------------------------------- training
 
-    def forward(self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None) -> Tensor:
+    def forward(
+        self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None
+    ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
         cfg = self.config
         if noise is None:
             noise = torch.randn_like(actions)
         if time is None:
             time = sample_time(
-                actions.shape[0], actions.device, cfg.time_sampling, cfg.time_sampling_beta_alpha,
-                cfg.time_sampling_beta_beta, cfg.time_sampling_scale, cfg.time_sampling_offset,
+                actions.shape[0],
+                actions.device,
+                cfg.time_sampling,
+                cfg.time_sampling_beta_alpha,
+                cfg.time_sampling_beta_beta,
+                cfg.time_sampling_scale,
+                cfg.time_sampling_offset,
             )
         prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
 
         def transformer(suffix: Tensor) -> Tensor:
-            return _without_context(self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)),
-                                    expert_context)
+            return _without_context(
+                self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
+            )
 
         return self.action_expert.compute_loss(transformer, state, actions, noise, time)
 
@@ -180,13 +201,15 @@ class Llava3DFusionModel(nn.Module):
             )
 
             def transformer(suffix: Tensor) -> Tensor:
-                return _without_context(self.denoise_step(_with_context(expert_context, suffix), cache),
-                                        expert_context)
+                return _without_context(
+                    self.denoise_step(_with_context(expert_context, suffix), cache), expert_context
+                )
         else:
 
             def transformer(suffix: Tensor) -> Tensor:
-                return _without_context(self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)),
-                                        expert_context)
+                return _without_context(
+                    self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
+                )
 
         return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps)
 

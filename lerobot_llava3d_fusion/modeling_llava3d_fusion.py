@@ -62,8 +62,12 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         if self.config.train_expert_only:
             # Everything of the VLM stream is frozen; the separate expert stack and the
             # flow-matching projections train.
-            for module in (self.model.image_encoder, self.model.embed_tokens,
-                           self.model.fusion.vlm_layers, self.model.fusion.vlm_norm):
+            for module in (
+                self.model.image_encoder,
+                self.model.embed_tokens,
+                self.model.fusion.vlm_layers,
+                self.model.fusion.vlm_norm,
+            ):
                 module.requires_grad_(False)
 
     def get_optim_params(self) -> list[torch.nn.Parameter]:
@@ -95,7 +99,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 )
         lang_tokens, lang_mask = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool()
         if not lang_mask.any(dim=1).all():
-            raise ValueError("a sample has an empty task: llava3d_fusion needs a task instruction per sample.")
+            raise ValueError(
+                "a sample has an empty task: llava3d_fusion needs a task instruction per sample."
+            )
 
         batch_size = images[0].shape[0]
         geometry_cameras = set(cfg.geometry_camera_keys)
@@ -123,13 +129,17 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 raise ValueError(f"{key}: expected depth of shape (B, 1, H, W), got {tuple(depth.shape)}")
             if torch.isnan(depth).any():
                 raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
-        intrinsics = self._camera_matrix(batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device)
+        intrinsics = self._camera_matrix(
+            batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
+        )
         if intrinsics is None:
             raise KeyError(
                 f"no intrinsics for camera {name!r}: put {intrinsics_key(camera_key)!r} in the observation or "
                 f"set camera_intrinsics[{name!r}] in the policy config."
             )
-        extrinsics = self._camera_matrix(batch, extrinsics_key(camera_key), cfg.camera_extrinsics.get(name), 4, device)
+        extrinsics = self._camera_matrix(
+            batch, extrinsics_key(camera_key), cfg.camera_extrinsics.get(name), 4, device
+        )
         return CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=extrinsics)
 
     @staticmethod
@@ -139,7 +149,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             return None
         matrix = matrix.float()
         if matrix.shape[-2:] != (size, size):
-            raise ValueError(f"{key}: expected a {size}x{size} matrix per sample, got shape {tuple(matrix.shape)}")
+            raise ValueError(
+                f"{key}: expected a {size}x{size} matrix per sample, got shape {tuple(matrix.shape)}"
+            )
         _check_finite(key, matrix)
         return matrix
 
@@ -168,7 +180,10 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     # ------------------------------------------------------------------------------- training
 
     def forward(
-        self, batch: dict[str, Tensor], noise: Tensor | None = None, time: Tensor | None = None,
+        self,
+        batch: dict[str, Tensor],
+        noise: Tensor | None = None,
+        time: Tensor | None = None,
         reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
@@ -176,13 +191,17 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         actions = batch[ACTION]
         expected = (self.config.chunk_size, self.action_dim)
         if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:
-            raise ValueError(f"{ACTION}: expected shape (B, {expected[0]}, {expected[1]}), got {tuple(actions.shape)}")
+            raise ValueError(
+                f"{ACTION}: expected shape (B, {expected[0]}, {expected[1]}), got {tuple(actions.shape)}"
+            )
         _check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
 
         losses = self.model(*inputs, padded_actions, noise=noise, time=time)
         losses = losses[:, :, : self.action_dim]  # drop padded action dims
-        step_valid = ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
+        step_valid = (
+            ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
+        )
         weights = step_valid[..., None].expand_as(losses).float()
         per_sample = (losses * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
         if reduction == "none":

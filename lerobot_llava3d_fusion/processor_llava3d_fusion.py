@@ -24,7 +24,12 @@ from lerobot.processor import (
     make_policy_processor_pipelines,
 )
 
-from .configuration_llava3d_fusion import DEPTH_PREFIX, EXTRINSICS_PREFIX, INTRINSICS_PREFIX, Llava3DFusionConfig
+from .configuration_llava3d_fusion import (
+    DEPTH_PREFIX,
+    EXTRINSICS_PREFIX,
+    INTRINSICS_PREFIX,
+    Llava3DFusionConfig,
+)
 from .vlm import load_tokenizer
 
 # Geometry inputs are metric and must reach the model untouched, whatever their feature type.
@@ -47,7 +52,9 @@ class Llava3DFusionObservationCheckStep(ObservationProcessorStep):
 
     def __post_init__(self):
         self.features = {
-            key: ft if isinstance(ft, PolicyFeature) else PolicyFeature(FeatureType(ft["type"]), tuple(ft["shape"]))
+            key: ft
+            if isinstance(ft, PolicyFeature)
+            else PolicyFeature(FeatureType(ft["type"]), tuple(ft["shape"]))
             for key, ft in self.features.items()
         }
 
@@ -75,7 +82,11 @@ class Llava3DFusionObservationCheckStep(ObservationProcessorStep):
         return features
 
     def get_config(self) -> dict[str, Any]:
-        return {"features": {key: {"type": ft.type.value, "shape": list(ft.shape)} for key, ft in self.features.items()}}
+        return {
+            "features": {
+                key: {"type": ft.type.value, "shape": list(ft.shape)} for key, ft in self.features.items()
+            }
+        }
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_tokenizer")
@@ -98,7 +109,9 @@ class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
     def get_task(self, transition):
         tasks = super().get_task(transition)
         if tasks is not None and any(not task.strip() for task in tasks):
-            raise ValueError(f"empty task string in {tasks!r}: llava3d_fusion needs an instruction per sample.")
+            raise ValueError(
+                f"empty task string in {tasks!r}: llava3d_fusion needs an instruction per sample."
+            )
         return tasks
 
     def get_config(self) -> dict[str, Any]:

@@ -65,11 +65,25 @@ LLAVA3D_ARCHITECTURES = ("LlavaLlamaForCausalLM",)
 LLAVA3D_MODEL_TYPES = ("llava_llama",)
 # Fields of their config.json that define the Llama decoder; the first five are required.
 LLAVA3D_REQUIRED_LLM_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
 )
 LLAVA3D_OPTIONAL_LLM_FIELDS = (
-    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
-    "max_position_embeddings", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
 )
 LLAVA3D_PROJECTOR_TYPE = "mlp2x_gelu"
 # Their checkpoint keys. LLM: "model.<LlamaModel key>"; projector: nn.Sequential(Linear, GELU, Linear)
@@ -83,7 +97,11 @@ LLAVA3D_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 # (3D-specific modules this policy replaces with its own geometry encoding), the anyres newline token
 # (patches are used flat) and RoPE buffers older transformers saved (recomputed from rope_theta).
 LLAVA3D_SKIPPED_PREFIXES = (
-    "lm_head.", "model.vision_tower.", "model.video_tower.", "model.prompt_encoder.", "model.image_newline",
+    "lm_head.",
+    "model.vision_tower.",
+    "model.video_tower.",
+    "model.prompt_encoder.",
+    "model.image_newline",
 )
 LLAVA3D_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -248,7 +266,7 @@ def read_checkpoint_config(name: str) -> dict:
 
 
 def checkpoint_format(name: str, config: dict) -> str:
-    """"transformers" (LLaVA / LLaVA-OneVision saved by transformers) or "llava3d" (original layout).
+    """ "transformers" (LLaVA / LLaVA-OneVision saved by transformers) or "llava3d" (original layout).
 
     `config` is the checkpoint's config.json (`read_checkpoint_config`).
     """
@@ -282,7 +300,9 @@ def load_transformers_llava_backbone(name: str, *, load_weights: bool, dtype: to
     config = AutoConfig.from_pretrained(name)
     llm_type = config.text_config.model_type
     if llm_type not in SUPPORTED_LLM_TYPES:
-        raise ValueError(f"{name}: LLM type {llm_type!r} is not supported; expected one of {SUPPORTED_LLM_TYPES}.")
+        raise ValueError(
+            f"{name}: LLM type {llm_type!r} is not supported; expected one of {SUPPORTED_LLM_TYPES}."
+        )
     model_cls = LLAVA_MODEL_CLASSES[config.model_type]
     if load_weights:
         model = model_cls.from_pretrained(name, dtype=dtype)
@@ -375,7 +395,9 @@ def llama_config_from_llava3d(name: str, config: dict) -> LlamaConfig:
     """The stock LlamaConfig of the decoder described by an original LLaVA-3D config.json."""
     missing = [field for field in LLAVA3D_REQUIRED_LLM_FIELDS if field not in config]
     if missing:
-        raise ValueError(f"{name}: config.json lacks {missing}; expected the Llama fields {LLAVA3D_REQUIRED_LLM_FIELDS}.")
+        raise ValueError(
+            f"{name}: config.json lacks {missing}; expected the Llama fields {LLAVA3D_REQUIRED_LLM_FIELDS}."
+        )
     fields = LLAVA3D_REQUIRED_LLM_FIELDS + LLAVA3D_OPTIONAL_LLM_FIELDS
     return LlamaConfig(**{field: config[field] for field in fields if field in config})
 
@@ -417,12 +439,18 @@ def load_vision_tower(name: str, *, load_weights: bool, dtype: torch.dtype) -> P
         return tower_cls(vision_config).to(dtype)
     tower, info = tower_cls.from_pretrained(name, config=vision_config, dtype=dtype, output_loading_info=True)
     # A full CLIP/SigLIP checkpoint also holds the text tower: unexpected keys are expected.
-    _raise_on_bad_keys(name, "vision tower", missing=info["missing_keys"],
-                       mismatched=[key for key, *_ in info["mismatched_keys"]])
+    _raise_on_bad_keys(
+        name,
+        "vision tower",
+        missing=info["missing_keys"],
+        mismatched=[key for key, *_ in info["mismatched_keys"]],
+    )
     return tower
 
 
-def load_llava3d_weights(name: str, llava_config: LlavaConfig, dtype: torch.dtype) -> tuple[LlamaModel, nn.Module]:
+def load_llava3d_weights(
+    name: str, llava_config: LlavaConfig, dtype: torch.dtype
+) -> tuple[LlamaModel, nn.Module]:
     """The LLM and projector of an original LLaVA-3D checkpoint, in transformers modules.
 
     Keys the modules need but the checkpoint lacks, and checkpoint keys they do not have, raise.
@@ -432,7 +460,10 @@ def load_llava3d_weights(name: str, llava_config: LlavaConfig, dtype: torch.dtyp
         None, config=llava_config.text_config, state_dict=llm_state, dtype=dtype, output_loading_info=True
     )
     _raise_on_bad_keys(
-        name, "LLM", missing=info["missing_keys"], unknown=info["unexpected_keys"],
+        name,
+        "LLM",
+        missing=info["missing_keys"],
+        unknown=info["unexpected_keys"],
         mismatched=[key for key, *_ in info["mismatched_keys"]],
     )
     projector = LlavaMultiModalProjector(llava_config)
@@ -462,7 +493,9 @@ def read_llava3d_state_dicts(name: str) -> tuple[dict[str, Tensor], dict[str, Te
                     states[part][target_key] = reader.get_tensor(key)
     _raise_on_bad_keys(name, "checkpoint", unknown=unknown)
     if skipped:
-        logger.info("%s: skipped tensors the policy does not use (count per key pattern): %s", name, dict(skipped))
+        logger.info(
+            "%s: skipped tensors the policy does not use (count per key pattern): %s", name, dict(skipped)
+        )
     return states["language_model"], states["projector"]
 
 
@@ -508,12 +541,15 @@ def safetensors_files(name: str) -> list[str]:
 def _raise_on_bad_keys(name: str, part: str, *, missing=(), unknown=(), mismatched=()) -> None:
     """One error listing (the first ten of) each kind of key problem met loading `part`, if any."""
     problems = {
-        "missing": sorted(missing), "unknown (not mapped, not deliberately skipped)": sorted(unknown),
+        "missing": sorted(missing),
+        "unknown (not mapped, not deliberately skipped)": sorted(unknown),
         "with mismatched shapes": sorted(mismatched),
     }
     problems = {kind: keys for kind, keys in problems.items() if keys}
     if problems:
-        details = "; ".join(f"{kind}: {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items())
+        details = "; ".join(
+            f"{kind}: {keys[:10]}{' ...' if len(keys) > 10 else ''}" for kind, keys in problems.items()
+        )
         raise ValueError(f"{name}: cannot load the {part} weights. Keys {details}.")
 
 
@@ -557,7 +593,9 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
-def build_tiny_llava(llm_type: str = "qwen2") -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
+def build_tiny_llava(
+    llm_type: str = "qwen2",
+) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
     """A tiny random LLaVA model (SigLIP tower + `llm_type` LLM) and its tokenizer."""
     if llm_type not in TINY_LLM_CONFIGS:
         raise ValueError(f"tiny_llm_type must be one of {sorted(TINY_LLM_CONFIGS)}, got {llm_type!r}.")

@@ -38,8 +38,12 @@ from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, load_backbone, map_llava3d_key
 
 VISION_SIZES = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-    "image_size": 32, "patch_size": 8,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
 }
 GRID = 32 // 8  # patch grid side
 LLM_LAYERS = 3
@@ -78,7 +82,9 @@ def vision_config(tower: str):
 
 def save_image_processor(directory, tower: str) -> None:
     if tower == "clip":
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+            directory
+        )
     else:
         SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
 
@@ -164,14 +170,18 @@ def llava3d_tensors() -> dict[str, torch.Tensor]:
         "model.mm_projector.2.weight": torch.randn(width, width),
         "model.mm_projector.2.bias": torch.randn(width),
         # The original's own towers: not used (the tower comes from vision_tower_name).
-        "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": torch.randn(4, 3, 8, 8),
+        "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": torch.randn(
+            4, 3, 8, 8
+        ),
         "model.video_tower.pos_emb3d.0.weight": torch.randn(8, 3),
         "model.layers.0.self_attn.rotary_emb.inv_freq": torch.randn(8),
     }
     return {key: value.to(torch.bfloat16).contiguous() for key, value in tensors.items()}
 
 
-def save_llava3d(directory, tensors: dict[str, torch.Tensor] | None = None, shards: int = 1, **config_overrides):
+def save_llava3d(
+    directory, tensors: dict[str, torch.Tensor] | None = None, shards: int = 1, **config_overrides
+):
     """Write an original LLaVA-3D checkpoint: config.json, safetensors (optionally sharded), tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = llava3d_tensors() if tensors is None else tensors
@@ -217,8 +227,13 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple]:
     }
 
 
-FORMATS = ["llava-llama-clip", "llava-mistral-siglip", "onevision-qwen2-siglip", "llava3d-clip",
-           "llava3d-siglip-sharded"]
+FORMATS = [
+    "llava-llama-clip",
+    "llava-mistral-siglip",
+    "onevision-qwen2-siglip",
+    "llava3d-clip",
+    "llava3d-siglip-sharded",
+]
 
 
 def checkpoint_policy(checkpoints, fmt: str, seed: int = 0, **overrides) -> Llava3DFusionPolicy:
@@ -247,7 +262,9 @@ def loaded_tensors(policy: Llava3DFusionPolicy) -> dict[str, torch.Tensor]:
         "embed_tokens": model.embed_tokens.weight,
         "q_proj": model.fusion.vlm_layers[0].self_attn.q_proj.weight,
         "projector": model.image_encoder.projector.linear_1.weight,
-        "vision_q_proj": model.image_encoder.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj.weight,
+        "vision_q_proj": model.image_encoder.vision_tower.vision_model.encoder.layers[
+            0
+        ].self_attn.q_proj.weight,
     }
 
 
@@ -310,10 +327,13 @@ def test_llava15_drops_the_cls_token_like_transformers(checkpoints):
     torch.testing.assert_close(tokens, torch.stack(reference.pooler_output))
 
 
-@pytest.mark.parametrize("fmt, tower_cls, drops_cls", [
-    ("llava3d-clip", CLIPVisionModel, True),
-    ("llava3d-siglip-sharded", SiglipVisionModel, False),  # SigLIP has no CLS token to drop
-])
+@pytest.mark.parametrize(
+    "fmt, tower_cls, drops_cls",
+    [
+        ("llava3d-clip", CLIPVisionModel, True),
+        ("llava3d-siglip-sharded", SiglipVisionModel, False),  # SigLIP has no CLS token to drop
+    ],
+)
 def test_llava3d_image_tokens_match_the_original_computation(checkpoints, fmt, tower_cls, drops_cls):
     vlm_dir, tower_dir = checkpoints[fmt]
     policy = checkpoint_policy(checkpoints, fmt)
@@ -325,26 +345,38 @@ def test_llava3d_image_tokens_match_the_original_computation(checkpoints, fmt, t
     tensors = saved_tensors(vlm_dir)
     mm_projector = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
     mm_projector.load_state_dict(
-        {key.removeprefix("model.mm_projector."): value for key, value in tensors.items() if "mm_projector" in key}
+        {
+            key.removeprefix("model.mm_projector."): value
+            for key, value in tensors.items()
+            if "mm_projector" in key
+        }
     )
     torch.testing.assert_close(policy.model.image_encoder(pixels), mm_projector(features))
 
 
 def test_llava3d_key_mapping():
-    assert map_llava3d_key("model.layers.3.mlp.up_proj.weight") == ("language_model", "layers.3.mlp.up_proj.weight")
+    assert map_llava3d_key("model.layers.3.mlp.up_proj.weight") == (
+        "language_model",
+        "layers.3.mlp.up_proj.weight",
+    )
     assert map_llava3d_key("model.embed_tokens.weight") == ("language_model", "embed_tokens.weight")
     assert map_llava3d_key("model.norm.weight") == ("language_model", "norm.weight")
     assert map_llava3d_key("model.mm_projector.0.bias") == ("projector", "linear_1.bias")
     assert map_llava3d_key("model.mm_projector.2.weight") == ("projector", "linear_2.weight")
     assert map_llava3d_key("lm_head.weight") == ("skipped", "lm_head.")
     assert map_llava3d_key("model.video_tower.encoder.weight") == ("skipped", "model.video_tower.")
-    assert map_llava3d_key("model.layers.0.self_attn.rotary_emb.inv_freq") == ("skipped", "rotary_emb.inv_freq")
+    assert map_llava3d_key("model.layers.0.self_attn.rotary_emb.inv_freq") == (
+        "skipped",
+        "rotary_emb.inv_freq",
+    )
     assert map_llava3d_key("model.mm_projector.4.weight") is None
     assert map_llava3d_key("model.grounding_head.weight") is None
 
 
 @pytest.mark.parametrize("fmt", ["llava-llama-clip", "llava3d-clip"])
-def test_from_pretrained_of_a_policy_built_from_a_checkpoint_gives_identical_actions(checkpoints, tmp_path, fmt):
+def test_from_pretrained_of_a_policy_built_from_a_checkpoint_gives_identical_actions(
+    checkpoints, tmp_path, fmt
+):
     policy = checkpoint_policy(checkpoints, fmt)
     batch = preprocess(policy, raw_batch())
     noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
@@ -399,19 +431,26 @@ def test_num_vlm_layers_keeps_the_first_loaded_layers(checkpoints, fmt):
 
 
 def test_missing_checkpoint_directory_raises(tmp_path):
-    with pytest.raises(FileNotFoundError, match="expected a local checkpoint directory containing config.json"):
+    with pytest.raises(
+        FileNotFoundError, match="expected a local checkpoint directory containing config.json"
+    ):
         load_backbone(str(tmp_path / "does-not-exist"), load_weights=True)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_backbone(str(tmp_path), load_weights=True)
 
 
-@pytest.mark.parametrize("config", [
-    BertConfig().to_dict(),
-    {**llava3d_config(), "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral"},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        BertConfig().to_dict(),
+        {**llava3d_config(), "architectures": ["LlavaMistralForCausalLM"], "model_type": "llava_mistral"},
+    ],
+)
 def test_unknown_architecture_raises(tmp_path, config):
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unsupported architecture.*expected a transformers LLaVA checkpoint"):
+    with pytest.raises(
+        ValueError, match=r"unsupported architecture.*expected a transformers LLaVA checkpoint"
+    ):
         load_backbone(str(tmp_path), load_weights=True)
 
 
@@ -442,12 +481,21 @@ def test_vision_tower_name_must_be_clip_or_siglip(checkpoints):
         load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(llava_dir))
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.pop("model.norm.weight"), r"LLM weights.*missing: \['norm.weight'\]"),
-    (lambda t: t.pop("model.mm_projector.2.bias"), r"projector weights.*missing: \['linear_2.bias'\]"),
-    (lambda t: t.update({"model.grounding_head.weight": torch.zeros(2)}), r"unknown.*model.grounding_head.weight"),
-    (lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}), r"unknown.*layers.0.mlp.extra.weight"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.pop("model.norm.weight"), r"LLM weights.*missing: \['norm.weight'\]"),
+        (lambda t: t.pop("model.mm_projector.2.bias"), r"projector weights.*missing: \['linear_2.bias'\]"),
+        (
+            lambda t: t.update({"model.grounding_head.weight": torch.zeros(2)}),
+            r"unknown.*model.grounding_head.weight",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}),
+            r"unknown.*layers.0.mlp.extra.weight",
+        ),
+    ],
+)
 def test_llava3d_missing_or_unknown_keys_raise(checkpoints, tmp_path, change, message):
     tensors = llava3d_tensors()
     change(tensors)
@@ -456,11 +504,17 @@ def test_llava3d_missing_or_unknown_keys_raise(checkpoints, tmp_path, change, me
         load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(checkpoints["llava3d-clip"][1]))
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"mm_projector_type": "linear"}, "mm_projector_type 'linear' is not supported; expected 'mlp2x_gelu'"),
-    ({"mm_hidden_size": 1024}, "has hidden size 32, but the projector .* expects mm_hidden_size=1024"),
-    ({"num_attention_heads": None}, r"config.json lacks \['num_attention_heads'\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"mm_projector_type": "linear"},
+            "mm_projector_type 'linear' is not supported; expected 'mlp2x_gelu'",
+        ),
+        ({"mm_hidden_size": 1024}, "has hidden size 32, but the projector .* expects mm_hidden_size=1024"),
+        ({"num_attention_heads": None}, r"config.json lacks \['num_attention_heads'\]"),
+    ],
+)
 def test_llava3d_bad_config_raises(checkpoints, tmp_path, overrides, message):
     vlm_dir = save_llava3d(tmp_path / "llava3d", **overrides)
     config = json.loads((vlm_dir / "config.json").read_text())

@@ -14,7 +14,9 @@ def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> 
 
 @pytest.mark.parametrize("llm_type", ["qwen2", "llama", "mistral"])
 @pytest.mark.parametrize("expert_mode", ["shared", "separate"])
-@pytest.mark.parametrize("tasks", [("pick up the red block", "push"), ("push", "pull")], ids=["padded", "unpadded"])
+@pytest.mark.parametrize(
+    "tasks", [("pick up the red block", "push"), ("push", "pull")], ids=["padded", "unpadded"]
+)
 def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode, tasks):
     policy = tiny_policy(tiny_llm_type=llm_type, expert_mode=expert_mode)
     batch = preprocess(policy, raw_batch(tasks=tasks))
@@ -33,8 +35,12 @@ def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
     batch = preprocess(policy, raw_batch())
     model = policy.model
     images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask, _ = model.embed_prefix(images, [None, None], batch["observation.language.tokens"],
-                                         batch["observation.language.attention_mask"])
+    prefix, mask, _ = model.embed_prefix(
+        images,
+        [None, None],
+        batch["observation.language.tokens"],
+        batch["observation.language.attention_mask"],
+    )
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     suffix_a = torch.randn(2, suffix_len, width)
     suffix_b = torch.randn(2, suffix_len, width)
@@ -50,8 +56,12 @@ def test_suffix_steps_reuse_the_prefix_cache_in_place(policy):
     batch = preprocess(policy, raw_batch())
     model = policy.model
     images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask, _ = model.embed_prefix(images, [None, None], batch["observation.language.tokens"],
-                                         batch["observation.language.attention_mask"])
+    prefix, mask, _ = model.embed_prefix(
+        images,
+        [None, None],
+        batch["observation.language.tokens"],
+        batch["observation.language.attention_mask"],
+    )
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     with torch.no_grad():
         cache = model.fusion.forward_prefix(prefix, mask, suffix_len)
@@ -85,7 +95,9 @@ def test_padding_the_prompt_does_not_change_the_actions(policy):
     reference = policy.predict_action_chunk(batch, noise=noise)
     padded = dict(batch)
     extra = 7
-    padded["observation.language.tokens"] = torch.nn.functional.pad(batch["observation.language.tokens"], (0, extra))
+    padded["observation.language.tokens"] = torch.nn.functional.pad(
+        batch["observation.language.tokens"], (0, extra)
+    )
     padded["observation.language.attention_mask"] = torch.nn.functional.pad(
         batch["observation.language.attention_mask"], (0, extra), value=False
     )
@@ -106,8 +118,12 @@ def test_both_expert_modes_train_with_finite_gradients(expert_mode, dtype):
     unused = {n for n, g in grads.items() if g is None}
     last = len(policy.model.fusion.vlm_layers) - 1
     allowed = {"model.fusion.vlm_norm.weight"} | {
-        n for n in grads if n.startswith(f"model.fusion.vlm_layers.{last}.") and "self_attn.o_proj" in n
-        or n.startswith(f"model.fusion.vlm_layers.{last}.") and ("mlp" in n or "post_attention" in n)
+        n
+        for n in grads
+        if n.startswith(f"model.fusion.vlm_layers.{last}.")
+        and "self_attn.o_proj" in n
+        or n.startswith(f"model.fusion.vlm_layers.{last}.")
+        and ("mlp" in n or "post_attention" in n)
     }
     assert unused <= (allowed if expert_mode == "separate" else set()), unused
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
@@ -138,8 +154,16 @@ def test_loss_averages_only_real_action_steps_and_dims(policy):
     images = [batch[key] for key in policy.config.camera_keys]
     state = torch.nn.functional.pad(batch["observation.state"], (0, policy.config.max_state_dim - 5))
     actions = torch.nn.functional.pad(batch["action"], (0, policy.config.max_action_dim - ACTION_DIM))
-    elements = policy.model(images, [None, None], batch["observation.language.tokens"],
-                            batch["observation.language.attention_mask"], state, actions, noise=noise, time=time)
+    elements = policy.model(
+        images,
+        [None, None],
+        batch["observation.language.tokens"],
+        batch["observation.language.attention_mask"],
+        state,
+        actions,
+        noise=noise,
+        time=time,
+    )
     expected = elements[:, :, :ACTION_DIM][~is_pad].mean()  # padded steps and padded dims excluded
     torch.testing.assert_close(loss, expected)
     assert info["loss"] == pytest.approx(expected.item())
@@ -255,7 +279,9 @@ def test_empty_task_raises(policy, task):
 
 def test_empty_language_mask_raises(policy):
     batch = preprocess(policy, raw_batch())
-    batch["observation.language.attention_mask"] = torch.zeros_like(batch["observation.language.attention_mask"])
+    batch["observation.language.attention_mask"] = torch.zeros_like(
+        batch["observation.language.attention_mask"]
+    )
     with pytest.raises(ValueError, match="empty task"):
         policy.predict_action_chunk(batch)
 
@@ -296,7 +322,9 @@ def test_head_geometry_mismatch_is_rejected(policy):
     from lerobot_llava3d_fusion.fusion import check_head_geometry
 
     vlm_layers = policy.model.fusion.vlm_layers
-    wrong = torch.nn.ModuleList([type(vlm_layers[0])(_narrow_heads(vlm_layers), layer_idx=0)] * len(vlm_layers))
+    wrong = torch.nn.ModuleList(
+        [type(vlm_layers[0])(_narrow_heads(vlm_layers), layer_idx=0)] * len(vlm_layers)
+    )
     with pytest.raises(ValueError, match="head_dim"):
         check_head_geometry(vlm_layers, wrong)
 

@@ -24,8 +24,11 @@ def geometry_features(cameras=CAMERAS):
 
 def geometry_policy(seed=0, **overrides):
     torch.manual_seed(seed)
-    fields = dict(geometry="depth", input_features=geometry_features(),
-                  camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS})
+    fields = dict(
+        geometry="depth",
+        input_features=geometry_features(),
+        camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS},
+    )
     fields.update(overrides)
     return Llava3DFusionPolicy(tiny_config(**fields))
 
@@ -35,7 +38,9 @@ def with_depth(batch, seed=0, scale=1.0):
     batch = dict(batch)
     for key in CAMERAS:
         name = key.removeprefix("observation.images.")
-        batch[f"observation.depth.{name}"] = (0.5 + torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE, generator=generator)) * scale
+        batch[f"observation.depth.{name}"] = (
+            0.5 + torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE, generator=generator)
+        ) * scale
     return batch
 
 
@@ -88,7 +93,11 @@ def test_only_cameras_with_depth_get_geometry_and_intrinsics_can_come_from_the_b
 
 def test_dataset_depth_features_are_wired_and_never_normalized():
     dataset_features = {
-        "observation.images.top": {"dtype": "image", "shape": (40, 40, 3), "names": ["height", "width", "channels"]},
+        "observation.images.top": {
+            "dtype": "image",
+            "shape": (40, 40, 3),
+            "names": ["height", "width", "channels"],
+        },
         "observation.depth.top": {"dtype": "float32", "shape": (1, DEPTH_SIZE, DEPTH_SIZE), "names": None},
         "observation.intrinsics.top": {"dtype": "float32", "shape": (3, 3), "names": None},
         "observation.state": {"dtype": "float32", "shape": (5,), "names": None},
@@ -101,16 +110,24 @@ def test_dataset_depth_features_are_wired_and_never_normalized():
         output_features={"action": features["action"]},
     )
     assert config.geometry_camera_keys == ["observation.images.top"]
-    stats = {key: {"mean": torch.full(ft.shape, 3.0), "std": torch.full(ft.shape, 2.0)}
-             for key, ft in features.items() if ft.type is not FeatureType.VISUAL}
+    stats = {
+        key: {"mean": torch.full(ft.shape, 3.0), "std": torch.full(ft.shape, 2.0)}
+        for key, ft in features.items()
+        if ft.type is not FeatureType.VISUAL
+    }
     preprocessor, _ = make_llava3d_fusion_pre_post_processors(config, dataset_stats=stats)
     depth = torch.rand(1, 1, DEPTH_SIZE, DEPTH_SIZE) + 0.5
     state = torch.randn(1, 5)
-    out = preprocessor({
-        "observation.images.top": torch.rand(1, 3, 40, 40), "observation.depth.top": depth,
-        "observation.intrinsics.top": torch.tensor([INTRINSICS]), "observation.state": state,
-        "action": torch.zeros(1, 3), "task": ["touch the red block"],
-    })
+    out = preprocessor(
+        {
+            "observation.images.top": torch.rand(1, 3, 40, 40),
+            "observation.depth.top": depth,
+            "observation.intrinsics.top": torch.tensor([INTRINSICS]),
+            "observation.state": state,
+            "action": torch.zeros(1, 3),
+            "task": ["touch the red block"],
+        }
+    )
     assert torch.equal(out["observation.depth.top"], depth)  # metric depth untouched
     torch.testing.assert_close(out["observation.state"], (state - 3.0) / 2.0)  # state normalized
 
@@ -154,13 +171,32 @@ def test_invalid_depth_gives_finite_actions_and_gradients():
 
 
 def tiny_depth_estimator(directory):
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
 
-    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-                            image_size=28, patch_size=14, reshape_hidden_states=False,
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=16, neck_hidden_sizes=[8, 8, 16, 16],
-                                 fusion_hidden_size=8, head_hidden_size=8, depth_estimation_type="metric", max_depth=5)
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=28,
+        patch_size=14,
+        reshape_hidden_states=False,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=16,
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=8,
+        head_hidden_size=8,
+        depth_estimation_type="metric",
+        max_depth=5,
+    )
     DepthAnythingForDepthEstimation(config).save_pretrained(directory)
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False).save_pretrained(directory)
 
@@ -168,10 +204,13 @@ def tiny_depth_estimator(directory):
 def test_estimator_geometry_needs_no_recorded_depth(tmp_path):
     tiny_depth_estimator(tmp_path)
     torch.manual_seed(0)
-    policy = Llava3DFusionPolicy(tiny_config(
-        geometry="estimator", depth_estimator_name=str(tmp_path),
-        camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS},
-    ))
+    policy = Llava3DFusionPolicy(
+        tiny_config(
+            geometry="estimator",
+            depth_estimator_name=str(tmp_path),
+            camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS},
+        )
+    )
     with torch.no_grad():
         policy.model.patch_geometry.encoder.gate.fill_(1.0)
     batch = preprocess(policy, raw_batch())  # no depth in the batch
