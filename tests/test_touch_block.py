@@ -21,7 +21,7 @@ from torch import nn
 
 from lerobot_llava3d_fusion.envs import touch_block as tb
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
-from lerobot_llava3d_fusion.envs.make_touch_block_dataset import dataset_features, main
+from lerobot_llava3d_fusion.envs.make_touch_block_dataset import HOLD_FRAMES, dataset_features, main
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
     "observation.images.top": (lambda h, w: (3, h, w), torch.float32),
@@ -136,7 +136,7 @@ def test_expert_succeeds_and_random_fails():
     assert random_successes <= 4
 
 
-def test_success_needs_a_stop_at_the_top_so_depth_is_needed():
+def test_success_needs_holding_at_the_top_so_depth_is_needed():
     env = gym.make(tb.GYM_ID)
     sim = env.unwrapped
     camera_height = sim.renderer.camera_height
@@ -165,15 +165,30 @@ def test_success_needs_a_stop_at_the_top_so_depth_is_needed():
     mid_height = np.mean(tb.BLOCK_HEIGHT_RANGE)
     assert rate(lambda obs: geometric_policy(obs, flat_height=mid_height)) <= 0.5
 
-    # Sliding through the target without stopping there is not a success.
+    # Sliding through the target is not a success: only where the episode ends counts.
     env.reset(seed=0)
     sim.ee_position = sim.target_position + [0.0, 0.0, 0.05]
-    distances = []
-    while sim.ee_position[2] > 0.0:
-        _, _, terminated, _, info = env.step(np.array([0.0, 0.0, -1.0]))
+    distances, successes = [], []
+    truncated = False
+    while not truncated:
+        _, _, terminated, truncated, info = env.step(np.array([0.0, 0.0, -1.0]))
+        assert not terminated
         distances.append(info["distance"])
-        assert not terminated and not info["is_success"]
-    assert min(distances) <= sim.success_radius
+        successes.append(info["is_success"])
+    assert min(distances) <= sim.success_radius and not any(successes)
+    assert len(distances) == sim.episode_length
+
+
+def test_holding_on_the_target_succeeds_only_at_the_last_step():
+    env = gym.make(tb.GYM_ID, episode_length=5)
+    sim = env.unwrapped
+    env.reset(seed=3)
+    sim.ee_position = sim.target_position.copy()
+    results = [env.step(np.zeros(3, dtype=np.float32)) for _ in range(5)]
+    assert [r[4]["at_target"] for r in results] == [True] * 5
+    assert [r[4]["is_success"] for r in results] == [False] * 4 + [True]
+    assert [r[3] for r in results] == [False] * 4 + [True]  # truncated at the horizon
+    assert results[-1][1] == 1.0
 
 
 # --- gymnasium / LeRobot integration ---------------------------------------------------------------
@@ -183,7 +198,7 @@ def test_gym_make_and_env_checker():
     env = gym.make(tb.GYM_ID)  # the passive env checker runs on reset/step
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
-    assert info == {"is_success": False, "distance": pytest.approx(info["distance"])}
+    assert info == {"is_success": False, "distance": pytest.approx(info["distance"]), "at_target": False}
     assert env.spec.max_episode_steps == tb.DEFAULT_EPISODE_LENGTH
     check_env(gym.make(tb.GYM_ID, observation_height=24, observation_width=32).unwrapped)
 
@@ -346,8 +361,9 @@ def test_dataset_command_writes_a_loadable_offline_dataset(tmp_path):
         np.testing.assert_array_equal(image.numpy(), obs["pixels"]["top"])
         np.testing.assert_array_equal(frame["observation.depth.top"].numpy(), obs["depth"])
         np.testing.assert_array_equal(frame["observation.state"].numpy(), obs["agent_pos"])
-        assert dataset[end - 1]["next.success"]  # the expert's last action is its stop
-        assert dataset[end - 1]["action"].abs().max() < tb.STOP_ACTION
+        # Each episode closes with the expert holding still on the target.
+        for i in range(end - HOLD_FRAMES, end):
+            assert dataset[i]["next.success"] and not dataset[i]["action"].any()
 
     stats = dataset.meta.stats
     for key in [*CONTRACT, "action"]:

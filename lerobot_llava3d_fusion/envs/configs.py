@@ -73,7 +73,7 @@ class TouchBlockProcessorStep(ObservationProcessorStep):
 @EnvConfig.register_subclass("touch_block")
 @dataclass
 class TouchBlockEnvConfig(EnvConfig):
-    """`--env.type=touch_block`: move to, and stop on, the top of the block named by the instruction.
+    """`--env.type=touch_block`: move to, and hold at, the top of the block named by the instruction.
 
     `features` are keyed by env observation names and `features_map` gives the policy keys, as for
     LeRobot's own envs. Depth and camera matrices are STATE features, matching how a dataset's
@@ -137,6 +137,7 @@ class TouchBlockEnvConfig(EnvConfig):
             "max_step": self.max_step,
             "success_radius": self.success_radius,
             "render_mode": self.render_mode,
+            "episode_length": self.episode_length,
             "max_episode_steps": self.episode_length,
         }
 

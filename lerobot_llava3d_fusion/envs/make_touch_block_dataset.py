@@ -5,9 +5,10 @@
 
 The result is read offline with ``lerobot-train --dataset.repo_id=local/touch_block
 --dataset.root=DIR``. Episode ``i`` replays the env reset with seed ``seed + i``; every frame holds
-the observation before the expert's action and that action; the last frame is the expert's stop
-on the target, the success step (the expert always succeeds well within the step budget, so a
-failure is reported as a bug).
+the observation before the expert's action and that action. An episode ends after the expert has
+held still on the target for `HOLD_FRAMES` frames (zero actions: what a policy must learn to do
+there); the expert always gets there well within the step budget, so a miss is reported as a bug.
+``next.success`` marks the frames after which the end-effector is on the target.
 
 Features (H x W from --height/--width):
     observation.images.top       image (or video) (H, W, 3) uint8
@@ -49,6 +50,7 @@ from .configs import geometry_key
 logger = logging.getLogger(__name__)
 
 IMAGE_KEY = f"{OBS_IMAGES}.{touch_block.CAMERA_NAME}"
+HOLD_FRAMES = 5  # zero-action frames on the target that close each expert episode
 
 
 def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[str, dict]:
@@ -128,11 +130,12 @@ def make_touch_block_dataset(
             obs, _ = env.reset(seed=seed + episode)
             task = sim.task_description
             geometry: dict[str, list[np.ndarray]] = {"depth": [], "intrinsics": [], "extrinsics": []}
-            done = False
+            done, held = False, 0
             while not done:
                 action = touch_block.expert_action(sim.ee_position, sim.target_position, sim.max_step)
                 next_obs, reward, terminated, truncated, info = env.step(action)
-                done = terminated or truncated
+                held = held + 1 if info["at_target"] and not action.any() else 0
+                done = held >= HOLD_FRAMES or terminated or truncated
                 dataset.add_frame(
                     {
                         IMAGE_KEY: obs["pixels"][touch_block.CAMERA_NAME],
@@ -142,7 +145,7 @@ def make_touch_block_dataset(
                         OBS_STATE: obs["agent_pos"],
                         ACTION: action,
                         "next.reward": np.array([reward], dtype=np.float32),
-                        "next.success": np.array([info["is_success"]]),
+                        "next.success": np.array([info["at_target"]]),
                         "next.done": np.array([done]),
                         "task": task,
                     }
@@ -151,7 +154,7 @@ def make_touch_block_dataset(
                     frames.append(obs[name])
                 obs = next_obs
                 num_frames += 1
-            if not info["is_success"]:
+            if held < HOLD_FRAMES:
                 raise RuntimeError(f"scripted expert failed on seed {seed + episode}; this is a bug")
             dataset.save_episode()
             episode_geometry_stats.append(geometry_stats(**{k: np.stack(v) for k, v in geometry.items()}))

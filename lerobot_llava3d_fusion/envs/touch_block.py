@@ -2,16 +2,17 @@
 
 A table (world plane ``z = 0``, z up, metres) carries ``num_blocks`` blocks of distinct colours and
 random heights. The instruction names one colour ("touch the top of the red block") and the agent
-moves a point end-effector with bounded 3D displacements, then stops: the episode ends at the first
-"stop" action (every component below `STOP_ACTION` in magnitude) and succeeds iff the end-effector
-is then within ``success_radius`` of that block's top-centre; the step budget ends it otherwise.
+moves a point end-effector with bounded 3D displacements and holds it there: an episode lasts
+``episode_length`` steps and succeeds iff the end-effector is, at its last step, within
+``success_radius`` of that block's top-centre.
 
-Success is judged where the agent stops, not whenever the end-effector crosses the target ball,
-because the RGB image pins the target to one camera ray: a depth-blind policy that slides down that
-ray crosses the ball in every episode (2 cm steps, 3 cm ball, nothing solid in the way). Having to
-stop at the top makes the block height, hence depth, necessary: that sliding policy never succeeds
-and stopping at a fixed mid-range height succeeds in about a quarter of the episodes, against ~100%
-when the height is read from depth.
+Success is judged at the end, not whenever the end-effector crosses the target ball, because the
+RGB image pins the target to one camera ray: a depth-blind policy that slides down that ray crosses
+the ball in every episode (2 cm steps, 3 cm ball, nothing solid in the way). Having to hold at the
+top makes the block height, hence depth, necessary: the sliding policy never succeeds and holding
+at a fixed mid-range height succeeds in a minority of episodes, against ~100% when the height is
+read from depth. Judging the end rather than a "stop" action also means a hesitant policy (one
+whose actions shrink towards zero) keeps going instead of ending its episode there.
 
 One pinhole camera looks straight down from ``(0, 0, camera_height)``. It yields
 
@@ -66,7 +67,6 @@ BLOCK_HALF_SIZE = 0.025  # half side of a block's square table footprint (m)
 BLOCK_HEIGHT_RANGE = (0.02, 0.12)  # (m)
 BLOCK_CENTRE_EXTENT = 0.15  # footprint centres are drawn in [-extent, extent]^2 (m)
 BLOCK_GAP = 0.02  # minimum free space between two footprints (m)
-STOP_ACTION = 0.05  # |action| below this on every axis means "stop here" (1 mm at 2 cm/step)
 END_EFFECTOR_RADIUS = 0.01  # rendered sphere radius (m); the state is its centre
 END_EFFECTOR_START_Z = (0.20, 0.30)  # start height range (m), above every block top
 WORKSPACE_LOW = np.array([-0.2, -0.2, 0.0])  # end-effector position bounds (m)
@@ -218,7 +218,7 @@ def expert_action(
 ) -> np.ndarray:
     """Scripted expert: go above the target top (at least `clearance` higher), then straight down.
 
-    It lands exactly on the target, after which its action is zero, i.e. a stop.
+    It lands exactly on the target, after which its action is zero: it holds there.
 
     Args:
         ee_position: (3,) current end-effector position.
@@ -254,10 +254,10 @@ class TouchBlockEnv(gym.Env):
     `TouchBlockEnvConfig` appends the camera name to the last three.
 
     Action: (3,) float32 in [-1, 1], scaled by `max_step` into an end-effector displacement; the
-    position is clipped to the workspace box. An action with every |component| < `STOP_ACTION` is
-    a stop: it terminates the episode, successfully iff the end-effector is within
-    `success_radius` of the named block's top-centre (`info["is_success"]`, reward 1). The step
-    budget is enforced by the TimeLimit wrapper from `gym.make` (default 60 steps).
+    position is clipped to the workspace box. The episode never terminates early; it is truncated
+    after `episode_length` steps, and succeeds (`info["is_success"]`, reward 1, both only at that
+    last step) iff the end-effector is then within `success_radius` of the named block's
+    top-centre. `info["at_target"]` says whether it is within that radius at the current step.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
@@ -271,8 +271,13 @@ class TouchBlockEnv(gym.Env):
         max_step: float = 0.02,
         success_radius: float = 0.015,
         render_mode: str | None = "rgb_array",
+        episode_length: int = DEFAULT_EPISODE_LENGTH,
     ):
         super().__init__()
+        if episode_length < 1:
+            raise ValueError(f"episode_length must be positive, got {episode_length}")
+        self.episode_length = episode_length
+        self._elapsed_steps = 0
         if not 1 <= num_blocks <= len(PALETTE):
             raise ValueError(f"num_blocks must be in [1, {len(PALETTE)}], got {num_blocks}")
         if max_step <= 0:
@@ -324,7 +329,13 @@ class TouchBlockEnv(gym.Env):
         xy = self.np_random.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
         self.ee_position = np.array([*xy, self.np_random.uniform(*END_EFFECTOR_START_Z)])
         self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
-        return self._observation(), {"is_success": False, "distance": self._distance()}
+        self._elapsed_steps = 0
+        distance = self._distance()
+        return self._observation(), {
+            "is_success": False,
+            "distance": distance,
+            "at_target": distance <= self.success_radius,
+        }
 
     def step(self, action: np.ndarray):
         self._require_scene()
@@ -332,14 +343,14 @@ class TouchBlockEnv(gym.Env):
         if action.shape != (3,):
             raise ValueError(f"action must have shape (3,), got {action.shape}")
         action = np.clip(action, -1.0, 1.0)
-        # The commanded action, not the displacement, signals a stop: a clipped push against the
-        # workspace boundary is not one.
-        stop = bool(np.abs(action).max() < STOP_ACTION)
         self.ee_position = np.clip(self.ee_position + action * self.max_step, WORKSPACE_LOW, WORKSPACE_HIGH)
+        self._elapsed_steps += 1
         distance = self._distance()
-        success = stop and distance <= self.success_radius
-        info = {"is_success": success, "distance": distance}
-        return self._observation(), float(success), stop, False, info
+        at_target = distance <= self.success_radius
+        last_step = self._elapsed_steps >= self.episode_length
+        success = last_step and at_target
+        info = {"is_success": success, "distance": distance, "at_target": at_target}
+        return self._observation(), float(success), False, last_step, info
 
     def render(self) -> np.ndarray | None:
         """(H, W, 3) uint8 camera image of the current state, or None when render_mode is None."""
