@@ -16,6 +16,7 @@ def run_python(code: str, cwd: Path, env_extra: dict | None = None) -> subproces
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        check=False,
         cwd=cwd,
         env=env,
         capture_output=True,
