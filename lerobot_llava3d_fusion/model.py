@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .backbone import ImageEncoder
 from .configuration_llava3d_fusion import Llava3DFusionConfig
 from .depth_estimation import MonocularDepthEstimator
 from .flow_matching import FlowMatchingActionExpert, sample_time
 from .fusion import LLaVA3DWithActionExpertModel
 from .geometry import DepthToPatchGeometry
-from .vlm import ImageEncoder, load_backbone
+from .vlm import load_backbone
 
 # Patch grid side of the 3D-aware tokens handed to the expert (geometry_target="expert").
 EXPERT_GEOMETRY_GRID = (4, 4)

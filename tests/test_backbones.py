@@ -34,8 +34,9 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from lerobot_llava3d_fusion.llava3d_checkpoint import map_llava3d_key
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, load_backbone, map_llava3d_key
+from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, load_backbone
 
 VISION_SIZES = {
     "hidden_size": 32,
