@@ -191,10 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (args.workdir / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\ntouch_block success over {args.eval_episodes} episodes (seeds {EVAL_START_SEED}+):")
-    for name, rate in results.items():
-        print(f"  {name:<36} {rate:5.1f} %")
-    print(f"total time: {summary['minutes']} min; results in {args.workdir / 'results.json'}")
+    table = "\n".join(f"  {name:<36} {rate:5.1f} %" for name, rate in results.items())
+    logger.info(
+        "touch_block success over %d episodes (seeds %d+):\n%s\ntotal time: %s min; results in %s",
+        args.eval_episodes,
+        EVAL_START_SEED,
+        table,
+        summary["minutes"],
+        args.workdir / "results.json",
+    )
 
 
 if __name__ == "__main__":

@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
         fps=args.fps,
         seed=args.seed,
     )
-    print(
-        f"Recorded {dataset.meta.total_episodes} episodes, {dataset.meta.total_frames} frames to {args.root}"
+    logger.info(
+        "Recorded %d episodes, %d frames to %s",
+        dataset.meta.total_episodes,
+        dataset.meta.total_frames,
+        args.root,
     )
