@@ -1,0 +1,24 @@
+"""The demo's own pieces: its backbone checkpoint and the reference success rates."""
+
+import torch
+
+from lerobot_llava3d_fusion.demo import reference_success, write_demo_backbone
+from lerobot_llava3d_fusion.vlm import load_backbone
+
+
+def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):
+    directory = write_demo_backbone(tmp_path / "backbone")
+    backbone = load_backbone(str(directory), load_weights=True)
+    assert backbone.patch_grid == (8, 8)  # 64 px images in 8 px patches
+    assert backbone.language_model.config.hidden_size == 128
+    tokens = backbone.tokenizer("touch the top of the red block")["input_ids"]
+    assert len(tokens) > 0
+    # Written once: a second call keeps the same weights.
+    before = backbone.language_model.embed_tokens.weight.clone()
+    again = load_backbone(str(write_demo_backbone(directory)), load_weights=True)
+    assert torch.equal(again.language_model.embed_tokens.weight, before)
+
+
+def test_reference_success_rates_bracket_the_task():
+    assert reference_success("expert", 10) == 100.0
+    assert reference_success("random", 10) <= 10.0
