@@ -89,7 +89,7 @@ def touch_block_dataset(workdir) -> Path:
     return root
 
 
-TB_TRAIN_STEPS = 60
+TB_TRAIN_STEPS = 150
 
 
 @pytest.fixture(scope="module")
