@@ -31,16 +31,18 @@ def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode, tasks
     assert not torch.allclose(policy.predict_action_chunk(batch, noise=noise + 1.0), uncached)
 
 
-def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
+def embedded_prefix(policy: Llava3DFusionPolicy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix tokens (B, Lp, D) and pad mask (B, Lp) of a preprocessed two-camera batch."""
     batch = preprocess(policy, raw_batch())
-    model = policy.model
     images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask, _ = model.embed_prefix(
-        images,
-        [None, None],
-        batch["observation.language.tokens"],
-        batch["observation.language.attention_mask"],
-    )
+    tokens, mask = batch["observation.language.tokens"], batch["observation.language.attention_mask"]
+    prefix, prefix_mask, _ = policy.model.embed_prefix(images, [None, None], tokens, mask)
+    return prefix, prefix_mask
+
+
+def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
+    model = policy.model
+    prefix, mask = embedded_prefix(policy)
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     suffix_a = torch.randn(2, suffix_len, width)
     suffix_b = torch.randn(2, suffix_len, width)
@@ -53,15 +55,8 @@ def test_prefix_outputs_do_not_depend_on_the_suffix(policy):
 
 
 def test_suffix_steps_reuse_the_prefix_cache_in_place(policy):
-    batch = preprocess(policy, raw_batch())
     model = policy.model
-    images = [batch[key] for key in policy.config.camera_keys]
-    prefix, mask, _ = model.embed_prefix(
-        images,
-        [None, None],
-        batch["observation.language.tokens"],
-        batch["observation.language.attention_mask"],
-    )
+    prefix, mask = embedded_prefix(policy)
     suffix_len, width = model.action_expert.suffix_length, model.fusion.expert_width
     with torch.no_grad():
         cache = model.fusion.forward_prefix(prefix, mask, suffix_len)
