@@ -221,9 +221,11 @@ def sinusoidal_3d_encoding(
 class GeometryEncoder(nn.Module):
     """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
 
-    ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied by the scalar ``gate``
-    (initialised at 0, so the output is exactly zero until training opens it) and zeroed on patches without
-    valid depth.
+    ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied channel-wise by
+    ``gate`` (initialised at 0, so the output is exactly zero until training opens it) and zeroed on
+    patches without valid depth. The gate has one entry per channel: each entry gets its own gradient
+    from the start, whereas a single scalar only gets the projection of the gradient on the random
+    initial features, which stays near zero and kept geometry switched off in training.
     """
 
     def __init__(
@@ -249,7 +251,7 @@ class GeometryEncoder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size),
         )
-        self.gate = nn.Parameter(torch.zeros(1))
+        self.gate = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
         """``(B, N, 3)`` points, ``(B, N)`` validity -> ``(B, N, hidden_size)`` in the parameters' dtype."""
