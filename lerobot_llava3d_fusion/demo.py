@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .envs import touch_block
 from .envs.make_touch_block_dataset import make_touch_block_dataset
-from .vlm import build_tiny_tokenizer
+from .vlm import build_tiny_llava
 
 logger = logging.getLogger(__name__)
 
@@ -39,39 +39,22 @@ def write_demo_backbone(directory: Path) -> Path:
     localise a 5 cm block) and a 4-layer Qwen2 LLM of width 128."""
     if (directory / "config.json").exists():
         return directory
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        Qwen2Config,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-    )
+    from transformers import SiglipImageProcessor
 
-    tokenizer = build_tiny_tokenizer()
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=64,
-            patch_size=8,
-        ),
-        text_config=Qwen2Config(
-            vocab_size=len(tokenizer),
+    model, tokenizer = build_tiny_llava(
+        image_size=64,
+        patch_size=8,
+        vision_hidden_size=64,
+        text_sizes=dict(
             hidden_size=128,
             intermediate_size=256,
             num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=2,
             head_dim=32,
-            pad_token_id=tokenizer.pad_token_id,
         ),
-        image_token_id=tokenizer.pad_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
     )
-    LlavaForConditionalGeneration(config).save_pretrained(directory)
+    model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     SiglipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(directory)
     return directory

@@ -223,21 +223,29 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_llava(
     llm_type: str = "qwen2",
+    *,
+    image_size: int = TINY_IMAGE_SIZE,
+    patch_size: int = TINY_PATCH_SIZE,
+    vision_hidden_size: int = 32,
+    text_sizes: dict | None = None,
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
-    """A tiny random LLaVA model (SigLIP tower + `llm_type` LLM) and its tokenizer."""
+    """A small random LLaVA model (SigLIP tower + `llm_type` LLM) and its tokenizer.
+
+    The defaults are the `"tiny"` preset; the size arguments build larger ones (e.g. the demo's).
+    """
     if llm_type not in TINY_LLM_CONFIGS:
         raise ValueError(f"tiny_llm_type must be one of {sorted(TINY_LLM_CONFIGS)}, got {llm_type!r}.")
     tokenizer = build_tiny_tokenizer()
     text_config = TINY_LLM_CONFIGS[llm_type](
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_TEXT_SIZES
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **(text_sizes or TINY_TEXT_SIZES)
     )
     vision_config = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=vision_hidden_size,
+        intermediate_size=2 * vision_hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=TINY_IMAGE_SIZE,
-        patch_size=TINY_PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     config = LlavaConfig(
         vision_config=vision_config,
@@ -245,7 +253,7 @@ def build_tiny_llava(
         image_token_id=tokenizer.pad_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_seq_length=(TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2,
+        image_seq_length=(image_size // patch_size) ** 2,
     )
     return LlavaForConditionalGeneration(config), tokenizer
 
