@@ -3,7 +3,9 @@
 from dataclasses import dataclass, field
 
 from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
-from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
+from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
+
+from .optim import FusedAdamWConfig
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.
@@ -113,6 +115,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
     optimizer_eps: float = 1e-8
     optimizer_weight_decay: float = 1e-10
     optimizer_grad_clip_norm: float = 10.0
+    optimizer_fused: bool = True  # torch's fused AdamW kernel (one pass per parameter)
     scheduler_warmup_steps: int = 1_000
     scheduler_decay_steps: int = 30_000
     scheduler_decay_lr: float = 2.5e-6
@@ -199,13 +202,14 @@ class Llava3DFusionConfig(PreTrainedConfig):
         features = self.input_features or {}
         return [key for key in self.camera_keys if depth_key(key) in features]
 
-    def get_optimizer_preset(self) -> AdamWConfig:
-        return AdamWConfig(
+    def get_optimizer_preset(self) -> FusedAdamWConfig:
+        return FusedAdamWConfig(
             lr=self.optimizer_lr,
             betas=self.optimizer_betas,
             eps=self.optimizer_eps,
             weight_decay=self.optimizer_weight_decay,
             grad_clip_norm=self.optimizer_grad_clip_norm,
+            fused=self.optimizer_fused,
         )
 
     def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:

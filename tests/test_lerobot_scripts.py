@@ -31,6 +31,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
+from lerobot.configs.train import TrainPipelineConfig  # noqa: E402
+
+from lerobot_llava3d_fusion.optim import FusedAdamWConfig  # noqa: E402
 
 REPO_ROOT = e2e.REPO_ROOT
 IMAGE_SIZE = 32  # touch_block and LIBERO images (the tiny vision tower works at 32 px anyway)
@@ -148,6 +151,10 @@ def test_touch_block_train_writes_a_checkpoint_and_the_loss_goes_down(touch_bloc
     assert config["output_features"]["action"]["shape"] == [3]
     train_config = e2e.read_json(checkpoint / "train_config.json")
     assert train_config["policy"]["type"] == "llava3d_fusion" and train_config["steps"] == TB_TRAIN_STEPS
+    assert train_config["optimizer"]["type"] == "llava3d_fusion_adamw" and train_config["optimizer"]["fused"]
+    # The saved train config parses back (as `lerobot-train --resume=true` does) with that optimizer.
+    resumed = draccus.parse(TrainPipelineConfig, config_path=str(checkpoint / "train_config.json"), args=[])
+    assert isinstance(resumed.optimizer, FusedAdamWConfig) and resumed.optimizer.fused
 
     preprocessor = e2e.read_json(checkpoint / "policy_preprocessor.json")
     steps = [step["registry_name"] for step in preprocessor["steps"]]
@@ -389,7 +396,6 @@ def test_push_model_to_hub_uploads_a_complete_repo(
     workdir, touch_block_checkpoint, touch_block_dataset, monkeypatch
 ):
     """What lerobot-train does at the end with --policy.push_to_hub=true, called directly."""
-    from lerobot.configs.train import TrainPipelineConfig
     from lerobot.datasets import LeRobotDatasetMetadata
     from lerobot.policies import make_pre_post_processors
 
@@ -489,11 +495,11 @@ def test_checkpoint_expecting_another_state_size_names_the_state(workdir):
 def test_libero_recipes_parse_into_a_train_pipeline_config(name, vlm_model_name, batch_size, monkeypatch):
     """`lerobot-train --config_path=configs/<name>.json` parses (draccus, as lerobot's parser does) and
     validates; no model is built and nothing is downloaded."""
-    from lerobot.configs.train import TrainPipelineConfig
     from lerobot.envs.configs import LiberoEnv
-    from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
+    from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 
     from lerobot_llava3d_fusion import Llava3DFusionConfig
+    from lerobot_llava3d_fusion.optim import FusedAdamWConfig
 
     path = REPO_ROOT / "configs" / f"{name}.json"
     raw = json.loads(path.read_text())
@@ -522,6 +528,7 @@ def test_libero_recipes_parse_into_a_train_pipeline_config(name, vlm_model_name,
     assert not cfg.wandb.enable
     # The policy's optimizer and scheduler presets.
     assert cfg.use_policy_training_preset
-    assert isinstance(cfg.optimizer, AdamWConfig) and cfg.optimizer.lr == policy.optimizer_lr
+    assert isinstance(cfg.optimizer, FusedAdamWConfig) and cfg.optimizer.lr == policy.optimizer_lr
+    assert cfg.optimizer.fused
     assert isinstance(cfg.scheduler, CosineDecayWithWarmupSchedulerConfig)
     assert cfg.scheduler.num_decay_steps == cfg.steps

@@ -1,10 +1,13 @@
 """Behaviour of the policy: sampling paths agree, masks are right, training works, bad input fails."""
 
+import draccus
 import pytest
 import torch
 from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+from lerobot.optim import OptimizerConfig
 
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.optim import FusedAdamWConfig
 
 
 def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> torch.Tensor:
@@ -196,6 +199,32 @@ def test_freeze_flags_select_the_trained_parameters():
     assert all(id(p) in trained for p in expert_only.model.fusion.expert_layers.parameters())
     assert all(id(p) in trained for p in expert_only.model.action_expert.parameters())
     assert len(names) > len(trained)
+
+
+def test_optimizer_preset_is_adamw_with_the_fused_kernel():
+    fused_policy = tiny_policy(seed=0)
+    preset = fused_policy.config.get_optimizer_preset()
+    assert isinstance(preset, FusedAdamWConfig) and preset.fused
+    # The preset is what lerobot-train saves in train_config.json and parses back on resume.
+    assert preset.type == "llava3d_fusion_adamw"
+    assert draccus.decode(OptimizerConfig, {"type": preset.type, **draccus.encode(preset)}) == preset
+
+    loop_policy = tiny_policy(seed=0, optimizer_fused=False)
+    batch = preprocess(fused_policy, raw_batch())
+    noise, time = fixed_noise(2, fused_policy), torch.full((2,), 0.5)
+    results = []
+    for policy in (fused_policy, loop_policy):
+        optimizer = policy.config.get_optimizer_preset().build(policy.get_optim_params())
+        assert isinstance(optimizer, torch.optim.AdamW)
+        assert bool(optimizer.defaults["fused"]) == policy.config.optimizer_fused
+        loss, _ = policy.forward(batch, noise=noise, time=time)
+        loss.backward()
+        optimizer.step()
+        results.append(torch.cat([p.detach().flatten() for p in policy.get_optim_params()]))
+    # One step moves every parameter by about lr; both kernels must agree on where to.
+    moved = (results[0] - torch.cat([p.detach().flatten() for p in tiny_policy(seed=0).get_optim_params()])).abs()
+    assert moved.max() > 0.5 * fused_policy.config.optimizer_lr
+    torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
 
 
 def test_save_and_load_give_identical_actions(policy, tmp_path):
