@@ -164,7 +164,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
             )
 
     def validate_features(self) -> None:
-        if not self.image_features:
+        if not self.camera_keys:
             raise ValueError(
                 "llava3d_fusion needs at least one camera: no VISUAL feature (observation.images.*) in "
                 f"input_features {sorted(self.input_features or {})}."
@@ -189,8 +189,16 @@ class Llava3DFusionConfig(PreTrainedConfig):
 
     @property
     def camera_keys(self) -> list[str]:
-        """Camera feature keys in a fixed order (the order of `input_features`)."""
-        return [key for key, ft in (self.input_features or {}).items() if ft.type is FeatureType.VISUAL]
+        """RGB camera feature keys in a fixed order (the order of `input_features`).
+
+        Depth maps are VISUAL features too when they come from a LeRobot dataset; they belong to
+        their camera (`observation.depth.<cam>`) and are not cameras of their own.
+        """
+        return [
+            key
+            for key, ft in (self.input_features or {}).items()
+            if ft.type is FeatureType.VISUAL and not key.startswith(DEPTH_PREFIX)
+        ]
 
     @property
     def geometry_camera_keys(self) -> list[str]:

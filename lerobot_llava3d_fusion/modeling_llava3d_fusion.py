@@ -129,6 +129,15 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 raise ValueError(f"{key}: expected depth of shape (B, 1, H, W), got {tuple(depth.shape)}")
             if torch.isnan(depth).any():
                 raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
+            measured = (depth > 0) & torch.isfinite(depth)  # 0 / inf mark missing depth
+            if measured.any() and not (measured & (depth <= cfg.geometry_max_depth)).any():
+                # Every measurement out of range: most likely millimetres, LeRobot's default unit
+                # for the depth maps of a dataset. Geometry would silently switch off.
+                raise ValueError(
+                    f"{key}: every depth value is beyond geometry_max_depth={cfg.geometry_max_depth} m "
+                    f"(max {depth[measured].max().item():g}); depth must be in metres. LeRobot datasets "
+                    "return depth maps in millimetres unless loaded with --dataset.depth_output_unit=m."
+                )
         intrinsics = self._camera_matrix(
             batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
         )

@@ -145,6 +145,7 @@ def train_args(
     return [
         f"--dataset.repo_id={dataset_repo_id}",
         f"--dataset.root={dataset_root}",
+        "--dataset.depth_output_unit=m",  # depth maps in metres, as the policy reads them
         "--policy.type=llava3d_fusion",
         "--policy.vlm_model_name=tiny",
         "--policy.device=cpu",

@@ -147,6 +147,11 @@ def test_nan_depth_and_bad_matrices_raise():
     bad["observation.depth.top"][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         policy.predict_action_chunk(bad)
+    # Millimetres (LeRobot's default depth unit when loading a dataset) are not silently ignored.
+    bad = dict(batch)
+    bad["observation.depth.top"] = batch["observation.depth.top"] * 1000.0
+    with pytest.raises(ValueError, match="depth_output_unit=m"):
+        policy.predict_action_chunk(bad)
     bad = dict(batch)
     bad["observation.intrinsics.top"] = torch.eye(4).expand(2, 4, 4)
     with pytest.raises(ValueError, match="3x3"):

@@ -331,14 +331,17 @@ def test_dataset_command_writes_a_loadable_offline_dataset(tmp_path):
     main(["--root", str(root), "--repo-id", "local/touch_block", "--episodes", "3", "--seed", "7",
           "--height", "24", "--width", "32"])  # fmt: skip
 
-    dataset = LeRobotDataset("local/touch_block", root=root)
+    dataset = LeRobotDataset("local/touch_block", root=root, depth_output_unit="m")
     assert dataset.num_episodes == 3 and dataset.fps == tb.FPS
     features = dataset.meta.features
     assert features["observation.images.top"]["dtype"] == "image"
     assert features["observation.images.top"]["names"] == ["height", "width", "channels"]
     assert tuple(features["observation.images.top"]["shape"]) == (24, 32, 3)
-    assert features["observation.depth.top"]["dtype"] == "float32"
-    assert tuple(features["observation.depth.top"]["shape"]) == (1, 24, 32)
+    # LeRobot's depth-map image, float32 metres stored losslessly.
+    assert features["observation.depth.top"]["dtype"] == "image"
+    assert tuple(features["observation.depth.top"]["shape"]) == (24, 32, 1)
+    assert features["observation.depth.top"]["info"] == {"is_depth_map": True, "depth_unit": "m"}
+    assert dataset.meta.depth_keys == ["observation.depth.top"]
 
     for index in range(len(dataset)):
         frame = dataset[index]
@@ -373,3 +376,10 @@ def test_dataset_command_writes_a_loadable_offline_dataset(tmp_path):
     assert stats["observation.extrinsics.top"]["mean"].shape == (4, 4)
     np.testing.assert_allclose(stats["observation.intrinsics.top"]["mean"], obs["intrinsics"], rtol=1e-6)
     assert 0.8 < stats["observation.depth.top"]["mean"].item() < 1.0
+    # LeRobot's default unit when loading is millimetres: frames and stats alike.
+    in_mm = LeRobotDataset("local/touch_block", root=root)
+    start = dataset.meta.episodes[0]["dataset_from_index"]
+    torch.testing.assert_close(
+        in_mm[start]["observation.depth.top"], dataset[start]["observation.depth.top"] * 1000.0
+    )
+    assert 800 < in_mm.meta.stats["observation.depth.top"]["mean"].item() < 1000

@@ -76,8 +76,8 @@ class TouchBlockEnvConfig(EnvConfig):
     """`--env.type=touch_block`: move to, and hold at, the top of the block named by the instruction.
 
     `features` are keyed by env observation names and `features_map` gives the policy keys, as for
-    LeRobot's own envs. Depth and camera matrices are STATE features, matching how a dataset's
-    plain float32 features are typed by `dataset_to_policy_features`.
+    LeRobot's own envs. Depth is a VISUAL feature (the dataset stores it as a LeRobot depth-map
+    image) and the camera matrices are STATE features, as `dataset_to_policy_features` types them.
     """
 
     task: str | None = "TouchBlock-v0"
@@ -117,7 +117,7 @@ class TouchBlockEnvConfig(EnvConfig):
         self.features[f"pixels/{touch_block.CAMERA_NAME}"] = PolicyFeature(
             type=FeatureType.VISUAL, shape=(h, w, 3)
         )
-        self.features["depth"] = PolicyFeature(type=FeatureType.STATE, shape=(1, h, w))
+        self.features["depth"] = PolicyFeature(type=FeatureType.VISUAL, shape=(1, h, w))
 
     @property
     def package_name(self) -> str:

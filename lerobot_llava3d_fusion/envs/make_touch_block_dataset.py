@@ -12,7 +12,8 @@ there); the expert always gets there well within the step budget, so a miss is r
 
 Features (H x W from --height/--width):
     observation.images.top       image (or video) (H, W, 3) uint8
-    observation.depth.top        float32 (1, H, W), metres along the camera z axis
+    observation.depth.top        LeRobot depth-map image (H, W, 1) float32, metres along the camera
+                                 z axis (``depth_unit: "m"``), stored losslessly as raw TIFF
     observation.intrinsics.top   float32 (3, 3)
     observation.extrinsics.top   float32 (4, 4), camera-to-world
     observation.state            float32 (3,), end-effector xyz (world, m)
@@ -20,11 +21,13 @@ Features (H x W from --height/--width):
     next.reward / next.success / next.done   (1,) after the action
 and the instruction as the frame's task.
 
-`meta/stats.json` follows LeRobot except for the camera-geometry features: LeRobot 0.6.1 reduces a
-multi-dimensional float feature over every axis but the last (depth stats would be shaped (W,),
-matrix stats (cols,)), so they are recomputed here with usable shapes: depth per channel like
-LeRobot's depth maps, (1, 1, 1); intrinsics/extrinsics per element, (3, 3) / (4, 4). The
-per-episode stats under `meta/episodes` keep LeRobot's shapes.
+LeRobot returns depth maps in millimetres unless told otherwise: train with
+``--dataset.depth_output_unit=m`` (the demo preset sets it), since the policy reads metres.
+
+`meta/stats.json` follows LeRobot except for the camera matrices: LeRobot 0.6.1 reduces a
+multi-dimensional float feature over every axis but the last (stats shaped (cols,)), so they are
+recomputed here per element, (3, 3) / (4, 4). The per-episode stats under `meta/episodes` keep
+LeRobot's shapes.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[
             "shape": (height, width, 3),
             "names": ["height", "width", "channels"],
         },
-        # A plain float32 array rather than an image: PNG/video would quantise metric depth.
+        # LeRobot's depth-map image: float32 metres, stored losslessly (raw TIFF) and decoded fast.
         geometry_key("depth"): {
-            "dtype": "float32",
-            "shape": (1, height, width),
-            "names": ["channels", "height", "width"],
+            "dtype": "image",
+            "shape": (height, width, 1),
+            "names": ["height", "width", "channels"],
+            "info": {"is_depth_map": True, "depth_unit": "m"},
         },
         geometry_key("intrinsics"): {"dtype": "float32", "shape": (3, 3), "names": ["rows", "cols"]},
         geometry_key("extrinsics"): {"dtype": "float32", "shape": (4, 4), "names": ["rows", "cols"]},
@@ -77,18 +81,16 @@ def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[
     }
 
 
-def geometry_stats(depth: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> dict[str, dict]:
-    """Stats of one episode's camera geometry.
+def camera_matrix_stats(intrinsics: np.ndarray, extrinsics: np.ndarray) -> dict[str, dict]:
+    """Stats of one episode's camera matrices (LeRobot computes the depth map's own).
 
     Args:
-        depth: (T, 1, H, W); intrinsics: (T, 3, 3); extrinsics: (T, 4, 4).
+        intrinsics: (T, 3, 3); extrinsics: (T, 4, 4).
 
     Returns:
-        {feature key: {stat name: array}}, depth stats shaped (1, 1, 1), matrix stats (3, 3) / (4, 4),
-        "count" shaped (1,) as in LeRobot.
+        {feature key: {stat name: array}}, stats shaped (3, 3) / (4, 4), "count" shaped (1,) as in LeRobot.
     """
-    depth_stats = get_feature_stats(depth, axis=(0, 2, 3), keepdims=True)
-    stats = {geometry_key("depth"): {k: v if k == "count" else v[0] for k, v in depth_stats.items()}}
+    stats = {}
     for name, matrices in (("intrinsics", intrinsics), ("extrinsics", extrinsics)):
         flat_stats = get_feature_stats(matrices.reshape(len(matrices), -1), axis=0, keepdims=False)
         stats[geometry_key(name)] = {
@@ -124,12 +126,12 @@ def make_touch_block_dataset(
         use_videos=use_videos,
     )
     start, num_frames = time.perf_counter(), 0
-    episode_geometry_stats = []
+    episode_matrix_stats = []
     try:
         for episode in tqdm(range(num_episodes), desc="touch_block episodes", unit="ep"):
             obs, _ = env.reset(seed=seed + episode)
             task = sim.task_description
-            geometry: dict[str, list[np.ndarray]] = {"depth": [], "intrinsics": [], "extrinsics": []}
+            matrices: dict[str, list[np.ndarray]] = {"intrinsics": [], "extrinsics": []}
             done, held = False, 0
             while not done:
                 action = touch_block.expert_action(sim.ee_position, sim.target_position, sim.max_step)
@@ -139,7 +141,7 @@ def make_touch_block_dataset(
                 dataset.add_frame(
                     {
                         IMAGE_KEY: obs["pixels"][touch_block.CAMERA_NAME],
-                        geometry_key("depth"): obs["depth"],
+                        geometry_key("depth"): obs["depth"].transpose(1, 2, 0),  # (H, W, 1)
                         geometry_key("intrinsics"): obs["intrinsics"],
                         geometry_key("extrinsics"): obs["extrinsics"],
                         OBS_STATE: obs["agent_pos"],
@@ -150,18 +152,18 @@ def make_touch_block_dataset(
                         "task": task,
                     }
                 )
-                for name, frames in geometry.items():
+                for name, frames in matrices.items():
                     frames.append(obs[name])
                 obs = next_obs
                 num_frames += 1
             if held < HOLD_FRAMES:
                 raise RuntimeError(f"scripted expert failed on seed {seed + episode}; this is a bug")
             dataset.save_episode()
-            episode_geometry_stats.append(geometry_stats(**{k: np.stack(v) for k, v in geometry.items()}))
+            episode_matrix_stats.append(camera_matrix_stats(**{k: np.stack(v) for k, v in matrices.items()}))
     finally:
         dataset.finalize()
         env.close()
-    dataset.meta.stats.update(aggregate_stats(episode_geometry_stats))
+    dataset.meta.stats.update(aggregate_stats(episode_matrix_stats))
     write_stats(dataset.meta.stats, dataset.root)
     elapsed = time.perf_counter() - start
     logger.info(
