@@ -86,7 +86,7 @@ def test_env_type_resolves_through_lerobot():
     cfg = make_env_config("libero_rgbd", task=SUITE, observation_height=SIZE, observation_width=SIZE)
     assert cfg.type == "libero_rgbd"
     assert cfg.features_map["depth_image2"] == "observation.depth.image2"
-    assert cfg.features["depth_image"] == PolicyFeature(FeatureType.STATE, (1, SIZE, SIZE))
+    assert cfg.features["depth_image"] == PolicyFeature(FeatureType.VISUAL, (1, SIZE, SIZE))  # as recorded
     env_pre, _ = cfg.get_env_processors()
     assert [type(step) for step in env_pre.steps] == [LiberoProcessorStep, LiberoRGBDProcessorStep]
 
@@ -266,7 +266,7 @@ def test_recorder_writes_a_loadable_dataset(tmp_path):
          "--episodes", "2", "--steps", "3", "--image-size", str(size)]
     )  # fmt: skip
 
-    dataset = LeRobotDataset("local/libero_rgbd", root=root)
+    dataset = LeRobotDataset("local/libero_rgbd", root=root, depth_output_unit="m")
     assert dataset.meta.total_episodes == 2 and len(dataset) == 6 and dataset.fps == 10
     features = dataset.meta.features
     assert features["observation.images.image"]["dtype"] == "image"
@@ -275,8 +275,9 @@ def test_recorder_writes_a_loadable_dataset(tmp_path):
         7,
     )
     for cam in CAMERAS:
-        assert features[f"observation.depth.{cam}"]["dtype"] == "float32"
-        assert tuple(features[f"observation.depth.{cam}"]["shape"]) == (1, size, size)
+        assert features[f"observation.depth.{cam}"]["dtype"] == "image"  # LeRobot's depth-map image
+        assert features[f"observation.depth.{cam}"]["info"] == {"is_depth_map": True, "depth_unit": "m"}
+        assert tuple(features[f"observation.depth.{cam}"]["shape"]) == (size, size, 1)
 
     frame = dataset[4]
     shapes = {key: shape[1:] for key, shape in expected_observation_shapes(size).items()}

@@ -182,13 +182,14 @@ class LiberoRGBDEnvConfig(LiberoEnv):
         super().__post_init__()
         h, w = self.observation_height, self.observation_width
         for camera in self.camera_names():
-            for raw_prefix, obs_prefix, shape in (
-                (RAW_DEPTH_PREFIX, OBS_DEPTH, (1, h, w)),
-                (RAW_INTRINSICS_PREFIX, OBS_INTRINSICS, (3, 3)),
-                (RAW_EXTRINSICS_PREFIX, OBS_EXTRINSICS, (4, 4)),
+            # Typed as `dataset_to_policy_features` types a recording: the depth map VISUAL (it is
+            # a LeRobot depth-map image there), the camera matrices STATE (float features).
+            for raw_prefix, obs_prefix, feature_type, shape in (
+                (RAW_DEPTH_PREFIX, OBS_DEPTH, FeatureType.VISUAL, (1, h, w)),
+                (RAW_INTRINSICS_PREFIX, OBS_INTRINSICS, FeatureType.STATE, (3, 3)),
+                (RAW_EXTRINSICS_PREFIX, OBS_EXTRINSICS, FeatureType.STATE, (4, 4)),
             ):
-                # Typed STATE like `dataset_to_policy_features` types float dataset features.
-                self.features[f"{raw_prefix}{camera}"] = PolicyFeature(type=FeatureType.STATE, shape=shape)
+                self.features[f"{raw_prefix}{camera}"] = PolicyFeature(type=feature_type, shape=shape)
                 self.features_map[f"{raw_prefix}{camera}"] = f"{obs_prefix}.{camera}"
 
     def camera_names(self) -> list[str]:
@@ -223,7 +224,13 @@ def dataset_features(cfg: LiberoRGBDEnvConfig) -> dict[str, dict]:
         features[f"{OBS_IMAGES}.{camera}"] = {
             "dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channel"]
         }  # fmt: skip
-        features[f"{OBS_DEPTH}.{camera}"] = {"dtype": "float32", "shape": (1, h, w), "names": None}
+        # LeRobot's depth-map image: float32 metres, stored losslessly (raw TIFF).
+        features[f"{OBS_DEPTH}.{camera}"] = {
+            "dtype": "image",
+            "shape": (h, w, 1),
+            "names": ["height", "width", "channels"],
+            "info": {"is_depth_map": True, "depth_unit": "m"},
+        }
         features[f"{OBS_INTRINSICS}.{camera}"] = {"dtype": "float32", "shape": (3, 3), "names": None}
         features[f"{OBS_EXTRINSICS}.{camera}"] = {"dtype": "float32", "shape": (4, 4), "names": None}
     return features
@@ -261,7 +268,9 @@ def _frame_from_batch(
         if key == ACTION:
             continue
         value = batch[key][0]
-        if feature["dtype"] == "image":
+        if key.startswith(f"{OBS_DEPTH}."):
+            value = value.permute(1, 2, 0)  # (1, H, W) -> the depth map's (H, W, 1), metres
+        elif feature["dtype"] == "image":
             # Back to the uint8 HWC the public datasets store; exact, the env rendered uint8.
             value = (value.permute(1, 2, 0) * 255).round().to(torch.uint8)
         frame[key] = value.numpy()
@@ -269,16 +278,16 @@ def _frame_from_batch(
 
 
 @contextmanager
-def _per_channel_geometry_stats(geometry_keys: Sequence[str]) -> Iterator[None]:
-    """Give the geometry features per-channel stats of shape (C, 1, 1) while recording.
+def _scalar_camera_matrix_stats(matrix_keys: Sequence[str]) -> Iterator[None]:
+    """Give the camera-matrix features scalar stats of shape (1, 1, 1) while recording.
 
     LeRobot 0.6.1 checks, when it aggregates per-episode stats (from the second episode on), that
     every feature whose key contains "image" has (3, 1, 1) or (1, 1, 1) stats, assuming it is a
-    camera; ``observation.depth.image`` and friends are float features and would get per-last-axis
-    stats ((W,) for depth, (3,) for ``K``), so saving the second episode raises. Depth gets
-    per-channel stats, as LeRobot computes for its own depth maps; ``K`` and the camera pose get
-    scalar ones (normalizing them is meaningless anyway: policies should use IDENTITY for them).
-    The dataset writer looks the function up in its module at call time, hence the swap there.
+    camera; ``observation.intrinsics.image`` and ``observation.extrinsics.image`` are float
+    features and would get per-last-axis stats ((3,) for ``K``), so saving the second episode
+    raises. (Normalizing them is meaningless anyway: the policy never does.) The depth maps are
+    LeRobot depth-map images and get LeRobot's own per-channel stats. The dataset writer looks the
+    function up in its module at call time, hence the swap there.
     """
     from lerobot.datasets import dataset_writer
     from lerobot.datasets.compute_stats import get_feature_stats
@@ -287,10 +296,8 @@ def _per_channel_geometry_stats(geometry_keys: Sequence[str]) -> Iterator[None]:
 
     def compute_with_channel_stats(episode_data: dict, features: dict, *args: Any, **kwargs: Any) -> dict:
         stats = compute_episode_stats(episode_data, features, *args, **kwargs)
-        for key in geometry_keys:
-            values = np.asarray(episode_data[key])
-            if values.ndim == 3:  # (N, 3, 3) or (N, 4, 4): a single "channel"
-                values = values[:, None]
+        for key in matrix_keys:
+            values = np.asarray(episode_data[key])[:, None]  # (N, 3, 3) or (N, 4, 4): one "channel"
             channel_stats = get_feature_stats(values, axis=(0, 2, 3), keepdims=True)
             stats[key] = {k: v if k == "count" else v[0] for k, v in channel_stats.items()}
         return stats
@@ -347,12 +354,10 @@ def record_dataset(
     )
     rng = np.random.default_rng(seed)
     envs = cfg.create_envs(n_envs=1)[suite]
-    geometry_keys = [
-        k for k in features if k.startswith((f"{OBS_DEPTH}.", f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))
-    ]
+    matrix_keys = [k for k in features if k.startswith((f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))]
     total_frames = len(envs) * episodes * steps
     with (
-        _per_channel_geometry_stats(geometry_keys),
+        _scalar_camera_matrix_stats(matrix_keys),
         tqdm(total=total_frames, desc="Recording", unit="frame") as bar,
     ):
         try:
