@@ -1,5 +1,6 @@
 """Configuration of the llava3d_fusion policy (registered with LeRobot as ``llava3d_fusion``)."""
 
+import math
 from dataclasses import dataclass, field
 
 from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
@@ -79,6 +80,9 @@ class Llava3DFusionConfig(PreTrainedConfig):
     camera_extrinsics: dict[str, list[list[float]]] = field(default_factory=dict)
     depth_estimator_name: str | None = None
     geometry_max_depth: float = 10.0  # metres; farther (or non-finite, <= 0) depth is ignored
+    # Initial value of the per-channel geometry gate: 0 leaves a pretrained VLM unchanged at the
+    # start; a backbone trained from scratch (the demo's) learns to use geometry far sooner at 1.
+    geometry_gate_init: float = 0.0
 
     # Action expert.
     expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
@@ -153,6 +157,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(f"expert_mlp_multiplier must be in (0, 1] (got {self.expert_mlp_multiplier}).")
         if self.num_steps < 1:
             raise ValueError(f"num_steps (Euler steps) must be >= 1 (got {self.num_steps}).")
+        if not math.isfinite(self.geometry_gate_init):
+            raise ValueError(f"geometry_gate_init must be finite (got {self.geometry_gate_init}).")
         if self.max_state_dim < 1 or self.max_action_dim < 1:
             raise ValueError("max_state_dim and max_action_dim must be >= 1.")
         if self.tokenizer_max_length < 1:

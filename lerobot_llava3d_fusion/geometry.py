@@ -222,10 +222,12 @@ class GeometryEncoder(nn.Module):
     """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
 
     ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied channel-wise by
-    ``gate`` (initialised at 0, so the output is exactly zero until training opens it) and zeroed on
-    patches without valid depth. The gate has one entry per channel: each entry gets its own gradient
-    from the start, whereas a single scalar only gets the projection of the gradient on the random
-    initial features, which stays near zero and kept geometry switched off in training.
+    ``gate`` and zeroed on patches without valid depth. The gate has one entry per channel: each
+    entry gets its own gradient from the start, whereas a single scalar only gets the projection of
+    the gradient on the random initial features, which stays near zero and kept geometry switched
+    off in training. ``gate_init`` 0 (the default) makes the output exactly zero until training
+    opens the gate, so a pretrained VLM starts unchanged; a model trained from scratch has nothing
+    to preserve and learns faster with the gate open (1).
     """
 
     def __init__(
@@ -234,8 +236,11 @@ class GeometryEncoder(nn.Module):
         num_frequencies: int = 16,
         max_wavelength: float = 8.0,
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
+        gate_init: float = 0.0,
     ):
         super().__init__()
+        if not math.isfinite(gate_init):
+            raise ValueError(f"gate_init must be finite, got {gate_init}")
         if not 0.0 < min_wavelength <= max_wavelength:
             raise ValueError(
                 f"need 0 < min_wavelength <= max_wavelength, got min_wavelength={min_wavelength}, "
@@ -251,7 +256,7 @@ class GeometryEncoder(nn.Module):
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size),
         )
-        self.gate = nn.Parameter(torch.zeros(hidden_size))
+        self.gate = nn.Parameter(torch.full((hidden_size,), float(gate_init)))
 
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
         """``(B, N, 3)`` points, ``(B, N)`` validity -> ``(B, N, hidden_size)`` in the parameters' dtype."""
@@ -282,6 +287,7 @@ class DepthToPatchGeometry(nn.Module):
         min_depth: float = 1e-3,
         max_depth: float = 100.0,
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
+        gate_init: float = 0.0,
     ):
         super().__init__()
         if not 0.0 <= min_depth < max_depth:
@@ -291,7 +297,9 @@ class DepthToPatchGeometry(nn.Module):
         self.grid_size = _check_grid_size(grid_size)
         self.min_depth = min_depth
         self.max_depth = max_depth
-        self.encoder = GeometryEncoder(hidden_size, num_frequencies, max_wavelength, min_wavelength)
+        self.encoder = GeometryEncoder(
+            hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init
+        )
 
     def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
         """See :func:`backproject_depth` for the input shapes; returns ``(B, gh * gw, hidden_size)``."""

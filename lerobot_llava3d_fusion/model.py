@@ -90,12 +90,18 @@ class Llava3DFusionModel(nn.Module):
             self.patch_geometry = None
         elif config.geometry_target == "prefix":
             self.patch_geometry = DepthToPatchGeometry(
-                vlm_width, backbone.patch_grid, max_depth=config.geometry_max_depth
+                vlm_width,
+                backbone.patch_grid,
+                max_depth=config.geometry_max_depth,
+                gate_init=config.geometry_gate_init,
             ).to(dtype)
         else:
             expert_width = self.fusion.expert_width
             self.patch_geometry = DepthToPatchGeometry(
-                expert_width, EXPERT_GEOMETRY_GRID, max_depth=config.geometry_max_depth
+                expert_width,
+                EXPERT_GEOMETRY_GRID,
+                max_depth=config.geometry_max_depth,
+                gate_init=config.geometry_gate_init,
             ).to(dtype)
             self.expert_patch_proj = nn.Linear(vlm_width, expert_width).to(dtype)
         self.patch_grid = backbone.patch_grid

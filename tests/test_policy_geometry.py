@@ -67,6 +67,24 @@ def test_geometry_starts_neutral_and_is_used_once_the_gate_opens():
     assert not torch.allclose(moved, opened, atol=1e-4)
 
 
+def test_geometry_gate_init_opens_the_gate_from_the_start():
+    opened = geometry_policy(seed=0, geometry_gate_init=1.0)
+    assert torch.equal(
+        opened.model.patch_geometry.encoder.gate, torch.ones_like(opened.model.patch_geometry.encoder.gate)
+    )
+    # The same weights with the gate set by hand give the same actions: the option only sets the gate.
+    by_hand = geometry_policy(seed=0)
+    with torch.no_grad():
+        by_hand.model.patch_geometry.encoder.gate.fill_(1.0)
+    batch = preprocess(opened, with_depth(raw_batch()))
+    noise = noise_for(opened)
+    torch.testing.assert_close(
+        opened.predict_action_chunk(batch, noise=noise), by_hand.predict_action_chunk(batch, noise=noise)
+    )
+    with pytest.raises(ValueError, match="geometry_gate_init"):
+        tiny_config(geometry_gate_init=float("nan"))
+
+
 @pytest.mark.parametrize("target", ["prefix", "expert"])
 def test_geometry_policy_trains_and_cached_sampling_matches(target):
     policy = geometry_policy(geometry_target=target)
