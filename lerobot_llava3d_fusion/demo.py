@@ -12,6 +12,7 @@ adds. Everything runs offline on the CPU; results go to `<workdir>/results.json`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import subprocess
@@ -114,22 +115,42 @@ def evaluate(workdir: Path, checkpoint: Path, geometry: str, episodes: int) -> f
     return info["overall"]["pc_success"]
 
 
+REFERENCE_POLICIES = ("expert", "expert without depth", "expert without language", "random")
+
+
+def reference_target(env: touch_block.TouchBlockEnv, policy: str, rng: np.random.Generator) -> np.ndarray:
+    """(3,) point a scripted reference policy heads for in the episode just reset.
+
+    "expert" uses the named block's true top-centre. "expert without depth" knows everything the
+    RGB image and the instruction show but not the heights: it assumes every block has the mid
+    height of the range. "expert without language" knows the true tops but not which block is
+    named: it picks one at random.
+    """
+    scene = env.scene
+    if policy == "expert without depth":
+        mid_height = float(np.mean(touch_block.BLOCK_HEIGHT_RANGE))
+        scene = dataclasses.replace(scene, heights=np.full_like(scene.heights, mid_height))
+    target = int(rng.integers(len(scene.colours))) if policy == "expert without language" else scene.target
+    return env.renderer.block_top_centres(scene)[target]
+
+
 def reference_success(policy: str, episodes: int) -> float:
-    """Success rate (%) of the scripted expert or uniform random actions, seeds as lerobot-eval's."""
+    """Success rate (%) of a scripted reference policy (`REFERENCE_POLICIES`), seeds as lerobot-eval's."""
+    if policy not in REFERENCE_POLICIES:
+        raise ValueError(f"policy must be one of {REFERENCE_POLICIES}, got {policy!r}")
     env = gym.make(touch_block.GYM_ID, disable_env_checker=True).unwrapped
     rng = np.random.default_rng(0)
     successes = 0
     for seed in range(EVAL_START_SEED, EVAL_START_SEED + episodes):
         observation, _ = env.reset(seed=seed)
+        target = reference_target(env, policy, rng)
         for _ in range(touch_block.DEFAULT_EPISODE_LENGTH):
-            if policy == "expert":
-                action = touch_block.expert_action(
-                    observation["agent_pos"], env.target_position, env.max_step
-                )
-            else:
+            if policy == "random":
                 action = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
-            observation, _, terminated, _, info = env.step(action)
-            if terminated:
+            else:
+                action = touch_block.expert_action(observation["agent_pos"], target, env.max_step)
+            observation, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
                 break
         successes += bool(info["is_success"])
     return 100.0 * successes / episodes
@@ -156,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     backbone = write_demo_backbone(args.workdir / "backbone")
-    results = {
-        "expert": reference_success("expert", args.eval_episodes),
-        "random": reference_success("random", args.eval_episodes),
-    }
+    results = {policy: reference_success(policy, args.eval_episodes) for policy in REFERENCE_POLICIES}
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(args.workdir, dataset_root, backbone, geometry, args.steps)
         results[f"llava3d_fusion (geometry={geometry})"] = evaluate(

@@ -1,5 +1,6 @@
 """The demo's own pieces: its backbone checkpoint and the reference success rates."""
 
+import pytest
 import torch
 
 from lerobot_llava3d_fusion.demo import reference_success, write_demo_backbone
@@ -22,3 +23,11 @@ def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):
 def test_reference_success_rates_bracket_the_task():
     assert reference_success("expert", 10) == 100.0
     assert reference_success("random", 10) <= 10.0
+
+
+def test_the_task_needs_depth_and_language():
+    # An expert that lacks the heights, or does not know which block is named, mostly fails.
+    assert reference_success("expert without depth", 40) <= 50.0
+    assert reference_success("expert without language", 40) <= 50.0
+    with pytest.raises(ValueError, match="policy must be one of"):
+        reference_success("oracle", 1)
