@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .envs import touch_block
 from .envs.make_touch_block_dataset import make_touch_block_dataset
-from .vlm import build_tiny_llava
+from .vlm import build_tiny_llava, build_word_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,18 @@ PRESET = Path(__file__).resolve().parent.parent / "configs" / "touch_block_demo.
 EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 .. episodes - 1
 
 
+def demo_vocabulary() -> list[str]:
+    """Every word of every touch_block instruction."""
+    instructions = (touch_block.INSTRUCTION_TEMPLATE.format(colour=colour) for colour in touch_block.PALETTE)
+    return sorted({word for instruction in instructions for word in instruction.split()})
+
+
 def write_demo_backbone(directory: Path) -> Path:
     """A small random LLaVA checkpoint laid out like a real one (config, weights, tokenizer, image
     processor), sized for the demo: 64 px images in 8 px patches (an 8 x 8 grid, fine enough to
-    localise a 5 cm block) and a 4-layer Qwen2 LLM of width 128."""
+    localise a 5 cm block), a 4-layer Qwen2 LLM of width 128 and a word-level tokenizer over the
+    task's words (one token per word, as a real tokenizer makes of common words, so an instruction
+    is 7 tokens rather than 30 bytes)."""
     if (directory / "config.json").exists():
         return directory
     from transformers import SiglipImageProcessor
@@ -46,14 +54,15 @@ def write_demo_backbone(directory: Path) -> Path:
         image_size=64,
         patch_size=8,
         vision_hidden_size=64,
-        text_sizes=dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-        ),
+        text_sizes={
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+        },
+        tokenizer=build_word_tokenizer(demo_vocabulary()),
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

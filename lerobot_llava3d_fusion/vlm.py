@@ -17,6 +17,7 @@ the patch grid and the tokenizer. Supported `vlm_model_name`s (Hub id or local d
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -221,6 +222,21 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
 
 
+def build_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (split on whitespace and punctuation) plus
+    <unk>/<pad>/<eos>: each known word is one token, as a real LLM tokenizer makes of common words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: index for index, word in enumerate(sorted(set(words)))}
+    for special in ("<unk>", "<pad>", "<eos>"):
+        vocab[special] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
+    )
+
+
 def build_tiny_llava(
     llm_type: str = "qwen2",
     *,
@@ -228,14 +244,19 @@ def build_tiny_llava(
     patch_size: int = TINY_PATCH_SIZE,
     vision_hidden_size: int = 32,
     text_sizes: dict | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast]:
     """A small random LLaVA model (SigLIP tower + `llm_type` LLM) and its tokenizer.
 
     The defaults are the `"tiny"` preset; the size arguments build larger ones (e.g. the demo's).
+    `tokenizer` (default: the byte-level `build_tiny_tokenizer`) needs a pad token; the vocabulary
+    size follows it.
     """
     if llm_type not in TINY_LLM_CONFIGS:
         raise ValueError(f"tiny_llm_type must be one of {sorted(TINY_LLM_CONFIGS)}, got {llm_type!r}.")
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = tokenizer or build_tiny_tokenizer()
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer needs a pad token (it also serves as the image token).")
     text_config = TINY_LLM_CONFIGS[llm_type](
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **(text_sizes or TINY_TEXT_SIZES)
     )

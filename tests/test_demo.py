@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lerobot_llava3d_fusion.demo import reference_success, write_demo_backbone
+from lerobot_llava3d_fusion.envs.touch_block import PALETTE
 from lerobot_llava3d_fusion.vlm import load_backbone
 
 
@@ -12,8 +13,13 @@ def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):
     backbone = load_backbone(str(directory), load_weights=True)
     assert backbone.patch_grid == (8, 8)  # 64 px images in 8 px patches
     assert backbone.language_model.config.hidden_size == 128
-    tokens = backbone.tokenizer("touch the top of the red block")["input_ids"]
-    assert len(tokens) > 0
+    # Word-level: one token per word, each colour its own token, no unknown word in an instruction.
+    tokenizer = backbone.tokenizer
+    tokens = tokenizer("touch the top of the red block")["input_ids"]
+    assert len(tokens) == 7 and tokenizer.unk_token_id not in tokens
+    colours = {tokenizer(f"touch the top of the {c} block")["input_ids"][5] for c in PALETTE}
+    assert len(colours) == len(PALETTE) and tokenizer.unk_token_id not in colours
+    assert tokenizer("touch the purple block")["input_ids"][2] == tokenizer.unk_token_id
     # Written once: a second call keeps the same weights.
     before = backbone.language_model.embed_tokens.weight.clone()
     again = load_backbone(str(write_demo_backbone(directory)), load_weights=True)
