@@ -383,3 +383,15 @@ def test_dataset_command_writes_a_loadable_offline_dataset(tmp_path):
         in_mm[start]["observation.depth.top"], dataset[start]["observation.depth.top"] * 1000.0
     )
     assert 800 < in_mm.meta.stats["observation.depth.top"]["mean"].item() < 1000
+
+
+def test_dataset_command_takes_the_number_of_blocks(tmp_path):
+    root = tmp_path / "one_block"
+    main(["--root", str(root), "--episodes", "2", "--seed", "3", "--num-blocks", "1"])
+    dataset = LeRobotDataset("local/touch_block", root=root, depth_output_unit="m")
+    env = gym.make(tb.GYM_ID, num_blocks=1)
+    for episode in range(2):
+        obs, _ = env.reset(seed=3 + episode)
+        assert len(env.unwrapped.scene.colours) == 1
+        frame = dataset[dataset.meta.episodes[episode]["dataset_from_index"]]
+        np.testing.assert_array_equal(frame["observation.depth.top"].numpy(), obs["depth"])

@@ -107,15 +107,19 @@ def make_touch_block_dataset(
     height: int = 64,
     width: int = 64,
     use_videos: bool = False,
+    num_blocks: int = 3,
 ) -> LeRobotDataset:
-    """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist)."""
+    """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist);
+    `num_blocks` blocks per scene (train and evaluate with the same `--env.num_blocks`)."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
     root = Path(root)
     if root.exists():
         raise ValueError(f"dataset root {root} already exists; choose a new directory")
 
-    env = gym.make(touch_block.GYM_ID, observation_height=height, observation_width=width)
+    env = gym.make(
+        touch_block.GYM_ID, observation_height=height, observation_width=width, num_blocks=num_blocks
+    )
     sim: touch_block.TouchBlockEnv = env.unwrapped
     dataset = LeRobotDataset.create(
         repo_id=repo_id,
@@ -187,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="episode i uses env seed `seed + i`")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--num-blocks", type=int, default=3, help="blocks per scene (as --env.num_blocks)")
     parser.add_argument(
         "--video", action="store_true", help="store RGB as (lossy) video instead of lossless PNG images"
     )
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         height=args.height,
         width=args.width,
         use_videos=args.video,
+        num_blocks=args.num_blocks,
     )
 
 
