@@ -9,7 +9,8 @@ Python, torch and library runtime, the same in both processes).
 By default both processes live at once and take training steps in turn (one steps while the other
 waits), so the timings are interleaved as in latency.py; `--sequential` trains one policy after the
 other instead, for a GPU that cannot hold both at once. The optimizer is each policy's own LeRobot
-preset (AdamW) and the step is LeRobot's `update_policy` without the accelerator: backward,
+preset (AdamW for both; ours enables torch's fused kernel, pi0's runs torch's default, a per-tensor
+loop on CPU) and the step is LeRobot's `update_policy` without the accelerator: backward,
 clip_grad_norm_, step, zero_grad.
 
     python bench/throughput.py                                         # CPU, small preset, batch 2
@@ -124,7 +125,7 @@ def train_worker(name: str, args, conn: Connection) -> None:
                 "peak_training": peak,
                 "peak_training_net": peak - runtime_memory,
             },
-            "optimizer": type(optimizer).__name__,
+            "optimizer": type(optimizer).__name__ + (" (fused)" if optimizer.defaults.get("fused") else ""),
             "model": describe(policy, name),
         }
     )
