@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    datasets.disable_progress_bars()  # the episode bar only, not one `datasets` bar per saved episode
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
