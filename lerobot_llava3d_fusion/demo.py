@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # force: an imported library may have configured the root logger already (it hid this output).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     datasets.disable_progress_bars()  # the episode bar only, not one `datasets` bar per saved episode
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -210,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
 
     backbone = write_demo_backbone(args.workdir / "backbone")
     results = {
-        policy: reference_success(policy, args.eval_episodes, args.num_blocks) for policy in REFERENCE_POLICIES
+        policy: reference_success(policy, args.eval_episodes, args.num_blocks)
+        for policy in REFERENCE_POLICIES
     }
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps)
@@ -228,13 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     table = "\n".join(f"  {name:<36} {rate:5.1f} %" for name, rate in results.items())
-    logger.info(
-        "touch_block success over %d episodes (seeds %d+):\n%s\ntotal time: %s min; results in %s",
-        args.eval_episodes,
-        EVAL_START_SEED,
-        table,
-        summary["minutes"],
-        run_dir / "results.json",
+    print(  # noqa: T201 - the command's result, on stdout
+        f"touch_block ({args.num_blocks} block(s) per scene) success over {args.eval_episodes} episodes "
+        f"(seeds {EVAL_START_SEED}+):\n{table}\n"
+        f"total time: {summary['minutes']} min; results in {run_dir / 'results.json'}"
     )
 
 
