@@ -230,10 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     table = "\n".join(f"  {name:<36} {rate:5.1f} %" for name, rate in results.items())
-    print(  # noqa: T201 - the command's result, on stdout
-        f"touch_block ({args.num_blocks} block(s) per scene) success over {args.eval_episodes} episodes "
-        f"(seeds {EVAL_START_SEED}+):\n{table}\n"
-        f"total time: {summary['minutes']} min; results in {run_dir / 'results.json'}"
+    logger.info(
+        "touch_block (%d block(s) per scene) success over %d episodes (seeds %d+):\n%s\n"
+        "total time: %s min; results in %s",
+        args.num_blocks,
+        args.eval_episodes,
+        EVAL_START_SEED,
+        table,
+        summary["minutes"],
+        run_dir / "results.json",
     )
 
 

@@ -268,7 +268,7 @@ def _frame_from_batch(
         if key == ACTION:
             continue
         value = batch[key][0]
-        if key.startswith(f"{OBS_DEPTH}."):
+        if (feature.get("info") or {}).get("is_depth_map"):
             value = value.permute(1, 2, 0)  # (1, H, W) -> the depth map's (H, W, 1), metres
         elif feature["dtype"] == "image":
             # Back to the uint8 HWC the public datasets store; exact, the env rendered uint8.
