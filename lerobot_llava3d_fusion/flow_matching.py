@@ -3,6 +3,10 @@
 Suffix layout (the original system's): [state token (optional)] [action token x H] [time token].
 Convention (openpi): x_t = t * noise + (1 - t) * actions, target velocity u = noise - actions;
 sampling integrates from t = 1 (noise) to t = 0 (actions).
+
+Actions are zero-padded from the robot's `action_dim` to `max_action_dim`. The padded dims carry no
+target, so the expert never sees them: they are zero in x_t at every step of training and sampling
+(otherwise training would show it t * noise there and sampling an untrained drift).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class FlowMatchingActionExpert(nn.Module):
         self,
         width: int,
         chunk_size: int,
+        action_dim: int,
         max_state_dim: int,
         max_action_dim: int,
         use_state_token: bool = True,
@@ -33,7 +38,10 @@ class FlowMatchingActionExpert(nn.Module):
         max_period: float = 4.0,
     ):
         super().__init__()
+        if not 0 < action_dim <= max_action_dim:
+            raise ValueError(f"action_dim ({action_dim}) must be in [1, max_action_dim={max_action_dim}].")
         self.chunk_size = chunk_size
+        self.action_dim = action_dim
         self.max_action_dim = max_action_dim
         self.use_state_token = use_state_token
         self.min_period = min_period
@@ -67,10 +75,14 @@ class FlowMatchingActionExpert(nn.Module):
         tokens.append(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb)))[:, None])
         return torch.cat(tokens, dim=1)
 
+    def without_padding(self, actions: Tensor) -> Tensor:
+        """(B, H, A_max) with the padded dims (>= action_dim) set to zero."""
+        return F.pad(actions[..., : self.action_dim], (0, self.max_action_dim - self.action_dim))
+
     def velocity(self, transformer: SuffixTransformer, state: Tensor, x_t: Tensor, time: Tensor) -> Tensor:
-        """Predicted velocity (B, H, A_max), float32."""
-        hidden = transformer(self.embed_suffix(state, x_t, time))
-        return self.action_out_proj(hidden[:, self.action_slice]).float()
+        """Predicted velocity (B, H, A_max), float32, zero in the padded dims."""
+        hidden = transformer(self.embed_suffix(state, self.without_padding(x_t), time))
+        return self.without_padding(self.action_out_proj(hidden[:, self.action_slice]).float())
 
     def compute_loss(
         self,
@@ -80,7 +92,8 @@ class FlowMatchingActionExpert(nn.Module):
         noise: Tensor,
         time: Tensor,
     ) -> Tensor:
-        """Element-wise squared error (B, H, A_max) between predicted and target velocity."""
+        """Element-wise squared error (B, H, A_max) between predicted and target velocity; the padded
+        dims' entries are meaningless (the caller leaves them out of the loss)."""
         t = time[:, None, None]
         x_t = t * noise + (1.0 - t) * actions
         target = noise - actions
@@ -97,7 +110,7 @@ class FlowMatchingActionExpert(nn.Module):
         batch = noise.shape[0]
         times = torch.linspace(1.0, 0.0, num_steps + 1, device=noise.device)[:-1]  # (num_steps,)
         dt = -1.0 / num_steps
-        x_t = noise
+        x_t = self.without_padding(noise)
         for step in range(num_steps):
             x_t = x_t + dt * self.velocity(transformer, state, x_t, times[step].expand(batch))
         return x_t

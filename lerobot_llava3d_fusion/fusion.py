@@ -61,8 +61,7 @@ def build_expert_layers(
     layer_cls = type(llm.layers[0])
     layers = nn.ModuleList(layer_cls(config, layer_idx=i) for i in range(len(llm.layers)))
     norm = type(llm.norm)(config.hidden_size, eps=config.rms_norm_eps)
-    dtype = next(llm.parameters()).dtype
-    return layers.to(dtype), norm.to(dtype)
+    return layers, norm
 
 
 def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:

@@ -9,6 +9,7 @@ Inputs are already tensors (the policy turns LeRobot batches into them):
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .backbone import ImageEncoder
+from .backbone_files import BackboneSource
 from .configuration_llava3d_fusion import Llava3DFusionConfig
 from .depth_estimation import MonocularDepthEstimator
 from .flow_matching import FlowMatchingActionExpert, sample_time
@@ -40,19 +42,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Llava3DFusionModel(nn.Module):
-    def __init__(self, config: Llava3DFusionConfig):
+    """The network. Mixed precision: pretrained weights load in `config.dtype` (memory), new modules
+    are built in float32; the policy then decides each parameter's storage dtype (float32 master
+    weights for everything that trains) and `compute_precision()` runs the forward in `config.dtype`."""
+
+    def __init__(self, config: Llava3DFusionConfig, backbone_source: BackboneSource | None = None):
         super().__init__()
         self.config = config
-        dtype = DTYPES[config.dtype]
+        backbone_source = backbone_source or BackboneSource.from_config(config)
         backbone = load_backbone(
-            config.vlm_model_name,
+            backbone_source.vlm,
             load_weights=config.load_vlm_weights,
             num_layers=config.num_vlm_layers,
             image_pooling=config.image_pooling,
-            vision_tower_name=config.vision_tower_name,
+            vision_tower_name=backbone_source.vision_tower,
             tiny_llm_type=config.tiny_llm_type,
-            dtype=dtype,
+            dtype=DTYPES[config.dtype],
         )
+        self.backbone_source = backbone_source
+        self.tokenizer = backbone.tokenizer
         self.image_encoder = ImageEncoder(
             backbone.vision_tower,
             backbone.projector,
@@ -60,7 +68,7 @@ class Llava3DFusionModel(nn.Module):
             backbone.vision_feature_select_strategy,
             feature_grid=backbone.feature_grid,
             pooling=backbone.image_pooling,
-        ).to(dtype)
+        )
         self.image_size = backbone.image_size
         self.register_buffer(
             "image_mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1), persistent=False
@@ -76,12 +84,13 @@ class Llava3DFusionModel(nn.Module):
         self.action_expert = FlowMatchingActionExpert(
             width=self.fusion.expert_width,
             chunk_size=config.chunk_size,
+            action_dim=config.action_feature.shape[-1],
             max_state_dim=config.max_state_dim,
             max_action_dim=config.max_action_dim,
             use_state_token=config.use_state_token,
             min_period=config.min_period,
             max_period=config.max_period,
-        ).to(dtype)
+        )
         self.depth_estimator = (
             MonocularDepthEstimator(config.depth_estimator_name) if config.geometry == "estimator" else None
         )
@@ -94,7 +103,7 @@ class Llava3DFusionModel(nn.Module):
                 backbone.patch_grid,
                 max_depth=config.geometry_max_depth,
                 gate_init=config.geometry_gate_init,
-            ).to(dtype)
+            )
         else:
             expert_width = self.fusion.expert_width
             self.patch_geometry = DepthToPatchGeometry(
@@ -102,14 +111,21 @@ class Llava3DFusionModel(nn.Module):
                 EXPERT_GEOMETRY_GRID,
                 max_depth=config.geometry_max_depth,
                 gate_init=config.geometry_gate_init,
-            ).to(dtype)
-            self.expert_patch_proj = nn.Linear(vlm_width, expert_width).to(dtype)
+            )
+            self.expert_patch_proj = nn.Linear(vlm_width, expert_width)
         self.patch_grid = backbone.patch_grid
         self.denoise_step = (
             torch.compile(self.fusion.forward_suffix, mode=config.compile_mode)
             if config.compile_model
             else self.fusion.forward_suffix
         )
+
+    def compute_precision(self) -> AbstractContextManager:
+        """Autocast to `config.dtype` (bf16 matmuls over float32 master weights; norms, softmax and the
+        Euler integration stay float32), or nothing for float32, leaving any outer autocast alone."""
+        if self.config.dtype == "float32":
+            return nullcontext()
+        return torch.autocast(self.embed_tokens.weight.device.type, dtype=DTYPES[self.config.dtype])
 
     # --------------------------------------------------------------------------------- prefix
 
@@ -124,7 +140,7 @@ class Llava3DFusionModel(nn.Module):
                 for img in images
             ]
         )  # (n_cameras * B, 3, S, S), camera-major: one vision-tower call for all cameras
-        pixels = ((pixels - self.image_mean) / self.image_std).to(self.embed_tokens.weight.dtype)
+        pixels = (pixels - self.image_mean) / self.image_std
         return list(self.image_encoder(pixels).chunk(len(images)))
 
     def camera_points_embedding(self, image: Tensor, geometry: CameraGeometry) -> Tensor:
@@ -173,6 +189,10 @@ class Llava3DFusionModel(nn.Module):
         self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None
     ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
+        with self.compute_precision():
+            return self._loss(images, geometry, lang_tokens, lang_mask, state, actions, noise, time)
+
+    def _loss(self, images, geometry, lang_tokens, lang_mask, state, actions, noise, time) -> Tensor:
         cfg = self.config
         if noise is None:
             noise = torch.randn_like(actions)
@@ -200,6 +220,10 @@ class Llava3DFusionModel(nn.Module):
     @torch.no_grad()
     def sample_actions(self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor) -> Tensor:
         """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps."""
+        with self.compute_precision():
+            return self._sample(images, geometry, lang_tokens, lang_mask, state, noise)
+
+    def _sample(self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor) -> Tensor:
         prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
         context_length = 0 if expert_context is None else expert_context.shape[1]
         if self.config.use_cache:

@@ -7,6 +7,7 @@ model outputs back into LeRobot actions; the network itself lives in `model.py`.
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
+from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from .configuration_llava3d_fusion import (
     Llava3DFusionConfig,
     camera_name,
@@ -23,7 +25,7 @@ from .configuration_llava3d_fusion import (
     extrinsics_key,
     intrinsics_key,
 )
-from .model import CameraGeometry, Llava3DFusionModel
+from .model import DTYPES, CameraGeometry, Llava3DFusionModel
 
 
 class ModelInputs(NamedTuple):
@@ -40,21 +42,32 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     config_class = Llava3DFusionConfig
     name = "llava3d_fusion"
 
-    def __init__(self, config: Llava3DFusionConfig, **kwargs):
+    def __init__(self, config: Llava3DFusionConfig, backbone_source: BackboneSource | None = None, **kwargs):
+        """`backbone_source`: where the backbone's architecture files are (default: the config's
+        `vlm_model_name` / `vision_tower_name`; `from_pretrained` passes the checkpoint's own copy)."""
         super().__init__(config)
         config.validate_features()
         self.config = config
-        self.model = Llava3DFusionModel(config)
+        self.model = Llava3DFusionModel(config, backbone_source)
         self._apply_freeze_flags()
+        self._set_storage_dtypes()
         self.reset()
 
     @classmethod
     def from_pretrained(cls, pretrained_name_or_path, *, config: PreTrainedConfig | None = None, **kwargs):
-        # The checkpoint holds every weight: do not fetch the backbone's pretrained weights again.
+        # The checkpoint holds every weight: do not fetch the backbone's pretrained weights again, and
+        # build the architecture from the backbone files the checkpoint carries.
         if config is None:
             config = PreTrainedConfig.from_pretrained(pretrained_name_or_path, **kwargs)
         config.load_vlm_weights = False
-        return super().from_pretrained(pretrained_name_or_path, config=config, **kwargs)
+        source = checkpoint_backbone_source(pretrained_name_or_path, config, **kwargs)
+        return super().from_pretrained(
+            pretrained_name_or_path, config=config, backbone_source=source, **kwargs
+        )
+
+    def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        super()._save_pretrained(save_directory, state_dict)
+        save_backbone_files(self.model.backbone_source, self.model.tokenizer, save_directory)
 
     def _apply_freeze_flags(self) -> None:
         if self.config.freeze_vision_encoder or self.config.train_expert_only:
@@ -69,6 +82,16 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 self.model.fusion.vlm_norm,
             ):
                 module.requires_grad_(False)
+
+    def _set_storage_dtypes(self) -> None:
+        """Mixed precision as LeRobot users expect it: every parameter that trains keeps a float32
+        master copy, so the optimizer's small updates are not rounded away (bf16 has an 8-bit
+        mantissa: a step of 2.5e-6 on a weight of 1.0 would vanish); frozen parameters are stored in
+        `config.dtype` to save memory. Compute runs in `config.dtype` under autocast (the model's
+        `compute_precision`, and Accelerate's in `lerobot-train`)."""
+        frozen_dtype = DTYPES[self.config.dtype]
+        for param in self.parameters():
+            param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
 
     def get_optim_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -146,10 +169,41 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 f"no intrinsics for camera {name!r}: put {intrinsics_key(camera_key)!r} in the observation or "
                 f"set camera_intrinsics[{name!r}] in the policy config."
             )
+        _check_pinhole(intrinsics_key(camera_key), intrinsics)
+        if depth is not None:
+            self._check_depth_grid(
+                camera_key, depth, intrinsics, from_config=intrinsics_key(camera_key) not in batch
+            )
         extrinsics = self._camera_matrix(
             batch, extrinsics_key(camera_key), cfg.camera_extrinsics.get(name), 4, device
         )
+        if extrinsics is not None:
+            _check_rigid_transform(extrinsics_key(camera_key), extrinsics)
         return CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=extrinsics)
+
+    def _check_depth_grid(
+        self, camera_key: str, depth: Tensor, intrinsics: Tensor, from_config: bool
+    ) -> None:
+        """The intrinsics must describe the depth image's pixel grid, or back-projection is silently wrong."""
+        height, width = depth.shape[-2:]
+        key = depth_key(camera_key)
+        recorded = self.config.input_features[key].shape[-2:] if key in self.config.input_features else None
+        if from_config and recorded is not None and tuple(recorded) != (height, width):
+            raise ValueError(
+                f"{key} is {height}x{width}, but camera_intrinsics[{camera_name(camera_key)!r}] of the config "
+                f"describe the {recorded[0]}x{recorded[1]} depth the policy was trained on: resize the "
+                "depth to that resolution, or give per-frame intrinsics for this one in "
+                f"{intrinsics_key(camera_key)!r}."
+            )
+        principal_x, principal_y = intrinsics[..., 0, 2], intrinsics[..., 1, 2]
+        if ((principal_x < 0) | (principal_x > width) | (principal_y < 0) | (principal_y > height)).any():
+            raise ValueError(
+                f"{key} is {height}x{width}, but {intrinsics_key(camera_key)} puts the principal point at "
+                f"(cx, cy) = ({principal_x.max().item():g}, {principal_y.max().item():g}), outside it: the "
+                f"intrinsics are for an image of about {2 * principal_y.max().item():.0f}x"
+                f"{2 * principal_x.max().item():.0f}. They must describe the depth image's own pixel grid "
+                "(scale fx, fy, cx, cy with the depth's resolution)."
+            )
 
     @staticmethod
     def _camera_matrix(batch, key: str, fallback, size: int, device) -> Tensor | None:
@@ -240,6 +294,36 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
             self._action_queue.extend(chunk.transpose(0, 1))  # queue of (B, action_dim)
         return self._action_queue.popleft()
+
+
+# Camera matrices are metric and must reach the policy as recorded; one that was normalised (or is
+# simply not a camera matrix) fails these checks instead of silently bending the 3D positions.
+def _check_pinhole(key: str, intrinsics: Tensor) -> None:
+    last_row = intrinsics.new_tensor([0.0, 0.0, 1.0])
+    focal = intrinsics[..., [0, 1], [0, 1]]
+    if not (
+        torch.allclose(intrinsics[..., 2, :], last_row.expand_as(intrinsics[..., 2, :])) and (focal > 0).all()
+    ):
+        raise ValueError(
+            f"{key} is not a pinhole matrix [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0 (got "
+            f"{intrinsics.reshape(-1, 3, 3)[0].tolist()}). Camera matrices must reach the policy as recorded: "
+            "were they normalised?"
+        )
+
+
+def _check_rigid_transform(key: str, extrinsics: Tensor) -> None:
+    rotation = extrinsics[..., :3, :3]
+    identity = torch.eye(3, device=extrinsics.device).expand_as(rotation)
+    last_row = extrinsics.new_tensor([0.0, 0.0, 0.0, 1.0]).expand_as(extrinsics[..., 3, :])
+    if not (
+        torch.allclose(extrinsics[..., 3, :], last_row)
+        and torch.allclose(rotation @ rotation.transpose(-1, -2), identity, atol=1e-3)
+    ):
+        raise ValueError(
+            f"{key} is not a rigid camera-to-world transform [[R, t], [0, 0, 0, 1]] with R a rotation (got "
+            f"{extrinsics.reshape(-1, 4, 4)[0].tolist()}). Camera matrices must reach the policy as recorded: "
+            "were they normalised?"
+        )
 
 
 def _check_finite(key: str, tensor: Tensor) -> None:

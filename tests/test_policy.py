@@ -91,15 +91,55 @@ def test_padding_the_prompt_does_not_change_the_actions(policy):
     batch = preprocess(policy, raw_batch())
     noise = fixed_noise(2, policy)
     reference = policy.predict_action_chunk(batch, noise=noise)
+    torch.testing.assert_close(
+        policy.predict_action_chunk(pad_prompt(batch), noise=noise), reference, atol=1e-5, rtol=0
+    )
+
+
+def pad_prompt(batch: dict, extra: int = 7) -> dict:
+    """The same batch with `extra` padding tokens after every prompt."""
     padded = dict(batch)
-    extra = 7
     padded["observation.language.tokens"] = torch.nn.functional.pad(
         batch["observation.language.tokens"], (0, extra)
     )
     padded["observation.language.attention_mask"] = torch.nn.functional.pad(
         batch["observation.language.attention_mask"], (0, extra), value=False
     )
-    torch.testing.assert_close(policy.predict_action_chunk(padded, noise=noise), reference, atol=1e-5, rtol=0)
+    return padded
+
+
+@pytest.mark.parametrize("expert_mode", ["shared", "separate"])
+def test_padding_the_prompt_does_not_change_the_training_loss(expert_mode):
+    policy = tiny_policy(expert_mode=expert_mode)
+    batch = preprocess(policy, raw_batch(tasks=["pick up the red block and put it in the bowl", "push"]))
+    noise, time = fixed_noise(2, policy), torch.tensor([0.3, 0.8])
+    reference, _ = policy.forward(batch, noise=noise, time=time)
+    padded, _ = policy.forward(pad_prompt(batch), noise=noise, time=time)
+    torch.testing.assert_close(padded, reference, atol=1e-6, rtol=0)
+    assert reference > 0
+
+
+def test_padded_action_dims_of_the_noise_change_neither_actions_nor_loss(policy):
+    """Padded action dims (>= the robot's action dim) are invisible to the expert, in sampling and training."""
+    batch = preprocess(policy, raw_batch())
+    noise = fixed_noise(2, policy)
+    other_noise = noise.clone()
+    other_noise[..., ACTION_DIM:] = torch.randn_like(noise[..., ACTION_DIM:]) * 3
+    actions = policy.predict_action_chunk(batch, noise=noise)
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=other_noise), actions, atol=0, rtol=0)
+
+    time = torch.tensor([0.3, 0.8])
+    loss, _ = policy.forward(batch, noise=noise, time=time)
+    other_loss, _ = policy.forward(batch, noise=other_noise, time=time)
+    torch.testing.assert_close(other_loss, loss, atol=0, rtol=0)
+
+
+def test_sampling_keeps_padded_action_dims_at_zero(policy):
+    batch = preprocess(policy, raw_batch())
+    inputs = policy._prepare_inputs(batch)
+    padded_actions = policy.model.sample_actions(*inputs, fixed_noise(2, policy))
+    assert padded_actions[..., :ACTION_DIM].abs().sum() > 0
+    assert torch.equal(padded_actions[..., ACTION_DIM:], torch.zeros_like(padded_actions[..., ACTION_DIM:]))
 
 
 @pytest.mark.parametrize("expert_mode", ["shared", "separate"])

@@ -1,0 +1,95 @@
+"""dtype=bfloat16 as LeRobot users run it: float32 master weights for what trains, bf16 compute.
+
+`lerobot-train` turns on Accelerate's bf16 autocast from `policy.dtype`; on CPU that is
+`torch.autocast("cpu", dtype=torch.bfloat16)`, which these tests use around the forward pass.
+"""
+
+import pytest
+import torch
+from conftest import preprocess, raw_batch, tiny_policy
+
+SMALLEST_DECAYED_LR = 2.5e-6  # the LIBERO presets' `scheduler_decay_lr`
+
+
+def bf16_policy(**overrides):
+    return tiny_policy(dtype="bfloat16", freeze_vision_encoder=True, **overrides)
+
+
+def test_trainable_parameters_keep_float32_master_weights_and_frozen_ones_are_bf16():
+    policy = bf16_policy()
+    trainable = {name: p.dtype for name, p in policy.named_parameters() if p.requires_grad}
+    frozen = {name: p.dtype for name, p in policy.named_parameters() if not p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert all(name.startswith("model.image_encoder.vision_tower.") for name in frozen)
+
+    expert_only = bf16_policy(train_expert_only=True)
+    vlm_weight = expert_only.model.fusion.vlm_layers[0].self_attn.q_proj.weight
+    expert_weight = expert_only.model.fusion.expert_layers[0].self_attn.q_proj.weight
+    assert vlm_weight.dtype == torch.bfloat16 and expert_weight.dtype == torch.float32
+
+
+def one_training_step(policy, lr: float, seed: int = 0) -> tuple[dict, dict]:
+    """One step of the policy's own optimizer preset at `lr`, forward under bf16 autocast as
+    Accelerate runs it: (parameters before, gradients) of every trainable tensor."""
+    policy.train()
+    batch = preprocess(policy, raw_batch(seed=seed))
+    preset = policy.config.get_optimizer_preset()
+    preset.lr = lr
+    optimizer = preset.build(policy.get_optim_params())
+    named = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    before = {name: p.detach().clone() for name, p in named.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = policy.forward(batch)
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in named.items() if p.grad is not None}
+    optimizer.step()
+    return before, grads
+
+
+@pytest.mark.parametrize("expert_mode", ["separate", "shared"])
+def test_one_bf16_optimizer_step_at_the_smallest_lr_changes_every_trained_tensor(expert_mode):
+    policy = bf16_policy(expert_mode=expert_mode)
+    before, grads = one_training_step(policy, SMALLEST_DECAYED_LR)
+    params = dict(policy.named_parameters())
+    with_gradient = [name for name, grad in grads.items() if grad.abs().sum() > 0]
+    changed = [name for name in with_gradient if not torch.equal(params[name].detach(), before[name])]
+    assert len(with_gradient) > 20
+    assert len(changed) >= 0.99 * len(with_gradient), sorted(set(with_gradient) - set(changed))
+    # Norm weights sit at 1.0, where bf16's spacing (2**-7) swallows any step below 4e-3.
+    norms = [name for name in with_gradient if "norm" in name]
+    assert norms and all(name in changed for name in norms)
+    # Each changed tensor moved by about lr (AdamW's first step is lr * sign(grad)), not by rounding.
+    for name in changed:
+        step = (params[name].detach() - before[name]).abs().max().item()
+        assert step == pytest.approx(SMALLEST_DECAYED_LR, rel=0.05), (name, step)
+
+
+def test_bf16_policy_computes_in_bf16_and_samples_close_to_float32():
+    float32 = tiny_policy(freeze_vision_encoder=True)
+    bf16 = bf16_policy()
+    bf16.load_state_dict(float32.state_dict())  # same weights; the frozen tower is rounded to bf16
+    batch = preprocess(float32, raw_batch())
+    noise = torch.randn(2, float32.config.chunk_size, float32.config.max_action_dim)
+
+    output_dtypes = []
+    layer = bf16.model.fusion.vlm_layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda module, args, out: output_dtypes.append(out.dtype))
+    try:
+        actions = bf16.predict_action_chunk(batch, noise=noise)
+    finally:
+        handle.remove()
+    assert output_dtypes and set(output_dtypes) == {torch.bfloat16}
+    assert actions.dtype == torch.float32
+    reference = float32.predict_action_chunk(batch, noise=noise)
+    error = (actions - reference).abs().max().item()
+    assert 0 < error < 0.1, error  # bf16 rounding, not a different computation
+
+
+def test_float32_policy_does_not_autocast():
+    policy = tiny_policy()
+    output_dtypes = []
+    layer = policy.model.fusion.vlm_layers[0].self_attn.q_proj
+    layer.register_forward_hook(lambda module, args, out: output_dtypes.append(out.dtype))
+    policy.predict_action_chunk(preprocess(policy, raw_batch()))
+    assert set(output_dtypes) == {torch.float32}
