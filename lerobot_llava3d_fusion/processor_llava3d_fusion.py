@@ -7,7 +7,9 @@ resizes and normalizes them for its vision tower once, on the device.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from lerobot.processor import (
     make_default_policy_processor_steps,
     make_policy_processor_pipelines,
 )
+from transformers import AutoTokenizer
 
 from .configuration_llava3d_fusion import (
     DEPTH_PREFIX,
@@ -94,19 +97,30 @@ class Llava3DFusionObservationCheckStep(ObservationProcessorStep):
 class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
     """Tokenizes the task with the tokenizer of `vlm_model_name` (including the offline "tiny" one).
 
-    Saved with the backbone name, so a checkpoint's preprocessor rebuilds the same tokenizer.
-    Rejects empty task strings: the policy is language-conditioned.
+    A saved pipeline carries the tokenizer's files in the step's state file (`state_dict`), so a
+    checkpoint's preprocessor loads without the backbone's directory or Hub repo; `vlm_model_name` is
+    then only a record of where it came from. Rejects empty task strings: the policy is
+    language-conditioned.
     """
 
     vlm_model_name: str = ""
+    # True in saved pipelines: the tokenizer comes from the state file, not from `vlm_model_name`.
+    tokenizer_in_state: bool = False
 
     def __post_init__(self):
-        if not self.vlm_model_name:
-            raise ValueError("Llava3DFusionTokenizerStep needs vlm_model_name.")
-        self.tokenizer = load_tokenizer(self.vlm_model_name)
-        super().__post_init__()
+        if self.tokenizer is None and not self.tokenizer_in_state:
+            if not self.vlm_model_name:
+                raise ValueError("Llava3DFusionTokenizerStep needs vlm_model_name.")
+            self.tokenizer = load_tokenizer(self.vlm_model_name)
+        if self.tokenizer is not None:
+            super().__post_init__()
 
     def get_task(self, transition):
+        if self.input_tokenizer is None:
+            raise RuntimeError(
+                f"the tokenizer of {self.vlm_model_name!r} was not loaded: a saved pipeline brings it in "
+                "its state file; load the pipeline with PolicyProcessorPipeline.from_pretrained."
+            )
         tasks = super().get_task(transition)
         if tasks is not None and any(not task.strip() for task in tasks):
             raise ValueError(
@@ -115,7 +129,39 @@ class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
         return tasks
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "vlm_model_name": self.vlm_model_name}
+        return {**super().get_config(), "vlm_model_name": self.vlm_model_name, "tokenizer_in_state": True}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tokenizer's files (as `save_pretrained` writes them), one uint8 tensor per file."""
+        with tempfile.TemporaryDirectory() as directory:
+            self.input_tokenizer.save_pretrained(directory)
+            return {
+                path.name: torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+                for path in sorted(Path(directory).iterdir())
+                if path.is_file()
+            }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            for filename, data in state.items():
+                (Path(directory) / filename).write_bytes(data.numpy().tobytes())
+            self.tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.input_tokenizer = self.tokenizer
+
+
+def normalized_observation_keys(config: Llava3DFusionConfig) -> set[str]:
+    """The observation features the normalizer may touch: neither images nor geometry.
+
+    Saved in the normalizer's config (`normalize_observation_keys`), so it survives what
+    `lerobot-train` does when it fine-tunes (`--policy.path`) or resumes a checkpoint: it overrides the
+    normalizer's features with every input feature and the policy's per-type `normalization_mapping`,
+    under which camera matrices (STATE features) would otherwise get MEAN_STD.
+    """
+    return {
+        key
+        for key, feature in config.input_features.items()
+        if feature.type is not FeatureType.VISUAL and not key.startswith(UNNORMALIZED_PREFIXES)
+    }
 
 
 def make_llava3d_fusion_pre_post_processors(
@@ -126,11 +172,6 @@ def make_llava3d_fusion_pre_post_processors(
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
 ]:
     steps = make_default_policy_processor_steps(config, dataset_stats)
-    normalized_features = {
-        key: feature
-        for key, feature in {**config.input_features, **config.output_features}.items()
-        if not key.startswith(UNNORMALIZED_PREFIXES) and feature.type is not FeatureType.VISUAL
-    }
     input_steps = [
         steps.rename_observations,
         steps.add_batch_dim,
@@ -144,7 +185,10 @@ def make_llava3d_fusion_pre_post_processors(
         ),
         steps.to_device,
         NormalizerProcessorStep(
-            features=normalized_features, norm_map=config.normalization_mapping, stats=dataset_stats
+            features={**config.input_features, **config.output_features},
+            norm_map=config.normalization_mapping,
+            stats=dataset_stats,
+            normalize_observation_keys=normalized_observation_keys(config),
         ),
     ]
     output_steps = [steps.unnormalize, steps.to_cpu]

@@ -389,6 +389,89 @@ def test_from_pretrained_of_a_policy_built_from_a_checkpoint_gives_identical_act
     assert torch.equal(reloaded.predict_action_chunk(batch, noise=noise), before)
 
 
+@pytest.mark.parametrize("fmt", ["llava-llama-clip", "onevision-qwen2-siglip", "llava3d-clip"])
+def test_a_saved_policy_needs_nothing_but_its_checkpoint(checkpoints, tmp_path, fmt):
+    """Train-time backbone directories deleted: the checkpoint alone rebuilds policy and preprocessor."""
+    import shutil
+
+    from lerobot.processor import PolicyProcessorPipeline
+
+    from lerobot_llava3d_fusion import make_llava3d_fusion_pre_post_processors
+
+    vlm_dir, tower_dir = checkpoints[fmt]
+    moved_vlm = shutil.copytree(vlm_dir, tmp_path / "vlm")
+    moved_tower = tower_dir and shutil.copytree(tower_dir, tmp_path / "tower")
+    torch.manual_seed(0)
+    policy = Llava3DFusionPolicy(
+        tiny_config(vlm_model_name=str(moved_vlm), vision_tower_name=moved_tower and str(moved_tower))
+    )
+    preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config)
+    raw = raw_batch()
+    batch = preprocessor(dict(raw))
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    before = policy.predict_action_chunk(batch, noise=noise)
+    checkpoint = tmp_path / "checkpoint"
+    policy.save_pretrained(checkpoint)
+    preprocessor.save_pretrained(checkpoint)
+    shutil.rmtree(moved_vlm)
+    if moved_tower:
+        shutil.rmtree(moved_tower)
+
+    files = {str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file()}
+    # The image processor belongs to the vision tower: the LLaVA checkpoint's, or the separate one's.
+    image_processor_dir = "backbone/vision_tower" if moved_tower else "backbone"
+    assert {
+        "backbone/config.json",
+        "backbone/tokenizer.json",
+        f"{image_processor_dir}/preprocessor_config.json",
+    } <= files
+    assert ("backbone/vision_tower/config.json" in files) == (moved_tower is not None)
+    assert not any(name.startswith("backbone/") and name.endswith(".safetensors") for name in files)
+
+    torch.manual_seed(123)  # the rebuilt backbone starts from other random weights
+    reloaded = Llava3DFusionPolicy.from_pretrained(checkpoint)
+    reloaded_preprocessor = PolicyProcessorPipeline.from_pretrained(checkpoint, "policy_preprocessor.json")
+    reloaded_batch = reloaded_preprocessor(dict(raw))
+    assert torch.equal(reloaded_batch["observation.language.tokens"], batch["observation.language.tokens"])
+    assert torch.equal(reloaded.predict_action_chunk(reloaded_batch, noise=noise), before)
+    torch.testing.assert_close(reloaded.model.image_mean, policy.model.image_mean, atol=0, rtol=0)
+
+    # Saving the reloaded policy again (fine-tuning a checkpoint) carries the same files on.
+    resaved = tmp_path / "resaved"
+    reloaded.save_pretrained(resaved)
+    assert (resaved / "backbone" / "config.json").read_text() == (
+        checkpoint / "backbone" / "config.json"
+    ).read_text()
+
+
+def test_a_checkpoint_on_the_hub_brings_its_backbone_files(checkpoints, tmp_path, monkeypatch):
+    """`--policy.path=user/repo`: the backbone folder comes from the repo, not from vlm_model_name."""
+    import shutil
+
+    from lerobot_llava3d_fusion import backbone_files
+
+    vlm_dir, _ = checkpoints["llava-llama-clip"]
+    moved = shutil.copytree(vlm_dir, tmp_path / "vlm")
+    policy = Llava3DFusionPolicy(tiny_config(vlm_model_name=str(moved)))
+    repo = tmp_path / "hub" / "user--policy"
+    policy.save_pretrained(repo)
+    shutil.rmtree(moved)
+    requests = []
+
+    def snapshot_download(repo_id, allow_patterns, **options):
+        requests.append((repo_id, allow_patterns, options))
+        return str(repo)
+
+    monkeypatch.setattr(backbone_files, "snapshot_download", snapshot_download)
+    config = policy.config
+    source = backbone_files.checkpoint_backbone_source("user/policy", config, revision="v1", strict=True)
+    assert requests == [("user/policy", ["backbone/**"], {"revision": "v1"})]
+    assert source == backbone_files.BackboneSource(str(repo / "backbone"), None)
+    config.load_vlm_weights = False  # as from_pretrained sets it: the weights come from the checkpoint
+    rebuilt = Llava3DFusionPolicy(config, backbone_source=source)
+    assert rebuilt.model.fusion.vlm_layers[0].self_attn.q_proj.weight.shape == (64, 64)
+
+
 # ---------------------------------------------------------------------------- pooling and layers
 
 

@@ -150,6 +150,111 @@ def test_dataset_depth_features_are_wired_and_never_normalized():
     torch.testing.assert_close(out["observation.state"], (state - 3.0) / 2.0)  # state normalized
 
 
+def test_camera_matrices_pass_unchanged_through_a_reloaded_preprocessor_with_lerobot_train_overrides(
+    tmp_path,
+):
+    """What `lerobot-train --policy.path=<checkpoint>` (fine-tuning) and `--resume` do to the saved
+    preprocessor: every input feature and the per-type normalization_mapping replace the normalizer's."""
+    from lerobot.processor import PolicyProcessorPipeline
+    from lerobot.processor.converters import batch_to_transition, transition_to_batch
+
+    features = {
+        "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 40, 40)),
+        "observation.depth.top": PolicyFeature(FeatureType.VISUAL, (1, DEPTH_SIZE, DEPTH_SIZE)),
+        "observation.intrinsics.top": PolicyFeature(FeatureType.STATE, (3, 3)),
+        "observation.extrinsics.top": PolicyFeature(FeatureType.STATE, (4, 4)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (5,)),
+    }
+    config = tiny_config(geometry="depth", input_features=features)
+    preprocessor, _ = make_llava3d_fusion_pre_post_processors(config, dataset_stats=None)
+    preprocessor.save_pretrained(tmp_path)
+
+    # A new dataset's per-element stats: the focal length is constant, so its std is 0.
+    intrinsics = torch.tensor([INTRINSICS])
+    extrinsics = torch.eye(4)[None].clone()
+    extrinsics[0, :3, 3] = torch.tensor([0.1, -0.2, 1.5])
+    stats = {
+        "observation.intrinsics.top": {"mean": intrinsics[0], "std": torch.zeros(3, 3)},
+        "observation.extrinsics.top": {"mean": extrinsics[0], "std": torch.zeros(4, 4)},
+        "observation.depth.top": {"mean": torch.full((1, 1, 1), 800.0), "std": torch.full((1, 1, 1), 50.0)},
+        "observation.state": {"mean": torch.full((5,), 3.0), "std": torch.full((5,), 2.0)},
+        "action": {"mean": torch.zeros(3), "std": torch.ones(3)},
+    }
+    overrides = {
+        "normalizer_processor": {
+            "features": {**config.input_features, **config.output_features},
+            "norm_map": config.normalization_mapping,
+            "stats": stats,
+        },
+    }
+    reloaded = PolicyProcessorPipeline.from_pretrained(
+        tmp_path,
+        "policy_preprocessor.json",
+        overrides=overrides,
+        to_transition=batch_to_transition,
+        to_output=transition_to_batch,
+    )
+    depth = torch.rand(1, 1, DEPTH_SIZE, DEPTH_SIZE) + 0.5
+    state = torch.randn(1, 5)
+    out = reloaded(
+        {
+            "observation.images.top": torch.rand(1, 3, 40, 40),
+            "observation.depth.top": depth,
+            "observation.intrinsics.top": intrinsics,
+            "observation.extrinsics.top": extrinsics,
+            "observation.state": state,
+            "action": torch.zeros(1, 3),
+            "task": ["touch the red block"],
+        }
+    )
+    assert torch.equal(out["observation.intrinsics.top"], intrinsics)
+    assert torch.equal(out["observation.extrinsics.top"], extrinsics)
+    assert torch.equal(out["observation.depth.top"], depth)
+    torch.testing.assert_close(out["observation.state"], (state - 3.0) / 2.0)  # the new stats apply
+
+
+def test_normalised_camera_matrices_are_refused():
+    policy = geometry_policy()
+    batch = preprocess(policy, with_depth(raw_batch()))
+    normalised = dict(batch)
+    normalised["observation.intrinsics.top"] = torch.zeros(2, 3, 3)  # MEAN_STD of a constant matrix
+    with pytest.raises(ValueError, match="observation.intrinsics.top is not a pinhole matrix.*normalised"):
+        policy.predict_action_chunk(normalised)
+    normalised = dict(batch)
+    normalised["observation.extrinsics.top"] = torch.eye(4).expand(2, 4, 4) * 0.5
+    with pytest.raises(ValueError, match="observation.extrinsics.top is not a rigid"):
+        policy.predict_action_chunk(normalised)
+    rotated = dict(batch)  # a real camera pose passes
+    pose = torch.eye(4)
+    pose[:3, :3] = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    pose[:3, 3] = torch.tensor([0.3, 0.0, 1.2])
+    rotated["observation.extrinsics.top"] = pose.expand(2, 4, 4)
+    assert torch.isfinite(policy.predict_action_chunk(rotated)).all()
+
+
+def test_depth_at_another_resolution_than_its_intrinsics_is_refused():
+    policy = geometry_policy()
+    batch = preprocess(policy, with_depth(raw_batch()))
+    # Config intrinsics describe the 24x24 depth the policy was built for; this depth is 12x12.
+    smaller = dict(batch)
+    smaller["observation.depth.top"] = batch["observation.depth.top"][..., ::2, ::2]
+    with pytest.raises(ValueError, match=r"observation.depth.top is 12x12.*24x24"):
+        policy.predict_action_chunk(smaller)
+    # Per-frame intrinsics for another grid: the principal point falls outside the depth image.
+    wrong = dict(smaller)
+    wrong["observation.intrinsics.top"] = torch.tensor([INTRINSICS]).expand(2, 3, 3) * torch.tensor(
+        [[2.0], [2.0], [1.0]]
+    )
+    with pytest.raises(ValueError, match=r"observation.depth.top is 12x12.*principal point"):
+        policy.predict_action_chunk(wrong)
+    # Per-frame intrinsics that describe the 12x12 grid are fine.
+    scaled = dict(smaller)
+    scaled["observation.intrinsics.top"] = torch.tensor([INTRINSICS]).expand(2, 3, 3) * torch.tensor(
+        [[0.5], [0.5], [1.0]]
+    )
+    assert torch.isfinite(policy.predict_action_chunk(scaled)).all()
+
+
 def test_geometry_without_depth_features_is_rejected():
     with pytest.raises(ValueError, match="geometry='depth'"):
         tiny_config(geometry="depth").validate_features()
