@@ -25,6 +25,7 @@ EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
 TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
 DTYPES = ("float32", "bfloat16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @PreTrainedConfig.register_subclass("llava3d_fusion")
@@ -163,6 +164,35 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError("max_state_dim and max_action_dim must be >= 1.")
         if self.tokenizer_max_length < 1:
             raise ValueError(f"tokenizer_max_length must be >= 1 (got {self.tokenizer_max_length}).")
+        _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        if not 0.0 < self.geometry_max_depth:
+            raise ValueError(f"geometry_max_depth must be > 0 metres (got {self.geometry_max_depth}).")
+        for name, matrices, size in (
+            ("camera_intrinsics", self.camera_intrinsics, 3),
+            ("camera_extrinsics", self.camera_extrinsics, 4),
+        ):
+            for camera, matrix in matrices.items():
+                if len(matrix) != size or any(len(row) != size for row in matrix):
+                    raise ValueError(f"{name}[{camera!r}] must be a {size}x{size} matrix (got {matrix}).")
+        if not 0.0 < self.min_period < self.max_period:
+            raise ValueError(
+                f"need 0 < min_period < max_period (got min_period={self.min_period}, "
+                f"max_period={self.max_period})."
+            )
+        if self.time_sampling_beta_alpha <= 0 or self.time_sampling_beta_beta <= 0:
+            raise ValueError(
+                "time_sampling_beta_alpha and time_sampling_beta_beta must be > 0 (got "
+                f"{self.time_sampling_beta_alpha}, {self.time_sampling_beta_beta})."
+            )
+        if not (
+            0.0 <= self.time_sampling_offset
+            and 0.0 < self.time_sampling_scale
+            and self.time_sampling_offset + self.time_sampling_scale <= 1.0 + 1e-9
+        ):
+            raise ValueError(
+                "training times must lie in [0, 1]: need time_sampling_offset >= 0, time_sampling_scale > 0 "
+                f"and their sum <= 1 (got {self.time_sampling_offset} and {self.time_sampling_scale})."
+            )
         if self.train_expert_only and self.expert_mode == "shared":
             raise ValueError(
                 "train_expert_only=True with expert_mode='shared' would freeze the layers the expert runs "
@@ -187,6 +217,16 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if state is not None and state.shape[-1] > self.max_state_dim:
             raise ValueError(f"state dim {state.shape[-1]} exceeds max_state_dim ({self.max_state_dim}).")
 
+        cameras = {camera_name(key) for key in self.camera_keys}
+        for name, matrices in (
+            ("camera_intrinsics", self.camera_intrinsics),
+            ("camera_extrinsics", self.camera_extrinsics),
+        ):
+            unknown = sorted(set(matrices) - cameras)
+            if unknown:
+                raise ValueError(
+                    f"{name} names cameras {unknown} the policy does not have; its cameras: {sorted(cameras)}."
+                )
         if self.geometry == "depth" and not self.geometry_camera_keys:
             raise ValueError(
                 "geometry='depth' needs a depth feature for at least one camera (observation.depth.<cam> "

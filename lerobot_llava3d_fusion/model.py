@@ -81,6 +81,13 @@ class Llava3DFusionModel(nn.Module):
             config.expert_width_multiplier,
             config.expert_mlp_multiplier,
         )
+        if self.fusion.expert_width % 2:
+            llm_width = self.embed_tokens.embedding_dim
+            raise ValueError(
+                f"expert_width_multiplier={config.expert_width_multiplier} gives the action expert an odd width "
+                f"({self.fusion.expert_width} of the LLM's {llm_width}); the sinusoidal time embedding needs an "
+                f"even one: e.g. expert_width_multiplier={2 * round(config.expert_width_multiplier * llm_width / 2) / llm_width:g}."
+            )
         self.action_expert = FlowMatchingActionExpert(
             width=self.fusion.expert_width,
             chunk_size=config.chunk_size,

@@ -262,7 +262,9 @@ def test_optimizer_preset_is_adamw_with_the_fused_kernel():
         optimizer.step()
         results.append(torch.cat([p.detach().flatten() for p in policy.get_optim_params()]))
     # One step moves every parameter by about lr; both kernels must agree on where to.
-    moved = (results[0] - torch.cat([p.detach().flatten() for p in tiny_policy(seed=0).get_optim_params()])).abs()
+    moved = (
+        results[0] - torch.cat([p.detach().flatten() for p in tiny_policy(seed=0).get_optim_params()])
+    ).abs()
     assert moved.max() > 0.5 * fused_policy.config.optimizer_lr
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
 
@@ -366,11 +368,27 @@ def test_wrong_noise_shape_raises(policy):
         ({"num_steps": 0}, "num_steps"),
         ({"dtype": "float16"}, "dtype"),
         ({"train_expert_only": True, "expert_mode": "shared"}, "train_expert_only"),
+        ({"compile_mode": "fast"}, "compile_mode"),
+        ({"geometry_max_depth": 0.0}, "geometry_max_depth"),
+        ({"camera_intrinsics": {"top": [[1.0, 0.0], [0.0, 1.0]]}}, "camera_intrinsics"),
+        ({"camera_extrinsics": {"top": [[1.0, 0.0, 0.0]] * 3}}, "camera_extrinsics"),
+        ({"min_period": 5.0, "max_period": 4.0}, "min_period"),
+        ({"time_sampling_beta_alpha": 0.0}, "time_sampling_beta_alpha"),
+        ({"time_sampling_offset": 0.5, "time_sampling_scale": 0.9}, "time_sampling_offset"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_config_combinations_that_cannot_run_fail_at_construction():
+    # 0.3 x the tiny LLM's 64 channels is 19: the sinusoidal time embedding needs an even width.
+    with pytest.raises(ValueError, match="expert_width_multiplier=0.3 .*odd width.*0.3125"):
+        tiny_policy(expert_width_multiplier=0.3)
+    assert tiny_policy(expert_width_multiplier=0.3125).model.fusion.expert_width == 20
+    with pytest.raises(ValueError, match=r"camera_intrinsics names cameras \['front'\]"):
+        tiny_policy(camera_intrinsics={"front": [[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]})
 
 
 def test_dataset_without_camera_or_action_is_rejected():
