@@ -110,6 +110,11 @@ class Llava3DFusionConfig(PreTrainedConfig):
     min_period: float = 4e-3
     max_period: float = 4.0
 
+    # Training augmentation: a random crop of this fraction of each image side, resized back, applied
+    # to every camera with its depth and intrinsics alike (1.0: off). LeRobot's dataset transforms
+    # (`--dataset.image_transforms`) move RGB only: keep their `affine` off with geometry.
+    augment_crop_scale: float = 1.0
+
     # Finetuning.
     freeze_vision_encoder: bool = True
     train_expert_only: bool = False
@@ -165,6 +170,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if self.tokenizer_max_length < 1:
             raise ValueError(f"tokenizer_max_length must be >= 1 (got {self.tokenizer_max_length}).")
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
+        if not 0.0 < self.augment_crop_scale <= 1.0:
+            raise ValueError(f"augment_crop_scale must be in (0, 1] (got {self.augment_crop_scale}).")
         if not 0.0 < self.geometry_max_depth:
             raise ValueError(f"geometry_max_depth must be > 0 metres (got {self.geometry_max_depth}).")
         for name, matrices, size in (

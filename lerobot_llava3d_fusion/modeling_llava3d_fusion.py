@@ -17,6 +17,7 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
+from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
 from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from .configuration_llava3d_fusion import (
     Llava3DFusionConfig,
@@ -232,6 +233,28 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         _check_finite(OBS_STATE, state)
         return pad_vector(state.float(), cfg.max_state_dim)
 
+    def _random_crop(self, inputs: ModelInputs) -> ModelInputs:
+        """Training augmentation: one random crop per camera and sample, applied alike to the image, its
+        depth and its intrinsics, so the 3D positions stay consistent with the pixels (`augmentation.py`)."""
+        scale = self.config.augment_crop_scale
+        images, geometry = [], []
+        for image, camera in zip(inputs.images, inputs.geometry, strict=True):
+            batch_size = image.shape[0]
+            offsets = random_crop_offsets(batch_size, scale, image.device)
+            images.append(crop_and_resize(image, scale, offsets, mode="bilinear"))
+            if camera is not None:
+                # The intrinsics describe the depth's grid, or the image's when depth is estimated.
+                grid = image if camera.depth is None else camera.depth
+                intrinsics = crop_intrinsics(
+                    camera.intrinsics.expand(batch_size, 3, 3), scale, offsets, *grid.shape[-2:]
+                )
+                depth = (
+                    None if camera.depth is None else crop_and_resize(camera.depth, scale, offsets, "nearest")
+                )
+                camera = CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=camera.extrinsics)
+            geometry.append(camera)
+        return inputs._replace(images=images, geometry=geometry)
+
     @property
     def device_of_model(self) -> torch.device:
         return next(self.parameters()).device
@@ -251,6 +274,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
         inputs = self._prepare_inputs(batch)
+        if self.training and self.config.augment_crop_scale < 1.0:
+            inputs = self._random_crop(inputs)
         actions = batch[ACTION]
         expected = (self.config.chunk_size, self.action_dim)
         if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:

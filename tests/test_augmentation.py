@@ -1,0 +1,66 @@
+"""The random-crop augmentation moves RGB, depth and intrinsics together: 3D stays under its pixel."""
+
+import torch
+from conftest import preprocess, raw_batch
+from test_policy_geometry import geometry_policy, noise_for, with_depth
+
+from lerobot_llava3d_fusion.augmentation import crop_and_resize, crop_intrinsics
+from lerobot_llava3d_fusion.geometry import backproject_depth
+
+
+def test_cropped_depth_and_intrinsics_back_project_to_the_points_under_the_cropped_rgb():
+    rgb_size, depth_size, scale = 40, 20, 0.7
+    # RGB whose channels hold each pixel's own (column, row): after the crop they tell where a pixel came from.
+    rows, cols = torch.meshgrid(torch.arange(rgb_size), torch.arange(rgb_size), indexing="ij")
+    rgb = torch.stack([cols, rows, torch.zeros_like(cols)]).float()[None].repeat(2, 1, 1, 1)
+    distance = 1.3  # a fronto-parallel plane: every pixel's 3D point is exact at any sub-pixel position
+    depth = torch.full((2, 1, depth_size, depth_size), distance)
+    intrinsics = torch.tensor([[[18.0, 0.0, 9.5], [0.0, 17.0, 9.0], [0.0, 0.0, 1.0]]]).repeat(2, 1, 1)
+    offsets = torch.tensor([[0.2, -0.25], [-0.3, 0.1]])
+
+    cropped_rgb = crop_and_resize(rgb, scale, offsets, mode="bilinear")
+    cropped_depth = crop_and_resize(depth, scale, offsets, mode="nearest")
+    cropped_intrinsics = crop_intrinsics(intrinsics, scale, offsets, depth_size, depth_size)
+    points, valid = backproject_depth(cropped_depth, cropped_intrinsics)
+    assert valid.all()
+
+    # The RGB pixel at the centre of depth pixel (u, v) is at 2u + 0.5 (two RGB pixels per depth pixel):
+    # bilinear between RGB pixels 2u and 2u + 1. It shows source RGB column c, i.e. depth column (c - 0.5) / 2.
+    inner = slice(2, depth_size - 2)
+    source_rgb = 0.5 * (cropped_rgb[..., 0::2, 0::2] + cropped_rgb[..., 1::2, 1::2])  # (B, 3, 20, 20)
+    source_u = (source_rgb[:, 0] - 0.5) / 2
+    source_v = (source_rgb[:, 1] - 0.5) / 2
+    fx, cx = intrinsics[:, 0, 0, None, None], intrinsics[:, 0, 2, None, None]
+    fy, cy = intrinsics[:, 1, 1, None, None], intrinsics[:, 1, 2, None, None]
+    expected_x = (source_u - cx) * distance / fx
+    expected_y = (source_v - cy) * distance / fy
+    torch.testing.assert_close(points[:, inner, inner, 0], expected_x[:, inner, inner], atol=1e-4, rtol=0)
+    torch.testing.assert_close(points[:, inner, inner, 1], expected_y[:, inner, inner], atol=1e-4, rtol=0)
+    # A real crop: the points span less of the plane than the uncropped ones.
+    full, _ = backproject_depth(depth, intrinsics)
+    span = lambda p: p[..., 0].amax(dim=(1, 2)) - p[..., 0].amin(dim=(1, 2))  # noqa: E731
+    torch.testing.assert_close(span(points), span(full) * scale, atol=0.02, rtol=0)
+
+
+def test_nearest_crop_invents_no_depth_between_surfaces():
+    depth = torch.zeros(1, 1, 8, 8)
+    depth[..., :, 4:] = 2.0  # missing depth (0) next to a surface at 2 m
+    cropped = crop_and_resize(depth, 0.75, torch.tensor([[0.1, 0.0]]), mode="nearest")
+    assert set(cropped.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_training_crops_randomly_and_inference_never_crops():
+    policy = geometry_policy(augment_crop_scale=0.8)
+    batch = preprocess(policy, with_depth(raw_batch()))
+    noise, time = noise_for(policy), torch.tensor([0.3, 0.6])
+    policy.train()
+    losses = [policy.forward(batch, noise=noise, time=time)[0].item() for _ in range(3)]
+    assert len(set(losses)) == 3  # a new crop each step
+    reference = geometry_policy(augment_crop_scale=1.0)
+    reference.load_state_dict(policy.state_dict())
+    torch.testing.assert_close(
+        policy.predict_action_chunk(batch, noise=noise),
+        reference.predict_action_chunk(batch, noise=noise),
+        atol=0,
+        rtol=0,
+    )
