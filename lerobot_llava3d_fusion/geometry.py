@@ -121,7 +121,10 @@ def backproject_depth(
         )
         rotation = extrinsics[:, :3, :3]
         translation = extrinsics[:, :3, 3]
-        points = torch.einsum("bij,bhwj->bhwi", rotation, points) + translation.view(batch_size, 1, 1, 3)
+        # Under bf16 autocast the rotation would run in bf16: millimetres lost at a metre.
+        with torch.autocast(depth.device.type, enabled=False):
+            rotated = torch.einsum("bij,bhwj->bhwi", rotation, points)
+        points = rotated + translation.view(batch_size, 1, 1, 3)
         # The translation moved the zeroed invalid points; put them back at 0 so they carry no information.
         points = points * valid.unsqueeze(-1).to(dtype)
 

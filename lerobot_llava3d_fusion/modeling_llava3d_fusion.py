@@ -339,11 +339,10 @@ def _check_pinhole(key: str, intrinsics: Tensor) -> None:
 def _check_rigid_transform(key: str, extrinsics: Tensor) -> None:
     rotation = extrinsics[..., :3, :3]
     identity = torch.eye(3, device=extrinsics.device).expand_as(rotation)
+    with torch.autocast(extrinsics.device.type, enabled=False):  # a float32 check under bf16 training
+        gram = rotation @ rotation.transpose(-1, -2)
     last_row = extrinsics.new_tensor([0.0, 0.0, 0.0, 1.0]).expand_as(extrinsics[..., 3, :])
-    if not (
-        torch.allclose(extrinsics[..., 3, :], last_row)
-        and torch.allclose(rotation @ rotation.transpose(-1, -2), identity, atol=1e-3)
-    ):
+    if not (torch.allclose(extrinsics[..., 3, :], last_row) and torch.allclose(gram, identity, atol=1e-3)):
         raise ValueError(
             f"{key} is not a rigid camera-to-world transform [[R, t], [0, 0, 0, 1]] with R a rotation (got "
             f"{extrinsics.reshape(-1, 4, 4)[0].tolist()}). Camera matrices must reach the policy as recorded: "

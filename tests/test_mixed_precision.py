@@ -93,3 +93,21 @@ def test_float32_policy_does_not_autocast():
     layer.register_forward_hook(lambda module, args, out: output_dtypes.append(out.dtype))
     policy.predict_action_chunk(preprocess(policy, raw_batch()))
     assert set(output_dtypes) == {torch.float32}
+
+
+def test_back_projection_stays_float32_under_bf16_autocast():
+    from lerobot_llava3d_fusion.geometry import backproject_depth
+
+    depth = 0.5 + torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    intrinsics = torch.tensor([[10.0, 0.0, 5.5], [0.0, 10.0, 5.5], [0.0, 0.0, 1.0]])
+    angle = torch.tensor(0.3)
+    extrinsics = torch.eye(4)
+    extrinsics[:2, :2] = torch.stack(
+        [torch.stack([angle.cos(), -angle.sin()]), torch.stack([angle.sin(), angle.cos()])]
+    )
+    extrinsics[:3, 3] = torch.tensor([0.4, -0.2, 1.1])
+    reference, _ = backproject_depth(depth, intrinsics, extrinsics)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        points, _ = backproject_depth(depth, intrinsics, extrinsics)
+    assert points.dtype == torch.float32
+    torch.testing.assert_close(points, reference, atol=1e-6, rtol=0)

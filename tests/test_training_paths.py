@@ -1,0 +1,142 @@
+"""Every way LeRobot's scripts train a checkpoint, with a backbone from a local directory, in bf16.
+
+One chain of unmodified `lerobot-train` / `lerobot-eval` runs on the touch_block dataset (depth,
+intrinsics and extrinsics recorded), `--policy.dtype=bfloat16` (Accelerate's bf16 autocast on CPU,
+real optimizer steps) and `--policy.vlm_model_name=<a local LLaVA checkpoint directory>`:
+
+    fresh training (2 steps) -> --resume to 4 steps -> fine-tuning that checkpoint on the dataset
+    (--policy.path) -> the backbone directory is deleted -> lerobot-eval and from_pretrained.
+
+Fine-tuning and resuming rebuild the normaliser with every input feature: had they normalised the
+camera matrices (constant in this dataset, so std 0), the policy's pinhole check would have stopped
+the run.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e_utils as e2e  # noqa: E402
+
+IMAGE_SIZE = 32
+REPO_ID = "local/touch_block"
+GEOMETRY_KEYS = {"observation.depth.top", "observation.intrinsics.top", "observation.extrinsics.top"}
+
+
+def assert_ok(result: e2e.ScriptResult) -> None:
+    assert result.returncode == 0, result.describe()
+
+
+def write_backbone(directory: Path) -> Path:
+    """A tiny LLaVA checkpoint laid out as a Hub download: weights, config, tokenizer, image processor."""
+    from transformers import SiglipImageProcessor
+
+    from lerobot_llava3d_fusion.vlm import build_tiny_llava
+
+    torch.manual_seed(0)
+    model, tokenizer = build_tiny_llava("qwen2")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(directory)
+    return directory
+
+
+def assert_geometry_never_normalised(checkpoint: Path) -> None:
+    preprocessor = e2e.read_json(checkpoint / "policy_preprocessor.json")
+    (normalizer,) = [s for s in preprocessor["steps"] if s["registry_name"] == "normalizer_processor"]
+    assert normalizer["config"]["normalize_observation_keys"] == ["observation.state"]
+    assert GEOMETRY_KEYS <= set(normalizer["config"]["features"])
+
+
+def stored_dtypes(checkpoint: Path) -> dict[str, str]:
+    with safe_open(checkpoint / "model.safetensors", framework="pt") as reader:
+        return {key: str(reader.get_slice(key).get_dtype()) for key in reader.keys()}
+
+
+@pytest.mark.slow
+def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path):
+    from lerobot_llava3d_fusion.envs.make_touch_block_dataset import make_touch_block_dataset
+
+    dataset = tmp_path / "dataset"
+    make_touch_block_dataset(dataset, REPO_ID, num_episodes=2, seed=0, height=IMAGE_SIZE, width=IMAGE_SIZE)
+    backbone = write_backbone(tmp_path / "backbone_download")
+    common = ["--policy.geometry=depth", "--policy.dtype=bfloat16", f"--policy.vlm_model_name={backbone}"]
+
+    # 1. Fresh training, checkpoint at step 2.
+    run = tmp_path / "run"
+    args = e2e.train_args(REPO_ID, dataset, run, steps=2, log_freq=1, batch_size=4, extra=common)
+    assert_ok(e2e.run_lerobot("lerobot_train", args, tmp_path / "fresh.log"))
+    fresh = run / "checkpoints" / "000002" / "pretrained_model"
+    assert_geometry_never_normalised(fresh)
+    assert (fresh / "backbone" / "config.json").is_file() and (
+        fresh / "backbone" / "tokenizer.json"
+    ).is_file()
+    dtypes = stored_dtypes(fresh)
+    # bf16 recipe: what trains is stored in float32; the frozen vision tower in bf16.
+    assert {d for k, d in dtypes.items() if ".vision_tower." in k} == {"BF16"}
+    assert {d for k, d in dtypes.items() if ".vision_tower." not in k} == {"F32"}
+
+    # 2. --resume to step 4 from the step-2 checkpoint.
+    resume_args = [f"--config_path={fresh / 'train_config.json'}", "--resume=true", "--steps=4"]
+    result = e2e.run_lerobot("lerobot_train", resume_args, tmp_path / "resume.log")
+    assert_ok(result)
+    losses = e2e.parse_train_losses(result.output)
+    assert [step for step, _ in losses] == [3, 4], losses
+    resumed = run / "checkpoints" / "000004" / "pretrained_model"
+    assert_geometry_never_normalised(resumed)
+
+    # 3. Fine-tuning the resumed checkpoint on the dataset (new stats, every feature re-normalised).
+    finetune = tmp_path / "finetune"
+    finetune_args = [
+        f"--policy.path={resumed}",
+        f"--dataset.repo_id={REPO_ID}",
+        f"--dataset.root={dataset}",
+        "--dataset.depth_output_unit=m",
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        "--batch_size=4",
+        "--steps=2",
+        "--save_freq=2",
+        "--log_freq=1",
+        "--num_workers=0",
+        "--env_eval_freq=0",
+        f"--output_dir={finetune}",
+        "--wandb.enable=false",
+    ]
+    assert_ok(e2e.run_lerobot("lerobot_train", finetune_args, tmp_path / "finetune.log"))
+    finetuned = e2e.last_checkpoint(finetune)
+    assert_geometry_never_normalised(finetuned)
+    assert e2e.read_json(finetuned / "config.json")["dtype"] == "bfloat16"
+
+    # 4. The backbone's own directory is gone: the checkpoint alone serves lerobot-eval and from_pretrained.
+    env_kwargs = {"observation_height": IMAGE_SIZE, "observation_width": IMAGE_SIZE}
+    observation = e2e.touch_block_observation(IMAGE_SIZE, IMAGE_SIZE, seed=3)
+    noise = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))
+    before = e2e.predict_like_lerobot_eval(finetuned, "touch_block", env_kwargs, observation, noise, 0)
+    shutil.rmtree(backbone)
+    after = e2e.predict_like_lerobot_eval(finetuned, "touch_block", env_kwargs, observation, noise, 99)
+    assert torch.equal(before["chunk"], after["chunk"])
+    eval_dir = tmp_path / "eval"
+    result = e2e.run_lerobot(
+        "lerobot_eval",
+        [
+            f"--policy.path={finetuned}",
+            "--env.type=touch_block",
+            f"--env.observation_height={IMAGE_SIZE}",
+            f"--env.observation_width={IMAGE_SIZE}",
+            "--env.episode_length=4",
+            "--eval.n_episodes=1",
+            "--eval.batch_size=1",
+            "--policy.device=cpu",
+            f"--output_dir={eval_dir}",
+        ],
+        tmp_path / "eval.log",
+    )
+    assert_ok(result)
+    assert e2e.read_json(eval_dir / "eval_info.json")["overall"]["n_episodes"] == 1
