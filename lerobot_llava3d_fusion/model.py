@@ -101,13 +101,16 @@ class Llava3DFusionModel(nn.Module):
         if backbone.position_encoder_state is not None and (
             config.geometry == "none" or self.geometry_encoder != "llava3d_mlp"
         ):
+            reason = (
+                "geometry='none'"
+                if config.geometry == "none"
+                else f"geometry_encoder={self.geometry_encoder!r}"
+            )
             logger.warning(
-                "%s: the checkpoint's 3D position encoder (%s*) is unused with geometry=%r, "
-                "geometry_encoder=%r.",
+                "%s: the checkpoint's 3D position encoder (%s*) is unused with %s.",
                 config.vlm_model_name,
                 LLAVA3D_POSITION_PREFIX,
-                config.geometry,
-                self.geometry_encoder,
+                reason,
             )
         if config.geometry == "none":
             self.patch_geometry = None
@@ -193,7 +196,7 @@ class Llava3DFusionModel(nn.Module):
         features = self.image_features(images)  # per camera (B, P_tower, C)
         llava3d = self.geometry_encoder == "llava3d_mlp"
         voxel_size = self.config.geometry_voxel_size
-        image_tokens, image_masks, expert_tokens, voxel_inputs = [], [], [], []
+        image_tokens, expert_tokens, voxel_inputs = [], [], []
         for index, camera_geometry in enumerate(geometry):
             camera_features = features[index]
             if camera_geometry is None:

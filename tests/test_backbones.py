@@ -701,6 +701,9 @@ def test_llava3d_3d_encoder_unused_is_logged(checkpoints, caplog):
     assert "3D position encoder" not in caplog.text
     checkpoint_policy(checkpoints, "llava3d-clip")  # geometry="none"
     assert "3D position encoder" in caplog.text and "unused with geometry='none'" in caplog.text
+    caplog.clear()
+    checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields(), geometry_encoder="sinusoidal")
+    assert "unused with geometry_encoder='sinusoidal'" in caplog.text
 
 
 def test_llava3d_with_3d_encoder_survives_save_and_load(checkpoints, tmp_path):
