@@ -37,12 +37,22 @@ class Backbone:
     image_mean: tuple[float, ...]
     image_std: tuple[float, ...]
     image_pooling: int = 1  # patch tokens are averaged over image_pooling x image_pooling neighbourhoods
+    # An original LLaVA-3D checkpoint, and (when its weights were loaded) the state dict of its 3D
+    # position MLP ("position_embedding_head.{0,1,3}.{weight,bias}", see llava3d_checkpoint.py).
+    is_llava3d: bool = False
+    position_encoder_state: dict[str, Tensor] | None = None
 
     @property
     def feature_grid(self) -> tuple[int, int]:
         """(rows, cols) of the vision tower's patches."""
         side = self.image_size // self.patch_size
         return side, side
+
+    @property
+    def feature_width(self) -> int:
+        """Width C of the tower features the projector reads (several selected layers are concatenated)."""
+        layers = 1 if isinstance(self.vision_feature_layer, int) else len(self.vision_feature_layer)
+        return self.vision_tower.config.hidden_size * layers
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -76,6 +86,10 @@ class ImageEncoder(nn.Module):
         self.pooling = pooling
 
     def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.project(self.features(pixel_values))
+
+    def features(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> the tower's patch features (N, rows * cols, C), before the projector."""
         # Same feature selection as transformers' LlavaModel.get_image_features, without its
         # per-image list output: hidden states of the chosen layer(s), CLS dropped for "default".
         outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -83,7 +97,11 @@ class ImageEncoder(nn.Module):
         features = [outputs.hidden_states[i] for i in layers]
         if self.select_strategy == "default":
             features = [f[:, 1:] for f in features]
-        return self.pool(self.projector(torch.cat(features, dim=-1)))
+        return torch.cat(features, dim=-1)
+
+    def project(self, features: Tensor) -> Tensor:
+        """(N, rows * cols, C) tower features -> (N, P, D_llm) pooled patch tokens."""
+        return self.pool(self.projector(features))
 
     def pool(self, tokens: Tensor) -> Tensor:
         """(N, rows * cols, D) -> (N, rows/k * cols/k, D): mean over k x k patch neighbourhoods."""

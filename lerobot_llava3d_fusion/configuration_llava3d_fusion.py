@@ -15,6 +15,10 @@ TINY_VLM_NAME = "tiny"
 EXPERT_MODES = ("shared", "separate")
 GEOMETRY_SOURCES = ("none", "depth", "estimator")
 GEOMETRY_TARGETS = ("prefix", "expert")
+# "sinusoidal": sinusoidal 3D encoding + MLP added to the projected patch tokens through a gate;
+# "llava3d_mlp": LLaVA-3D's learned MLP on xyz added to the vision tower's features before the projector.
+GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
+GEOMETRY_PATCH_POINTS = ("nearest", "mean")
 # Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
 # observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
 # observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
@@ -84,6 +88,17 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # Initial value of the per-channel geometry gate: 0 leaves a pretrained VLM unchanged at the
     # start; a backbone trained from scratch (the demo's) learns to use geometry far sooner at 1.
     geometry_gate_init: float = 0.0
+    # How 3D patches are built (README "Geometry"). The encoder: "llava3d_mlp" (LLaVA-3D's position MLP
+    # on the vision width, added to the tower's features before the projector; an original LLaVA-3D
+    # checkpoint's pretrained MLP is loaded into it and used without a gate) or "sinusoidal" (after the
+    # projector, gated). None: "llava3d_mlp" for an original LLaVA-3D checkpoint, "sinusoidal" otherwise.
+    geometry_encoder: str | None = None
+    # A patch's point: "nearest" (nearest resize of the xyz map to the patch grid, as LLaVA-3D) or "mean"
+    # (mean of the patch's valid pixels). None: "nearest" with llava3d_mlp, "mean" with sinusoidal.
+    geometry_patch_points: str | None = None
+    # Voxel pooling (metres; None: off): the patches of all cameras whose points fall in one voxel are
+    # averaged into one token before the projector (LLaVA-3D used 0.2 m on room-scale scenes).
+    geometry_voxel_size: float | None = None
 
     # Action expert.
     expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
@@ -148,6 +163,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("tiny_llm_type", self.tiny_llm_type, TINY_LLM_TYPES)
         _check_choice("geometry", self.geometry, GEOMETRY_SOURCES)
         _check_choice("geometry_target", self.geometry_target, GEOMETRY_TARGETS)
+        self._validate_3d_patches()
         if self.geometry == "estimator" and not self.depth_estimator_name:
             raise ValueError(
                 "geometry='estimator' needs depth_estimator_name (a depth-estimation checkpoint)."
@@ -204,6 +220,35 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(
                 "train_expert_only=True with expert_mode='shared' would freeze the layers the expert runs "
                 "through (they are the LLM's own): use expert_mode='separate' or train_expert_only=False."
+            )
+
+    def _validate_3d_patches(self) -> None:
+        if self.geometry_encoder is not None:
+            _check_choice("geometry_encoder", self.geometry_encoder, GEOMETRY_ENCODERS)
+        if self.geometry_patch_points is not None:
+            _check_choice("geometry_patch_points", self.geometry_patch_points, GEOMETRY_PATCH_POINTS)
+        voxel = self.geometry_voxel_size
+        if voxel is None:
+            return
+        if (
+            isinstance(voxel, bool)
+            or not isinstance(voxel, (int, float))
+            or not math.isfinite(voxel)
+            or voxel <= 0
+        ):
+            raise ValueError(
+                f"geometry_voxel_size must be a positive number of metres or None (got {voxel!r})."
+            )
+        if self.geometry == "none":
+            raise ValueError("geometry_voxel_size needs 3D points: set geometry to 'depth' or 'estimator'.")
+        if self.geometry_target != "prefix":
+            raise ValueError(
+                "geometry_voxel_size pools the VLM's image tokens: it needs geometry_target='prefix' "
+                f"(got {self.geometry_target!r})."
+            )
+        if self.image_pooling != 1:
+            raise ValueError(
+                f"geometry_voxel_size replaces image_pooling: set image_pooling=1 (got {self.image_pooling})."
             )
 
     def validate_features(self) -> None:

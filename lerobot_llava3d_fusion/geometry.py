@@ -1,10 +1,15 @@
 """3D position features for vision patch tokens (the LLaVA-3D idea).
 
 A metric depth image and pinhole intrinsics (optionally camera-to-world extrinsics) are back-projected to one
-3D point per pixel, the valid points are averaged inside each vision patch, and the per-patch point is turned
-into a ``hidden_size`` vector (sinusoidal 3D encoding followed by an MLP). That vector is meant to be ADDED to
-the patch token. It is scaled by a learnable gate initialised at zero, so a pretrained vision-language model
-starts out unchanged and only learns to use geometry as the gate opens.
+3D point per pixel (world frame with extrinsics, camera frame without, metres). Each vision patch takes one
+point from that map, either the mean of its valid pixels (``"mean"``) or the pixel a nearest-neighbour resize
+of the map to the patch grid picks (``"nearest"``, what LLaVA-3D does), see :func:`points_to_patches`.
+
+This module's encoder turns the per-patch point into a ``hidden_size`` vector (sinusoidal 3D encoding followed
+by an MLP) that is meant to be ADDED to the projected patch token. It is scaled by a learnable gate initialised
+at zero, so a pretrained vision-language model starts out unchanged and only learns to use geometry as the
+gate opens. LLaVA-3D's own encoder (a learned MLP on xyz, added before the projector) is in
+``llava3d_geometry.py``.
 
 Conventions (OpenCV):
     * camera frame: x right, y down, z forward; depth is the metric z coordinate (not the ray length);
@@ -24,8 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "PATCH_POINT_METHODS",
     "backproject_depth",
     "pool_points_to_patches",
+    "nearest_points_to_patches",
+    "points_to_patches",
     "sinusoidal_3d_encoding",
     "GeometryEncoder",
     "DepthToPatchGeometry",
@@ -34,6 +42,10 @@ __all__ = [
 # Smallest wavelength of the sinusoidal encoding, in metres. One centimetre is about the precision that
 # matters for manipulation; finer wavelengths would mostly encode depth-sensor noise.
 DEFAULT_MIN_WAVELENGTH = 0.01
+
+# How a patch takes its 3D point from the per-pixel map: "mean" of its valid pixels, or "nearest"
+# (nearest-neighbour resize of the map to the patch grid, as LLaVA-3D).
+PATCH_POINT_METHODS = ("mean", "nearest")
 
 
 def _batched_matrix(matrix: Tensor, size: int, batch_size: int, name: str) -> Tensor:
@@ -175,6 +187,43 @@ def pool_points_to_patches(
     return patch_points, patch_valid.view(batch_size, grid_h * grid_w)
 
 
+def nearest_points_to_patches(
+    points: Tensor, valid: Tensor, grid_size: tuple[int, int]
+) -> tuple[Tensor, Tensor]:
+    """One pixel's point per patch: a nearest-neighbour resize of the ``(H, W)`` map to the ``(gh, gw)`` grid.
+
+    This is how LLaVA-3D gives its patches a position (``F.interpolate(mode="nearest")`` of the xyz map to
+    the feature grid): patch ``(i, j)`` takes pixel ``(floor(i * H / gh), floor(j * W / gw))``, the top-left
+    pixel of its cell when the sizes divide.
+
+    Args / returns: as :func:`pool_points_to_patches`; a patch is valid when its chosen pixel is.
+    """
+    grid_h, grid_w = _check_grid_size(grid_size)
+    if points.ndim != 4 or points.shape[-1] != 3:
+        raise ValueError(f"points must have shape (B, H, W, 3), got {tuple(points.shape)}")
+    if valid.shape != points.shape[:-1]:
+        raise ValueError(
+            f"valid must have shape {tuple(points.shape[:-1])} (B, H, W), got {tuple(valid.shape)}"
+        )
+    batch_size = points.shape[0]
+    patch_points = F.interpolate(points.permute(0, 3, 1, 2), size=(grid_h, grid_w), mode="nearest")
+    patch_valid = F.interpolate(valid[:, None].to(points.dtype), size=(grid_h, grid_w), mode="nearest") > 0
+    patch_points = patch_points.flatten(2).transpose(1, 2)  # (B, gh*gw, 3), row-major like ViT patches
+    patch_valid = patch_valid.view(batch_size, grid_h * grid_w)
+    return torch.where(patch_valid[..., None], patch_points, torch.zeros_like(patch_points)), patch_valid
+
+
+def points_to_patches(
+    points: Tensor, valid: Tensor, grid_size: tuple[int, int], method: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` by ``method`` (PATCH_POINT_METHODS)."""
+    if method == "mean":
+        return pool_points_to_patches(points, valid, grid_size)
+    if method == "nearest":
+        return nearest_points_to_patches(points, valid, grid_size)
+    raise ValueError(f"patch point method must be one of {PATCH_POINT_METHODS}, got {method!r}")
+
+
 def sinusoidal_3d_encoding(
     points: Tensor,
     num_frequencies: int,
@@ -291,21 +340,30 @@ class DepthToPatchGeometry(nn.Module):
         max_depth: float = 100.0,
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
         gate_init: float = 0.0,
+        patch_points: str = "mean",
     ):
         super().__init__()
         if not 0.0 <= min_depth < max_depth:
             raise ValueError(
                 f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}"
             )
+        if patch_points not in PATCH_POINT_METHODS:
+            raise ValueError(f"patch_points must be one of {PATCH_POINT_METHODS}, got {patch_points!r}")
         self.grid_size = _check_grid_size(grid_size)
         self.min_depth = min_depth
         self.max_depth = max_depth
+        self.patch_points = patch_points
         self.encoder = GeometryEncoder(
             hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init
         )
 
     def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
         """See :func:`backproject_depth` for the input shapes; returns ``(B, gh * gw, hidden_size)``."""
+        return self.encoder(*self.patch_points_of(depth, intrinsics, extrinsics))
+
+    def patch_points_of(
+        self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera."""
         points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
-        patch_points, patch_valid = pool_points_to_patches(points, valid, self.grid_size)
-        return self.encoder(patch_points, patch_valid)
+        return points_to_patches(points, valid, self.grid_size, self.patch_points)

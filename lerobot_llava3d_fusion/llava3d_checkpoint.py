@@ -1,6 +1,7 @@
 """Original LLaVA-3D checkpoints (LLaVA codebase layout, Llama LLM) mapped into stock transformers modules.
 
 Their LLM weights go into a `LlamaModel`, their `mm_projector` into a `LlavaMultiModalProjector`
+and the 3D position MLP of their video tower is handed to the policy's LLaVA-3D geometry encoder
 (see `map_llava3d_key`); the vision tower comes from the CLIP/SigLIP checkpoint named by
 `vision_tower_name`. Unknown or missing keys are errors; deliberately skipped keys are logged.
 """
@@ -79,10 +80,20 @@ LLAVA3D_PROJECTOR_PREFIX = "model.mm_projector."
 
 LLAVA3D_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 
+# The 3D position MLP of the video tower (SpatialAwareModule.positional_embedding):
+# Sequential(Linear(3, C), LayerNorm(C), ReLU, Linear(C, C)) on the vision width C, whose output is added
+# to the tower's patch features before mm_projector. Its keys keep the Sequential's indices
+# ("position_embedding_head.{0,1,3}.{weight,bias}"), the layout of `Llava3DPositionEncoder`.
+LLAVA3D_POSITION_PREFIX = "model.video_tower.video_tower.positional_embedding."
+
+LLAVA3D_POSITION_KEYS = tuple(
+    f"position_embedding_head.{index}.{param}" for index in (0, 1, 3) for param in ("weight", "bias")
+)
+
 # Deliberately not loaded (logged): the text head (the policy never decodes text), the original's own
-# vision tower (taken from `vision_tower_name` instead), its 3D video tower and prompt encoder
-# (3D-specific modules this policy replaces with its own geometry encoding), the anyres newline token
-# (patches are used flat) and RoPE buffers older transformers saved (recomputed from rope_theta).
+# vision tower (taken from `vision_tower_name` instead), the rest of its video tower (the 3D click
+# prompt encoder, for point prompts), the anyres newline token (patches are used flat) and RoPE
+# buffers older transformers saved (recomputed from rope_theta).
 LLAVA3D_SKIPPED_PREFIXES = (
     "lm_head.",
     "model.vision_tower.",
@@ -129,8 +140,9 @@ def load_llava3d_backbone(
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
     )
+    position_state = None
     if load_weights:
-        language_model, projector = load_llava3d_weights(name, llava_config, dtype)
+        language_model, projector, position_state = load_llava3d_weights(name, llava_config, dtype)
     else:
         language_model = LlamaModel(llava_config.text_config).to(dtype)
         projector = LlavaMultiModalProjector(llava_config).to(dtype)
@@ -146,6 +158,8 @@ def load_llava3d_backbone(
         patch_size=vision_config.patch_size,
         image_mean=image_mean,
         image_std=image_std,
+        is_llava3d=True,
+        position_encoder_state=position_state,
     )
 
 
@@ -208,12 +222,13 @@ def load_vision_tower(name: str, *, load_weights: bool, dtype: torch.dtype) -> P
 
 def load_llava3d_weights(
     name: str, llava_config: LlavaConfig, dtype: torch.dtype
-) -> tuple[LlamaModel, nn.Module]:
-    """The LLM and projector of an original LLaVA-3D checkpoint, in transformers modules.
+) -> tuple[LlamaModel, nn.Module, dict[str, Tensor] | None]:
+    """The LLM and projector of an original LLaVA-3D checkpoint, in transformers modules, and the
+    state dict of its 3D position MLP (None when the checkpoint has none).
 
     Keys the modules need but the checkpoint lacks, and checkpoint keys they do not have, raise.
     """
-    llm_state, projector_state = read_llava3d_state_dicts(name)
+    llm_state, projector_state, position_state = read_llava3d_state_dicts(name)
     language_model, info = LlamaModel.from_pretrained(
         None, config=llava_config.text_config, state_dict=llm_state, dtype=dtype, output_loading_info=True
     )
@@ -227,16 +242,26 @@ def load_llava3d_weights(
     projector = LlavaMultiModalProjector(llava_config)
     result = projector.load_state_dict(projector_state, strict=False)
     _raise_on_bad_keys(name, "projector", missing=result.missing_keys, unknown=result.unexpected_keys)
-    return language_model, projector.to(dtype)
+    if position_state:
+        _raise_on_bad_keys(
+            name,
+            "3D position encoder",
+            missing=set(LLAVA3D_POSITION_KEYS) - set(position_state),
+            unknown=set(position_state) - set(LLAVA3D_POSITION_KEYS),
+        )
+    return language_model, projector.to(dtype), position_state or None
 
 
-def read_llava3d_state_dicts(name: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(LlamaModel state dict, LlavaMultiModalProjector state dict) from an original LLaVA-3D checkpoint.
+def read_llava3d_state_dicts(
+    name: str,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """(LlamaModel state dict, LlavaMultiModalProjector state dict, 3D position MLP state dict) from an
+    original LLaVA-3D checkpoint; the last is empty when the checkpoint has no such MLP.
 
     Every tensor is either mapped (`map_llava3d_key`) or deliberately skipped (logged, never read);
     any other key raises.
     """
-    states = {"language_model": {}, "projector": {}}
+    states = {"language_model": {}, "projector": {}, "position_encoder": {}}
     skipped, unknown = Counter(), []
     for file in safetensors_files(name):
         with safe_open(file, framework="pt") as reader:
@@ -254,7 +279,7 @@ def read_llava3d_state_dicts(name: str) -> tuple[dict[str, Tensor], dict[str, Te
         logger.info(
             "%s: skipped tensors the policy does not use (count per key pattern): %s", name, dict(skipped)
         )
-    return states["language_model"], states["projector"]
+    return states["language_model"], states["projector"], states["position_encoder"]
 
 
 def map_llava3d_key(key: str) -> tuple[str, str] | None:
@@ -262,9 +287,13 @@ def map_llava3d_key(key: str) -> tuple[str, str] | None:
 
     -> ("language_model", LlamaModel key) for "model.{embed_tokens,layers,norm}.*" (prefix stripped);
        ("projector", LlavaMultiModalProjector key) for "model.mm_projector.{0,2}.*" (-> linear_{1,2});
+       ("position_encoder", "position_embedding_head.*") for the video tower's 3D position MLP;
        ("skipped", the matched prefix or suffix) for tensors deliberately not loaded;
        None for an unknown key.
     """
+    if key.startswith(LLAVA3D_POSITION_PREFIX):
+        inner = key.removeprefix(LLAVA3D_POSITION_PREFIX)
+        return ("position_encoder", inner) if inner in LLAVA3D_POSITION_KEYS else None
     for pattern in LLAVA3D_SKIPPED_SUFFIXES:
         if key.endswith(pattern):
             return "skipped", pattern

@@ -9,6 +9,7 @@ Inputs are already tensors (the policy turns LeRobot batches into them):
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -23,7 +24,11 @@ from .depth_estimation import MonocularDepthEstimator
 from .flow_matching import FlowMatchingActionExpert, sample_time
 from .fusion import LLaVA3DWithActionExpertModel
 from .geometry import DepthToPatchGeometry
+from .llava3d_checkpoint import LLAVA3D_POSITION_PREFIX
+from .llava3d_geometry import Llava3DPatchGeometry, voxel_pool
 from .vlm import load_backbone
+
+logger = logging.getLogger(__name__)
 
 # Patch grid side of the 3D-aware tokens handed to the expert (geometry_target="expert").
 EXPERT_GEOMETRY_GRID = (4, 4)
@@ -102,14 +107,49 @@ class Llava3DFusionModel(nn.Module):
             MonocularDepthEstimator(config.depth_estimator_name) if config.geometry == "estimator" else None
         )
         vlm_width = self.embed_tokens.embedding_dim
+        # The 3D encoder (README "Geometry"): LLaVA-3D's position MLP by default for its own checkpoints.
+        self.geometry_encoder = config.geometry_encoder or (
+            "llava3d_mlp" if backbone.is_llava3d else "sinusoidal"
+        )
+        patch_points = config.geometry_patch_points or (
+            "nearest" if self.geometry_encoder == "llava3d_mlp" else "mean"
+        )
+        if backbone.position_encoder_state is not None and (
+            config.geometry == "none" or self.geometry_encoder != "llava3d_mlp"
+        ):
+            reason = (
+                "geometry='none'"
+                if config.geometry == "none"
+                else f"geometry_encoder={self.geometry_encoder!r}"
+            )
+            logger.warning(
+                "%s: the checkpoint's 3D position encoder (%s*) is unused with %s.",
+                config.vlm_model_name,
+                LLAVA3D_POSITION_PREFIX,
+                reason,
+            )
         if config.geometry == "none":
             self.patch_geometry = None
+        elif self.geometry_encoder == "llava3d_mlp":
+            # On the tower's own grid and width: the term is added before the projector (and its pooling).
+            self.patch_geometry = Llava3DPatchGeometry(
+                backbone.feature_width,
+                backbone.feature_grid,
+                gated=not backbone.is_llava3d,
+                gate_init=config.geometry_gate_init,
+                patch_points=patch_points,
+                max_depth=config.geometry_max_depth,
+            )
+            _load_llava3d_position_encoder(self.patch_geometry.encoder, backbone, config)
+            if config.geometry_target == "expert":
+                self.expert_patch_proj = nn.Linear(vlm_width, self.fusion.expert_width)
         elif config.geometry_target == "prefix":
             self.patch_geometry = DepthToPatchGeometry(
                 vlm_width,
                 backbone.patch_grid,
                 max_depth=config.geometry_max_depth,
                 gate_init=config.geometry_gate_init,
+                patch_points=patch_points,
             )
         else:
             expert_width = self.fusion.expert_width
@@ -118,6 +158,7 @@ class Llava3DFusionModel(nn.Module):
                 EXPERT_GEOMETRY_GRID,
                 max_depth=config.geometry_max_depth,
                 gate_init=config.geometry_gate_init,
+                patch_points=patch_points,
             )
             self.expert_patch_proj = nn.Linear(vlm_width, expert_width)
         self.patch_grid = backbone.patch_grid
@@ -138,6 +179,10 @@ class Llava3DFusionModel(nn.Module):
 
     def embed_images(self, images: list[Tensor]) -> list[Tensor]:
         """Cameras' (B, 3, H, W) images in [0, 1] -> per camera patch tokens (B, P, D)."""
+        return [self.image_encoder.project(features) for features in self.image_features(images)]
+
+    def image_features(self, images: list[Tensor]) -> list[Tensor]:
+        """Cameras' (B, 3, H, W) images in [0, 1] -> per camera tower features (B, P_tower, C)."""
         size = (self.image_size, self.image_size)
         pixels = torch.cat(
             [
@@ -148,15 +193,15 @@ class Llava3DFusionModel(nn.Module):
             ]
         )  # (n_cameras * B, 3, S, S), camera-major: one vision-tower call for all cameras
         pixels = (pixels - self.image_mean) / self.image_std
-        return list(self.image_encoder(pixels).chunk(len(images)))
+        return list(self.image_encoder.features(pixels).chunk(len(images)))
 
-    def camera_points_embedding(self, image: Tensor, geometry: CameraGeometry) -> Tensor:
-        """Gated 3D-position embedding of one camera's patches: (B, P_geometry, D_geometry)."""
+    def camera_patch_points(self, image: Tensor, geometry: CameraGeometry) -> tuple[Tensor, Tensor]:
+        """One camera's per-patch 3D points (B, P_geometry, 3) and their validity (B, P_geometry)."""
         depth = geometry.depth
         intrinsics = geometry.intrinsics
         if depth is None:
             depth, intrinsics = self.depth_estimator(image, intrinsics)
-        return self.patch_geometry(depth, intrinsics, geometry.extrinsics)
+        return self.patch_geometry.patch_points_of(depth, intrinsics, geometry.extrinsics)
 
     def embed_prefix(
         self,
@@ -166,22 +211,55 @@ class Llava3DFusionModel(nn.Module):
         lang_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> prefix tokens (B, Lp, D) = [image patches][task tokens], pad mask (B, Lp) bool, and the
-        3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert"."""
-        patch_tokens = self.embed_images(images)
-        expert_tokens = []
+        3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert".
+
+        With voxel pooling the image part is [patches of cameras without 3D][voxel tokens of all
+        cameras with 3D, padded to the batch's longest]; the pad mask hides the padding.
+        """
+        features = self.image_features(images)  # per camera (B, P_tower, C)
+        llava3d = self.geometry_encoder == "llava3d_mlp"
+        voxel_size = self.config.geometry_voxel_size
+        image_tokens, expert_tokens, voxel_inputs = [], [], []
         for index, camera_geometry in enumerate(geometry):
+            camera_features = features[index]
             if camera_geometry is None:
+                image_tokens.append(self.image_encoder.project(camera_features))
                 continue
-            points = self.camera_points_embedding(images[index], camera_geometry)
-            if self.config.geometry_target == "prefix":
-                patch_tokens[index] = patch_tokens[index] + points
-            else:
-                expert_tokens.append(self.expert_patch_proj(self._pool_patches(patch_tokens[index])) + points)
-        image_tokens = torch.cat(patch_tokens, dim=1)
+            points, valid = self.camera_patch_points(images[index], camera_geometry)
+            if llava3d:  # LLaVA-3D: tower features + MLP(xyz), then the projector
+                features_3d = camera_features + self.patch_geometry.encoder(points, valid).to(
+                    camera_features.dtype
+                )
+                if voxel_size is not None:
+                    voxel_inputs.append((features_3d, points, valid))
+                elif self.config.geometry_target == "prefix":
+                    image_tokens.append(self.image_encoder.project(features_3d))
+                else:
+                    image_tokens.append(self.image_encoder.project(camera_features))
+                    expert_tokens.append(
+                        self.expert_patch_proj(self._pool_patches(self.image_encoder.project(features_3d)))
+                    )
+            elif voxel_size is not None:  # sinusoidal, added after the projector to the voxel tokens
+                voxel_inputs.append((camera_features, points, valid))
+            else:  # sinusoidal: projector, then the gated encoding
+                tokens = self.image_encoder.project(camera_features)
+                embedding = self.patch_geometry.encoder(points, valid)
+                if self.config.geometry_target == "prefix":
+                    image_tokens.append(tokens + embedding)
+                else:
+                    image_tokens.append(tokens)
+                    expert_tokens.append(self.expert_patch_proj(self._pool_patches(tokens)) + embedding)
+        image_masks = [lang_mask.new_ones(tokens.shape[:2], dtype=torch.bool) for tokens in image_tokens]
+        if voxel_inputs:
+            voxels = voxel_pool(*(torch.cat(parts, dim=1) for parts in zip(*voxel_inputs)), voxel_size)
+            tokens = self.image_encoder.projector(voxels.features)  # (B, V, D); image_pooling is 1
+            if not llava3d:
+                tokens = tokens + self.patch_geometry.encoder(voxels.points, voxels.valid)
+            image_tokens.append(tokens)
+            image_masks.append(voxels.mask)
         text_tokens = self.embed_tokens(lang_tokens)
-        image_mask = lang_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)
-        prefix = torch.cat([image_tokens, text_tokens], dim=1)
-        prefix_mask = torch.cat([image_mask, lang_mask.bool()], dim=1)
+        prefix = torch.cat([*image_tokens, text_tokens], dim=1)
+        prefix_mask = torch.cat([*image_masks, lang_mask.bool()], dim=1)
         return prefix, prefix_mask, torch.cat(expert_tokens, dim=1) if expert_tokens else None
 
     def _pool_patches(self, tokens: Tensor) -> Tensor:
@@ -250,6 +328,29 @@ class Llava3DFusionModel(nn.Module):
                 )
 
         return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps)
+
+
+def _load_llava3d_position_encoder(encoder: nn.Module, backbone, config: Llava3DFusionConfig) -> None:
+    """Put an original LLaVA-3D checkpoint's pretrained 3D position MLP into `encoder`, when loaded."""
+    if not backbone.is_llava3d or not config.load_vlm_weights:
+        return  # other backbones start from random weights behind the gate; random init keeps them random
+    state = backbone.position_encoder_state
+    if state is None:
+        raise ValueError(
+            f"{config.vlm_model_name}: geometry_encoder='llava3d_mlp' loads the checkpoint's 3D position "
+            f"encoder, but it has no {LLAVA3D_POSITION_PREFIX}position_embedding_head.* tensors; use "
+            "geometry_encoder='sinusoidal' for a checkpoint without one."
+        )
+    expected = {
+        key: tuple(value.shape) for key, value in encoder.position_embedding_head.state_dict().items()
+    }
+    found = {key.removeprefix("position_embedding_head."): tuple(value.shape) for key, value in state.items()}
+    if found != expected:
+        raise ValueError(
+            f"{config.vlm_model_name}: its 3D position encoder has shapes {found}, expected {expected} for a "
+            f"vision width of {backbone.feature_width} (check vision_tower_name)."
+        )
+    encoder.load_state_dict(state)
 
 
 def _with_context(context: Tensor | None, suffix: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config
+from lerobot.configs import FeatureType, PolicyFeature
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -66,6 +67,7 @@ TRANSFORMERS_KEYS = {
     "projector": "model.multi_modal_projector.linear_1.weight",
     "vision_q_proj": "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
 }
+LLAVA3D_POSITION_PREFIX = "model.video_tower.video_tower.positional_embedding."
 LLAVA3D_KEYS = {
     "embed_tokens": "model.embed_tokens.weight",
     "q_proj": "model.layers.0.self_attn.q_proj.weight",
@@ -174,8 +176,25 @@ def llava3d_tensors() -> dict[str, torch.Tensor]:
         "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": torch.randn(
             4, 3, 8, 8
         ),
-        "model.video_tower.pos_emb3d.0.weight": torch.randn(8, 3),
+        # The 3D click prompt encoder of its video tower (PromptEncoder, on the LLM width): not used.
+        "model.video_tower.prompt_encoder.pos_emb3d.position_embedding_head.0.weight": torch.randn(width, 3),
+        "model.video_tower.prompt_encoder.pos_emb3d.position_embedding_head.3.weight": torch.randn(
+            width, width
+        ),
         "model.layers.0.self_attn.rotary_emb.inv_freq": torch.randn(8),
+    }
+    # The 3D position MLP of its video tower (SpatialAwareModule.positional_embedding, on the vision
+    # width): Sequential(Linear(3, C), LayerNorm(C), ReLU, Linear(C, C)), kept by the policy.
+    tensors |= {
+        LLAVA3D_POSITION_PREFIX + key: value
+        for key, value in {
+            "position_embedding_head.0.weight": torch.randn(vision_width, 3),
+            "position_embedding_head.0.bias": torch.randn(vision_width),
+            "position_embedding_head.1.weight": 1.0 + 0.1 * torch.randn(vision_width),
+            "position_embedding_head.1.bias": 0.1 * torch.randn(vision_width),
+            "position_embedding_head.3.weight": torch.randn(vision_width, vision_width) / vision_width**0.5,
+            "position_embedding_head.3.bias": torch.randn(vision_width),
+        }.items()
     }
     return {key: value.to(torch.bfloat16).contiguous() for key, value in tensors.items()}
 
@@ -366,6 +385,13 @@ def test_llava3d_key_mapping():
     assert map_llava3d_key("model.mm_projector.2.weight") == ("projector", "linear_2.weight")
     assert map_llava3d_key("lm_head.weight") == ("skipped", "lm_head.")
     assert map_llava3d_key("model.video_tower.encoder.weight") == ("skipped", "model.video_tower.")
+    assert map_llava3d_key(LLAVA3D_POSITION_PREFIX + "position_embedding_head.3.bias") == (
+        "position_encoder",
+        "position_embedding_head.3.bias",
+    )
+    prompt_key = "model.video_tower.prompt_encoder.pos_emb3d.position_embedding_head.0.weight"
+    assert map_llava3d_key(prompt_key) == ("skipped", "model.video_tower.")
+    assert map_llava3d_key(LLAVA3D_POSITION_PREFIX + "position_embedding_head.2.weight") is None
     assert map_llava3d_key("model.layers.0.self_attn.rotary_emb.inv_freq") == (
         "skipped",
         "rotary_emb.inv_freq",
@@ -612,3 +638,202 @@ def test_llava3d_without_safetensors_raises(checkpoints, tmp_path):
     (vlm_dir / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=str(checkpoints["llava3d-clip"][1]))
+
+
+# ---------------------------------------------------------------- LLaVA-3D's own 3D position encoder
+
+DEPTH_SIZE = 24
+INTRINSICS = [[20.0, 0.0, 11.5], [0.0, 20.0, 11.5], [0.0, 0.0, 1.0]]
+CAMERA_NAMES = ("top", "wrist")
+
+
+def depth_config_fields() -> dict:
+    """geometry="depth" for both cameras of conftest's batches, intrinsics from the config."""
+    features = dict(tiny_config().input_features)
+    for name in CAMERA_NAMES:
+        features[f"observation.depth.{name}"] = PolicyFeature(FeatureType.STATE, (1, DEPTH_SIZE, DEPTH_SIZE))
+    return dict(
+        geometry="depth",
+        input_features=features,
+        camera_intrinsics=dict.fromkeys(CAMERA_NAMES, INTRINSICS),
+    )
+
+
+def camera_to_world(angle: float, translation) -> torch.Tensor:
+    """A (4, 4) camera-to-world pose: rotation about z by `angle`, then `translation`."""
+    pose = torch.eye(4)
+    cos, sin = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
+    pose[:2, :2] = torch.tensor([[cos, -sin], [sin, cos]])
+    pose[:3, 3] = torch.tensor(translation)
+    return pose
+
+
+def depth_batch(policy, scale: float = 1.0, image_size: int = 40) -> dict:
+    """A preprocessed batch with depth and camera-to-world extrinsics for both cameras."""
+    batch = raw_batch()
+    generator = torch.Generator().manual_seed(7)
+    for index, name in enumerate(CAMERA_NAMES):
+        batch[f"observation.images.{name}"] = torch.rand(2, 3, image_size, image_size, generator=generator)
+        depth = 0.5 + torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE, generator=generator)
+        batch[f"observation.depth.{name}"] = depth * scale
+        batch[f"observation.extrinsics.{name}"] = camera_to_world(0.3 + index, [0.1, -0.2 * index, 0.5])[
+            None
+        ].expand(2, 4, 4)
+    return preprocess(policy, batch)
+
+
+def original_position_mlp(tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """LLaVA-3D's PositionEmbeddingLearnedMLP head, filled from the checkpoint's tensors."""
+    width = VISION_SIZES["hidden_size"]
+    head = nn.Sequential(nn.Linear(3, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, width))
+    head.load_state_dict(
+        {
+            key.removeprefix(LLAVA3D_POSITION_PREFIX + "position_embedding_head."): value
+            for key, value in tensors.items()
+            if key.startswith(LLAVA3D_POSITION_PREFIX)
+        }
+    )
+    return head
+
+
+def test_llava3d_checkpoint_keeps_its_3d_position_encoder(checkpoints):
+    vlm_dir, _ = checkpoints["llava3d-clip"]
+    policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
+    assert policy.model.geometry_encoder == "llava3d_mlp"
+    encoder = policy.model.patch_geometry.encoder
+    assert encoder.gate is None  # pretrained weights: no gate in front of them
+    on_disk = {
+        key.removeprefix(LLAVA3D_POSITION_PREFIX): value
+        for key, value in saved_tensors(vlm_dir).items()
+        if key.startswith(LLAVA3D_POSITION_PREFIX)
+    }
+    carried = {
+        f"position_embedding_head.{key}": value
+        for key, value in encoder.position_embedding_head.state_dict().items()
+    }
+    assert carried.keys() == on_disk.keys() and len(on_disk) == 6
+    for key, value in on_disk.items():
+        assert torch.equal(carried[key], value), key
+    # Nothing else of the 3D path has parameters: the checkpoint's MLP is the whole encoder.
+    assert set(policy.model.patch_geometry.state_dict()) == {f"encoder.{key}" for key in on_disk}
+
+
+def test_llava3d_prefix_patch_features_follow_the_original_equations(checkpoints):
+    """prefix patches = mm_projector(tower features + MLP(xyz)), xyz the nearest resize of the
+    back-projected world-frame xyz map to the tower's patch grid."""
+    vlm_dir, tower_dir = checkpoints["llava3d-clip"]
+    policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
+    batch = depth_batch(policy, image_size=32)  # the tower's size: no resize in the model
+    inputs = policy._prepare_inputs(batch)
+    prefix, prefix_mask, _ = policy.model.embed_prefix(
+        inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask
+    )
+
+    tensors = saved_tensors(vlm_dir)
+    mm_projector = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64))
+    mm_projector.load_state_dict(
+        {key.removeprefix("model.mm_projector."): v for key, v in tensors.items() if "mm_projector" in key}
+    )
+    position_mlp = original_position_mlp(tensors)
+    tower = CLIPVisionModel.from_pretrained(tower_dir)
+    processor = CLIPImageProcessor()
+    mean, std = (
+        torch.tensor(processor.image_mean).view(1, 3, 1, 1),
+        torch.tensor(processor.image_std).view(1, 3, 1, 1),
+    )
+    # Pixel (u, v) of the depth grid: camera point ((u - cx) z / fx, (v - cy) z / fy, z), then the pose.
+    v, u = torch.meshgrid(torch.arange(DEPTH_SIZE).float(), torch.arange(DEPTH_SIZE).float(), indexing="ij")
+    fx, cx, fy, cy = INTRINSICS[0][0], INTRINSICS[0][2], INTRINSICS[1][1], INTRINSICS[1][2]
+    step = DEPTH_SIZE // GRID  # nearest resize 24 -> 4 picks pixels 0, 6, 12, 18
+    for index, name in enumerate(CAMERA_NAMES):
+        pixels = (batch[f"observation.images.{name}"] - mean) / std
+        features = tower(pixels, output_hidden_states=True).hidden_states[-2][
+            :, 1:
+        ]  # (2, 16, 32), CLS dropped
+        z = batch[f"observation.depth.{name}"][:, 0]  # (2, 24, 24)
+        camera = torch.stack([(u - cx) * z / fx, (v - cy) * z / fy, z, torch.ones_like(z)], dim=-1)
+        world = (camera @ batch[f"observation.extrinsics.{name}"].transpose(1, 2)[:, None])[..., :3]
+        xyz = world[:, ::step, ::step].reshape(2, GRID * GRID, 3)
+        expected = mm_projector(features + position_mlp(xyz))
+        patches = prefix[:, index * GRID**2 : (index + 1) * GRID**2]
+        torch.testing.assert_close(patches, expected, atol=2e-5, rtol=1e-4)
+    assert prefix_mask[:, : 2 * GRID**2].all()
+
+
+def test_llava3d_actions_depend_on_depth_from_the_first_step(checkpoints):
+    policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    near = policy.predict_action_chunk(depth_batch(policy), noise=noise)
+    far = policy.predict_action_chunk(depth_batch(policy, scale=2.0), noise=noise)
+    assert (near - far).abs().max() > 1e-3
+    # Without the 3D encoder the same weights ignore depth.
+    flat = checkpoint_policy(
+        checkpoints, "llava3d-clip", **depth_config_fields(), geometry_encoder="sinusoidal"
+    )
+    torch.testing.assert_close(
+        flat.predict_action_chunk(depth_batch(flat), noise=noise),
+        flat.predict_action_chunk(depth_batch(flat, scale=2.0), noise=noise),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_llava3d_3d_encoder_unused_is_logged(checkpoints, caplog):
+    caplog.set_level("WARNING", logger="lerobot_llava3d_fusion.model")
+    checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
+    assert "3D position encoder" not in caplog.text
+    checkpoint_policy(checkpoints, "llava3d-clip")  # geometry="none"
+    assert "3D position encoder" in caplog.text and "unused with geometry='none'" in caplog.text
+    caplog.clear()
+    checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields(), geometry_encoder="sinusoidal")
+    assert "unused with geometry_encoder='sinusoidal'" in caplog.text
+
+
+def test_llava3d_with_3d_encoder_survives_save_and_load(checkpoints, tmp_path):
+    policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
+    batch = depth_batch(policy)
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    before = policy.predict_action_chunk(batch, noise=noise)
+    policy.save_pretrained(tmp_path)
+    torch.manual_seed(123)
+    reloaded = Llava3DFusionPolicy.from_pretrained(tmp_path)
+    assert reloaded.model.patch_geometry.encoder.gate is None
+    assert torch.equal(reloaded.predict_action_chunk(batch, noise=noise), before)
+
+
+def test_llava3d_mlp_on_other_backbones_starts_random_behind_the_gate(checkpoints):
+    plain = checkpoint_policy(
+        checkpoints, "llava-llama-clip", seed=0, **{**depth_config_fields(), "geometry": "none"}
+    )
+    policy = checkpoint_policy(
+        checkpoints, "llava-llama-clip", seed=0, **depth_config_fields(), geometry_encoder="llava3d_mlp"
+    )
+    encoder = policy.model.patch_geometry.encoder
+    assert encoder.position_embedding_head[0].weight.shape == (VISION_SIZES["hidden_size"], 3)
+    assert torch.equal(encoder.gate, torch.zeros(VISION_SIZES["hidden_size"]))
+    missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("model.patch_geometry.") for key in missing)
+    batch = depth_batch(policy)
+    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    reference = plain.predict_action_chunk(batch, noise=noise)
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), reference, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        encoder.gate.fill_(1.0)
+    assert (policy.predict_action_chunk(batch, noise=noise) - reference).abs().max() > 1e-3
+
+
+def test_llava3d_checkpoint_without_or_with_a_broken_3d_encoder(checkpoints, tmp_path):
+    tower_dir = str(checkpoints["llava3d-clip"][1])
+    tensors = {k: v for k, v in llava3d_tensors().items() if not k.startswith(LLAVA3D_POSITION_PREFIX)}
+    vlm_dir = save_llava3d(tmp_path / "no-mlp", tensors)
+    fields = dict(vlm_model_name=str(vlm_dir), vision_tower_name=tower_dir)
+    Llava3DFusionPolicy(tiny_config(**fields))  # geometry="none": not needed
+    with pytest.raises(ValueError, match="has no model.video_tower.video_tower.positional_embedding"):
+        Llava3DFusionPolicy(tiny_config(**fields, **depth_config_fields()))
+    tensors = llava3d_tensors()
+    tensors.pop(LLAVA3D_POSITION_PREFIX + "position_embedding_head.1.bias")
+    vlm_dir = save_llava3d(tmp_path / "partial-mlp", tensors)
+    with pytest.raises(
+        ValueError, match=r"3D position encoder weights.*missing.*position_embedding_head.1.bias"
+    ):
+        load_backbone(str(vlm_dir), load_weights=True, vision_tower_name=tower_dir)

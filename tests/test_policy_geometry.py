@@ -85,9 +85,10 @@ def test_geometry_gate_init_opens_the_gate_from_the_start():
         tiny_config(geometry_gate_init=float("nan"))
 
 
+@pytest.mark.parametrize("encoder", ["sinusoidal", "llava3d_mlp"])
 @pytest.mark.parametrize("target", ["prefix", "expert"])
-def test_geometry_policy_trains_and_cached_sampling_matches(target):
-    policy = geometry_policy(geometry_target=target)
+def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
+    policy = geometry_policy(geometry_target=target, geometry_encoder=encoder)
     batch = preprocess(policy, with_depth(raw_batch()))
     loss, _ = policy.forward(batch)
     loss.backward()
@@ -352,3 +353,152 @@ def test_estimator_geometry_needs_no_recorded_depth(tmp_path):
     # 40 px image -> 28 px depth grid: focal lengths scale by 28/40.
     assert intrinsics[0, 0, 0].item() == pytest.approx(20.0 * 28 / 40)
     assert policy.predict_action_chunk(batch).shape == (2, CHUNK, 3)
+
+
+# ------------------------------------------------------------------------ LLaVA-3D encoder, voxels
+
+GRID = 4  # the tiny tower's 32 px images in 8 px patches
+TOWER_WIDTH = 32
+
+
+def test_llava3d_mlp_encoder_on_the_tiny_backbone_is_gated_on_the_tower_width():
+    policy = geometry_policy(geometry_encoder="llava3d_mlp")
+    geometry = policy.model.patch_geometry
+    assert geometry.grid_size == (GRID, GRID) and geometry.patch_points == "nearest"
+    assert geometry.encoder.position_embedding_head[0].weight.shape == (TOWER_WIDTH, 3)
+    assert torch.equal(geometry.encoder.gate, torch.zeros(TOWER_WIDTH))
+    assert (
+        geometry_policy(
+            geometry_encoder="llava3d_mlp", geometry_patch_points="mean"
+        ).model.patch_geometry.patch_points
+        == "mean"
+    )
+    assert geometry_policy().model.patch_geometry.patch_points == "mean"  # sinusoidal default
+
+
+def plane_batch(policy, depths, extrinsics=None):
+    """A preprocessed batch whose cameras see `depths[cam]` (B, 1, 24, 24) and optional poses."""
+    batch = dict(raw_batch())
+    for key in CAMERAS:
+        name = key.removeprefix("observation.images.")
+        batch[f"observation.depth.{name}"] = depths[name]
+        if extrinsics is not None:
+            batch[f"observation.extrinsics.{name}"] = extrinsics[name].expand(2, 4, 4)
+    return preprocess(policy, batch)
+
+
+def translation(x):
+    pose = torch.eye(4)
+    pose[0, 3] = x
+    return pose
+
+
+def prefix_of(policy, batch):
+    inputs = policy._prepare_inputs(batch)
+    return policy.model.embed_prefix(inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask)
+
+
+def assert_same_tokens_in_some_order(tokens, expected):
+    """(N, D) tokens equal (N, D) expected up to a permutation of the rows."""
+    assert tokens.shape == expected.shape
+    match = torch.cdist(tokens, expected).argmin(dim=1)
+    assert sorted(match.tolist()) == list(range(expected.shape[0]))
+    torch.testing.assert_close(tokens, expected[match], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["llava3d_mlp", "sinusoidal"])
+def test_voxel_pooling_merges_two_cameras_looking_at_the_same_plane(encoder):
+    policy = geometry_policy(geometry_encoder=encoder, geometry_voxel_size=0.1, geometry_gate_init=1.0)
+    plane = torch.ones(2, 1, DEPTH_SIZE, DEPTH_SIZE)  # 1 m: patch points 0.3 m apart
+    batch = plane_batch(policy, {"top": plane, "wrist": plane})
+    prefix, mask, _ = prefix_of(policy, batch)
+    text_length = batch["observation.language.tokens"].shape[1]
+    # Both cameras' 16 patches land in the same 16 voxels: 16 image tokens instead of 32.
+    assert prefix.shape[1] == GRID**2 + text_length and mask[:, : GRID**2].all()
+    model = policy.model
+    inputs = policy._prepare_inputs(batch)
+    features = model.image_features(inputs.images)
+    points, valid = model.patch_geometry.patch_points_of(plane, torch.tensor(INTRINSICS))
+    mean = (features[0] + features[1]) / 2
+    if encoder == "llava3d_mlp":  # projector(mean over the voxel of (tower features + MLP(xyz)))
+        expected = model.image_encoder.projector(mean + model.patch_geometry.encoder(points, valid))
+    else:  # projector(mean tower features) + gated sinusoidal encoding of the mean point
+        expected = model.image_encoder.projector(mean) + model.patch_geometry.encoder(points, valid)
+    for sample in range(2):
+        assert_same_tokens_in_some_order(prefix[sample, : GRID**2], expected[sample])
+
+    # The wrist camera moved by one patch spacing along x: 3 of its 4 patch columns overlap the top's.
+    shifted = plane_batch(
+        policy, {"top": plane, "wrist": plane}, {"top": torch.eye(4), "wrist": translation(0.3)}
+    )
+    prefix, mask, _ = prefix_of(policy, shifted)
+    assert prefix.shape[1] == GRID**2 + GRID + text_length and mask[:, : GRID**2 + GRID].all()
+
+
+def test_voxel_pooling_leaves_a_scene_with_one_voxel_per_patch_unchanged():
+    pooled = geometry_policy(geometry_encoder="llava3d_mlp", geometry_voxel_size=0.1, geometry_gate_init=1.0)
+    plain = geometry_policy(geometry_encoder="llava3d_mlp", geometry_gate_init=1.0)
+    plain.load_state_dict(pooled.state_dict())
+    plane = torch.ones(2, 1, DEPTH_SIZE, DEPTH_SIZE)
+    far_apart = {"top": torch.eye(4), "wrist": translation(10.0)}
+    batch = plane_batch(pooled, {"top": plane, "wrist": plane}, far_apart)
+    pooled_prefix, pooled_mask, _ = prefix_of(pooled, batch)
+    plain_prefix, plain_mask, _ = prefix_of(plain, batch)
+    assert pooled_prefix.shape == plain_prefix.shape and torch.equal(pooled_mask, plain_mask)
+    images = 2 * GRID**2
+    for sample in range(2):  # the same 32 image tokens (in voxel order), the same text tokens
+        assert_same_tokens_in_some_order(pooled_prefix[sample, :images], plain_prefix[sample, :images])
+    assert torch.equal(pooled_prefix[:, images:], plain_prefix[:, images:])
+
+
+def test_voxel_pooling_pads_samples_with_different_token_counts():
+    policy = geometry_policy(geometry_encoder="llava3d_mlp", geometry_voxel_size=0.1, geometry_gate_init=1.0)
+    generator = torch.Generator().manual_seed(4)
+    depths = {
+        name: 0.5 + torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE, generator=generator) for name in ("top", "wrist")
+    }
+    for name in depths:  # sample 0: both cameras see the same plane (16 tokens); sample 1: rough scenes
+        depths[name][0] = 1.0
+    batch = plane_batch(policy, depths)
+    _, mask, _ = prefix_of(policy, batch)
+    image_tokens = mask.shape[1] - batch["observation.language.tokens"].shape[1]
+    counts = mask[:, :image_tokens].sum(dim=1).tolist()
+    assert counts[0] == GRID**2 and counts[1] == image_tokens > counts[0]
+    assert not mask[0, counts[0] : image_tokens].any()  # padding, hidden by the mask
+
+    noise = noise_for(policy)
+    cached = policy.predict_action_chunk(batch, noise=noise)
+    policy.config.use_cache = False
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
+    policy.config.use_cache = True
+    # The padded sample's actions are those it gets alone (no padding).
+    alone = {key: value[:1] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    torch.testing.assert_close(
+        policy.predict_action_chunk(alone, noise=noise[:1]), cached[:1], atol=1e-5, rtol=0
+    )
+
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    head_grad = policy.model.patch_geometry.encoder.position_embedding_head[0].weight.grad
+    assert head_grad is not None and torch.isfinite(head_grad).all() and head_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"geometry_voxel_size": 0.0}, "geometry_voxel_size must be a positive number"),
+        ({"geometry_voxel_size": float("nan")}, "geometry_voxel_size must be a positive number"),
+        ({"geometry_voxel_size": 0.2, "geometry": "none"}, "geometry_voxel_size needs 3D points"),
+        (
+            {"geometry_voxel_size": 0.2, "geometry_target": "expert"},
+            "geometry_voxel_size .* geometry_target='prefix'",
+        ),
+        ({"geometry_voxel_size": 0.2, "image_pooling": 2}, "geometry_voxel_size replaces image_pooling"),
+        ({"geometry_encoder": "mlp"}, "geometry_encoder must be one of"),
+        ({"geometry_patch_points": "center"}, "geometry_patch_points must be one of"),
+    ],
+)
+def test_bad_3d_patch_options_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**{"geometry": "depth", **overrides})
