@@ -5,7 +5,8 @@ intrinsics and extrinsics recorded), `--policy.dtype=bfloat16` (Accelerate's bf1
 real optimizer steps) and `--policy.vlm_model_name=<a local LLaVA checkpoint directory>`:
 
     fresh training (2 steps) -> --resume to 4 steps -> fine-tuning that checkpoint on the dataset
-    (--policy.path) -> the backbone directory is deleted -> lerobot-eval and from_pretrained.
+    (--policy.path) -> the backbone directory is deleted -> lerobot-eval, from_pretrained, and a Hub
+    push whose uploaded files alone load again.
 
 Fine-tuning and resuming rebuild the normaliser with every input feature: had they normalised the
 camera matrices (constant in this dataset, so std 0), the policy's pinhole check would have stopped
@@ -60,7 +61,7 @@ def stored_dtypes(checkpoint: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path):
+def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path, monkeypatch):
     from lerobot_llava3d_fusion.envs.make_touch_block_dataset import make_touch_block_dataset
 
     dataset = tmp_path / "dataset"
@@ -140,3 +141,30 @@ def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path)
     )
     assert_ok(result)
     assert e2e.read_json(eval_dir / "eval_info.json")["overall"]["n_episodes"] == 1
+
+    # 5. Pushed to the Hub (LeRobot's push, network calls captured): the uploaded files alone load.
+    from lerobot.configs.train import TrainPipelineConfig
+    from lerobot.policies import make_pre_post_processors
+
+    from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+
+    capture = tmp_path / "hub"
+    for owner, name, replacement in e2e.hub_capture_patches(capture):
+        monkeypatch.setattr(owner, name, replacement)
+    train_cfg = TrainPipelineConfig.from_pretrained(finetuned)
+    train_cfg.policy.repo_id = "user/llava3d_fusion_bf16"
+    policy = Llava3DFusionPolicy.from_pretrained(finetuned, config=train_cfg.policy)
+    preprocessor, postprocessor = make_pre_post_processors(train_cfg.policy, pretrained_path=finetuned)
+    policy.push_model_to_hub(train_cfg)
+    preprocessor.push_to_hub(train_cfg.policy.repo_id)
+    postprocessor.push_to_hub(train_cfg.policy.repo_id)
+    uploaded = [
+        file for call in e2e.read_calls(capture) if call["call"] == "upload_folder" for file in call["files"]
+    ]
+    assert {"backbone/config.json", "backbone/preprocessor_config.json", "backbone/tokenizer.json"} <= set(
+        uploaded
+    )
+    assert any(file.endswith("llava3d_fusion_tokenizer.safetensors") for file in uploaded), uploaded
+    repo = capture / "repos" / train_cfg.policy.repo_id
+    from_hub = e2e.predict_like_lerobot_eval(repo, "touch_block", env_kwargs, observation, noise, 7)
+    assert torch.equal(from_hub["chunk"], before["chunk"])
