@@ -1,12 +1,14 @@
 """llava3d_fusion: a 3D-aware LLaVA-family vision-language-action policy for LeRobot.
 
 Importing the package registers with LeRobot the policy type ``llava3d_fusion`` (and its
-processor steps) and the environment type ``touch_block`` (the closed-loop demo task); the policy
-and processor modules are found by LeRobot's naming convention.
+processor steps), then the environment types ``touch_block`` (the closed-loop demo task) and
+``libero_rgbd``; an env type another package already registered is skipped with a warning, never
+at the policy's expense. The policy and processor modules are found by LeRobot's naming convention.
 """
 
-from . import envs  # noqa: F401  (registers the environment types)
 from .configuration_llava3d_fusion import Llava3DFusionConfig
 from .processor_llava3d_fusion import make_llava3d_fusion_pre_post_processors
+
+from . import envs  # noqa: E402, F401, I001  (registers the environment types, after the policy)
 
 __all__ = ["Llava3DFusionConfig", "make_llava3d_fusion_pre_post_processors"]

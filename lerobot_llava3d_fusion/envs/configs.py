@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
-from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline, ProcessorStepRegistry
+from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE, OBS_STR
 
 from . import touch_block  # registers the gymnasium id
+from .registration import env_type, processor_step
 
 # Env observation keys carrying camera geometry -> their number of dims without the batch dim.
 _GEOMETRY_NDIMS = {"depth": 3, "intrinsics": 2, "extrinsics": 2}
@@ -32,7 +33,7 @@ def geometry_key(name: str, camera: str = touch_block.CAMERA_NAME) -> str:
 
 
 @dataclass
-@ProcessorStepRegistry.register(name="touch_block_camera_geometry")
+@processor_step("touch_block_camera_geometry")
 class TouchBlockProcessorStep(ObservationProcessorStep):
     """Moves `observation.{depth,intrinsics,extrinsics}` to `observation.<name>.<camera>`.
 
@@ -70,7 +71,7 @@ class TouchBlockProcessorStep(ObservationProcessorStep):
         return {"camera": self.camera}
 
 
-@EnvConfig.register_subclass("touch_block")
+@env_type("touch_block")
 @dataclass
 class TouchBlockEnvConfig(EnvConfig):
     """`--env.type=touch_block`: move to, and hold at, the top of the block named by the instruction.

@@ -60,11 +60,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
-from lerobot.envs.configs import EnvConfig, LiberoEnv
+from lerobot.envs.configs import LiberoEnv
 from lerobot.envs.utils import parse_camera_names
 from lerobot.processor import LiberoProcessorStep, PolicyProcessorPipeline
-from lerobot.processor.pipeline import ObservationProcessorStep, ProcessorStepRegistry
+from lerobot.processor.pipeline import ObservationProcessorStep
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE, OBS_STR
+
+from .registration import env_type, processor_step
 
 if TYPE_CHECKING:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -114,7 +116,7 @@ def flip_intrinsics(
 
 
 @dataclass
-@ProcessorStepRegistry.register(name="libero_rgbd_processor")
+@processor_step("libero_rgbd_processor")
 class LiberoRGBDProcessorStep(ObservationProcessorStep):
     """Move the raw per-camera geometry to ``observation.{depth,intrinsics,extrinsics}.<cam>``.
 
@@ -173,7 +175,7 @@ class LiberoRGBDProcessorStep(ObservationProcessorStep):
         return {**features, PipelineFeatureType.OBSERVATION: renamed}
 
 
-@EnvConfig.register_subclass("libero_rgbd")
+@env_type("libero_rgbd")
 @dataclass
 class LiberoRGBDEnvConfig(LiberoEnv):
     """LeRobot's ``libero`` env config (same options) whose envs also deliver depth and cameras."""
