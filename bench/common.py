@@ -38,11 +38,11 @@ from lerobot.utils.constants import (
     OBS_STATE,
 )
 from torch import nn
-from transformers import LlamaConfig, LlavaConfig, SiglipImageProcessor, SiglipVisionConfig
+from transformers import LlamaConfig, SiglipImageProcessor, SiglipVisionConfig
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer
+from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, siglip_llava_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("ours", "pi0")
@@ -269,15 +269,9 @@ def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
         image_size=vision.image_size,
         vision_use_head=False,  # PaliGemma's tower has no attention-pooling head either
     )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=tokenizer.pad_token_id,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",  # SigLIP has no CLS token
-        image_seq_length=vision.num_patches,
+    siglip_llava_config(text_config, vision_config, image_token_id=tokenizer.pad_token_id).save_pretrained(
+        directory
     )
-    config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     size = {"height": vision.image_size, "width": vision.image_size}
     SiglipImageProcessor(size=size, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(directory)

@@ -11,7 +11,10 @@ waits), so the timings are interleaved as in latency.py; `--sequential` trains o
 other instead, for a GPU that cannot hold both at once. The optimizer is each policy's own LeRobot
 preset (AdamW for both; ours enables torch's fused kernel, pi0's runs torch's default, a per-tensor
 loop on CPU) and the step is LeRobot's `update_policy` without the accelerator: backward,
-clip_grad_norm_, step, zero_grad.
+clip_grad_norm_, step, zero_grad. With `--dtype bfloat16` the forward runs under bf16 autocast, as
+`lerobot-train` runs it (Accelerate's autocast, switched on by `policy.dtype`); each policy keeps its
+own bf16 storage (ours: float32 master weights for what trains, frozen parts in bf16; pi0: bf16
+weights with float32 norms, vision tower and projector).
 
     python bench/throughput.py                                         # CPU, small preset, batch 2
     python bench/throughput.py --device cuda --dtype bfloat16 --batch-size 8 --sequential
@@ -19,6 +22,7 @@ clip_grad_norm_, step, zero_grad.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import re
 import time
@@ -103,12 +107,18 @@ def train_worker(name: str, args, conn: Connection) -> None:
     after_build = memory_gib(device)["current"]
     reset_peak_memory(device)
     policy.train()
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if args.dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
     conn.send("ready")
 
     while conn.recv() == "step":
         synchronize(device)
         start = time.perf_counter()
-        loss, _ = policy.forward(batch)
+        with autocast:
+            loss, _ = policy.forward(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, preset.grad_clip_norm)
         optimizer.step()

@@ -40,6 +40,61 @@ class PrefixKVCache:
     suffix_mask: Tensor | None  # (B, 1, 1, L_prefix + L_suffix) bool; None when no prefix token is padding
 
 
+# The decoder contract: what the fusion loop reads from a transformers base decoder model (`LlamaModel`,
+# `MistralModel`, `Qwen2Model`, ...). The model has `embed_tokens`, `layers`, `norm` and `rotary_emb`
+# (called as `rotary_emb(hidden, position_ids) -> (cos, sin)`); each layer has exactly these parts,
+# and its attention these projections plus `head_dim` and `scaling`; and the model's own forward is
+# embed -> for each layer: x + o_proj(attention(input_layernorm(x))), then x + mlp(post_attention_layernorm(x))
+# -> norm, with nothing else (no embedding scale, no extra norms), which `check_decoder_contract` verifies
+# by running both on a few tokens.
+DECODER_MODEL_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")
+DECODER_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+SUPPORTED_DECODERS = "Llama, Mistral, Qwen2 and decoders of the same layout"
+
+
+def check_decoder_contract(llm: nn.Module, name: str) -> None:
+    """Raise, naming what differs, unless `llm` is a decoder the fusion loop can drive exactly."""
+    kind = type(llm).__name__
+    missing = [part for part in DECODER_MODEL_PARTS if not hasattr(llm, part)]
+    if not missing:
+        layer = llm.layers[0]
+        missing += [f"layers[0].{part}" for part in DECODER_LAYER_PARTS if not hasattr(layer, part)]
+        if hasattr(layer, "self_attn"):
+            missing += [f"self_attn.{part}" for part in ATTENTION_PARTS if not hasattr(layer.self_attn, part)]
+    if missing:
+        raise ValueError(
+            f"{name}: its LLM ({kind}) lacks {missing}, which the fusion loop drives; supported: {SUPPORTED_DECODERS}."
+        )
+    extra = sorted(set(dict(llm.layers[0].named_children())) - set(DECODER_LAYER_PARTS))
+    if extra:
+        raise ValueError(
+            f"{name}: its LLM's layers ({type(llm.layers[0]).__name__}) have parts the fusion loop would skip: "
+            f"{extra}; supported: {SUPPORTED_DECODERS}."
+        )
+    parameter = next(llm.parameters())
+    with torch.no_grad():
+        hidden = torch.randn(1, 4, llm.embed_tokens.embedding_dim, generator=torch.Generator().manual_seed(0))
+        hidden = hidden.to(parameter)
+        positions = torch.arange(4, device=parameter.device)[None]
+        expected = llm(inputs_embeds=hidden, position_ids=positions).last_hidden_state
+        causal = torch.ones(4, 4, dtype=torch.bool, device=parameter.device).tril()[None, None]
+        rotation = [llm.rotary_emb(hidden, positions)]
+        streams = [hidden]
+        for layer in llm.layers:
+            q, k, v = _project_streams([layer], streams, rotation)
+            streams = _attend_and_finish([layer], streams, q, k, v, causal)
+        ours = llm.norm(streams[0])
+    tolerance = 1e-3 if parameter.dtype == torch.float32 else 3e-2
+    error = ((ours - expected).abs().max() / expected.abs().max().clamp(min=1e-6)).item()
+    if not error <= tolerance:
+        raise ValueError(
+            f"{name}: the fusion loop does not reproduce its LLM's ({kind}) own forward (relative "
+            f"difference {error:.3g}): the decoder computes something beyond pre-norm attention and MLP "
+            f"blocks (e.g. an embedding scale); supported: {SUPPORTED_DECODERS}."
+        )
+
+
 def build_expert_layers(
     llm: nn.Module, width_multiplier: float, mlp_multiplier: float | None = None
 ) -> tuple[nn.ModuleList, nn.Module]:

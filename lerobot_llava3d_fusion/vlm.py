@@ -17,7 +17,8 @@ the patch grid and the tokenizer. Supported `vlm_model_name`s (Hub id or local d
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     MistralConfig,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -37,6 +39,7 @@ from transformers import (
 
 from .backbone import Backbone, load_image_normalisation, read_checkpoint_config
 from .configuration_llava3d_fusion import TINY_VLM_NAME
+from .fusion import check_decoder_contract
 from .llava3d_checkpoint import (
     LLAVA3D_ARCHITECTURES,
     LLAVA3D_MODEL_TYPES,
@@ -51,8 +54,6 @@ LLAVA_MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
-# Decoder families whose layers the fusion stack drives directly (same attention/MLP layout).
-SUPPORTED_LLM_TYPES = ("llama", "mistral", "qwen2")
 
 
 TINY_IMAGE_SIZE = 32
@@ -70,6 +71,74 @@ TINY_LLM_CONFIGS = {"qwen2": Qwen2Config, "llama": LlamaConfig, "mistral": Mistr
 SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+@dataclass(frozen=True)
+class BackboneLayout:
+    """One checkpoint layout the policy can load: how to recognise it and how to load it.
+
+    To support another layout, write its loader (returning a `Backbone` whose LLM meets the decoder
+    contract of `fusion.check_decoder_contract`) and add an entry to `BACKBONE_LAYOUTS`.
+    """
+
+    name: str
+    description: str  # for the error listing what is supported
+    recognises: Callable[[dict], bool]  # the checkpoint's config.json -> is it this layout?
+    # (name, config.json, vision_tower_name=, load_weights=, dtype=) -> Backbone
+    load: Callable[..., Backbone]
+    load_tokenizer: Callable[[str, dict], PreTrainedTokenizerBase]
+    has_own_vision_tower: bool = True
+
+
+def _is_llava3d(config: dict) -> bool:
+    # Original LLaVA codebases also name their config model_type "llava": the architecture decides.
+    architectures = config.get("architectures") or []
+    return any(arch in LLAVA3D_ARCHITECTURES for arch in architectures) or (
+        config.get("model_type") in LLAVA3D_MODEL_TYPES
+    )
+
+
+def _load_llava3d(name: str, config: dict, *, vision_tower_name, load_weights, dtype) -> Backbone:
+    return load_llava3d_backbone(
+        name, config, vision_tower_name=vision_tower_name, load_weights=load_weights, dtype=dtype
+    )
+
+
+def _load_transformers_llava(name: str, config: dict, *, vision_tower_name, load_weights, dtype) -> Backbone:
+    return load_transformers_llava_backbone(name, load_weights=load_weights, dtype=dtype)
+
+
+BACKBONE_LAYOUTS = (
+    BackboneLayout(
+        name="llava3d",
+        description=f"original LLaVA-3D (architectures {list(LLAVA3D_ARCHITECTURES)} or model_type in "
+        f"{list(LLAVA3D_MODEL_TYPES)})",
+        recognises=_is_llava3d,
+        load=_load_llava3d,
+        load_tokenizer=load_llava3d_tokenizer,
+        has_own_vision_tower=False,
+    ),
+    BackboneLayout(
+        name="transformers",
+        description=f"transformers LLaVA (model_type in {sorted(LLAVA_MODEL_CLASSES)})",
+        recognises=lambda config: config.get("model_type") in LLAVA_MODEL_CLASSES,
+        load=_load_transformers_llava,
+        load_tokenizer=lambda name, config: AutoTokenizer.from_pretrained(name),
+    ),
+)
+
+
+def backbone_layout(name: str, config: dict) -> BackboneLayout:
+    """The layout of the checkpoint whose config.json is `config` (`read_checkpoint_config`)."""
+    for layout in BACKBONE_LAYOUTS:
+        if layout.recognises(config):
+            return layout
+    raise ValueError(
+        f"{name}: unsupported architecture (model_type={config.get('model_type')!r}, "
+        f"architectures={config.get('architectures') or []}); expected one of: "
+        + "; ".join(layout.description for layout in BACKBONE_LAYOUTS)
+        + "."
+    )
+
+
 def load_backbone(
     name: str,
     *,
@@ -84,20 +153,20 @@ def load_backbone(
 
     `load_weights=False` builds the checkpoint's architecture (from its config.json) with random
     weights; `num_layers > 0` keeps the first `num_layers` LLM layers; `vision_tower_name` is the
-    CLIP/SigLIP checkpoint of the vision tower, for original LLaVA-3D checkpoints only.
+    CLIP/SigLIP checkpoint of the vision tower, for layouts without their own (original LLaVA-3D).
     """
     if name == TINY_VLM_NAME:
         _reject_vision_tower_name(name, vision_tower_name)
         backbone = build_tiny_backbone(tiny_llm_type)
     else:
         config = read_checkpoint_config(name)
-        if checkpoint_format(name, config) == "llava3d":
-            backbone = load_llava3d_backbone(
-                name, config, vision_tower_name=vision_tower_name, load_weights=load_weights, dtype=dtype
-            )
-        else:
+        layout = backbone_layout(name, config)
+        if layout.has_own_vision_tower:
             _reject_vision_tower_name(name, vision_tower_name)
-            backbone = load_transformers_llava_backbone(name, load_weights=load_weights, dtype=dtype)
+        backbone = layout.load(
+            name, config, vision_tower_name=vision_tower_name, load_weights=load_weights, dtype=dtype
+        )
+    check_decoder_contract(backbone.language_model, name)
     _keep_first_layers(backbone.language_model, num_layers)
     _check_pooling(backbone, image_pooling)
     backbone.image_pooling = image_pooling
@@ -110,31 +179,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == TINY_VLM_NAME:
         return build_tiny_tokenizer()
     config = read_checkpoint_config(name)
-    if checkpoint_format(name, config) == "llava3d":
-        return load_llava3d_tokenizer(name, config)
-    return AutoTokenizer.from_pretrained(name)
-
-
-# ------------------------------------------------------------------------------ checkpoint format
-
-
-def checkpoint_format(name: str, config: dict) -> str:
-    """ "transformers" (LLaVA / LLaVA-OneVision saved by transformers) or "llava3d" (original layout).
-
-    `config` is the checkpoint's config.json (`read_checkpoint_config`).
-    """
-    model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    # Original LLaVA codebases also name their config model_type "llava": the architecture decides.
-    if any(arch in LLAVA3D_ARCHITECTURES for arch in architectures) or model_type in LLAVA3D_MODEL_TYPES:
-        return "llava3d"
-    if model_type in LLAVA_MODEL_CLASSES:
-        return "transformers"
-    raise ValueError(
-        f"{name}: unsupported architecture (model_type={model_type!r}, architectures={architectures}); "
-        f"expected a transformers LLaVA checkpoint (model_type in {sorted(LLAVA_MODEL_CLASSES)}) or an "
-        f"original LLaVA-3D checkpoint (architectures {list(LLAVA3D_ARCHITECTURES)}, "
-        f"model_type in {list(LLAVA3D_MODEL_TYPES)})."
-    )
+    return backbone_layout(name, config).load_tokenizer(name, config)
 
 
 def _reject_vision_tower_name(name: str, vision_tower_name: str | None) -> None:
@@ -151,11 +196,6 @@ def _reject_vision_tower_name(name: str, vision_tower_name: str | None) -> None:
 def load_transformers_llava_backbone(name: str, *, load_weights: bool, dtype: torch.dtype) -> Backbone:
     """A checkpoint of a LLaVA wrapper transformers loads natively (everything comes from it)."""
     config = AutoConfig.from_pretrained(name)
-    llm_type = config.text_config.model_type
-    if llm_type not in SUPPORTED_LLM_TYPES:
-        raise ValueError(
-            f"{name}: LLM type {llm_type!r} is not supported; expected one of {SUPPORTED_LLM_TYPES}."
-        )
     model_cls = LLAVA_MODEL_CLASSES[config.model_type]
     if load_weights:
         model = model_cls.from_pretrained(name, dtype=dtype)
@@ -268,15 +308,22 @@ def build_tiny_llava(
         image_size=image_size,
         patch_size=patch_size,
     )
-    config = LlavaConfig(
+    config = siglip_llava_config(text_config, vision_config, image_token_id=tokenizer.pad_token_id)
+    return LlavaForConditionalGeneration(config), tokenizer
+
+
+def siglip_llava_config(
+    text_config: PretrainedConfig, vision_config: SiglipVisionConfig, image_token_id: int
+) -> LlavaConfig:
+    """A LLaVA config over a SigLIP tower, whose last layer's patch tokens (no CLS) are all used."""
+    return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=tokenizer.pad_token_id,
+        image_token_id=image_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_seq_length=(image_size // patch_size) ** 2,
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
     )
-    return LlavaForConditionalGeneration(config), tokenizer
 
 
 def build_tiny_backbone(llm_type: str = "qwen2") -> Backbone:

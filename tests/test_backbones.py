@@ -21,6 +21,7 @@ from transformers import (
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    Gemma2Config,
     GemmaConfig,
     LlamaConfig,
     LlamaModel,
@@ -559,16 +560,41 @@ def test_missing_checkpoint_directory_raises(tmp_path):
 def test_unknown_architecture_raises(tmp_path, config):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        ValueError, match=r"unsupported architecture.*expected a transformers LLaVA checkpoint"
+        ValueError, match=r"unsupported architecture.*expected one of: original LLaVA-3D.*transformers LLaVA"
     ):
         load_backbone(str(tmp_path), load_weights=True)
 
 
-def test_unsupported_llm_type_raises(tmp_path):
-    text_config = GemmaConfig(vocab_size=VOCAB, **LLM_SIZES)
-    LlavaConfig(vision_config=vision_config("clip"), text_config=text_config).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"LLM type 'gemma' is not supported; expected one of .*llama"):
-        load_backbone(str(tmp_path), load_weights=True)
+def save_llava_with_llm(directory, text_config):
+    LlavaConfig(vision_config=vision_config("clip"), text_config=text_config).save_pretrained(directory)
+    build_tiny_tokenizer().save_pretrained(directory)
+    save_image_processor(directory, "clip")
+    return directory
+
+
+def test_a_decoder_with_parts_the_fusion_loop_would_skip_is_rejected(tmp_path):
+    directory = save_llava_with_llm(tmp_path, Gemma2Config(vocab_size=VOCAB, head_dim=16, **LLM_SIZES))
+    with pytest.raises(ValueError, match=r"parts the fusion loop would skip: \['post_feedforward_layernorm'"):
+        load_backbone(str(directory), load_weights=False)
+
+
+def test_a_decoder_whose_forward_computes_more_than_its_layers_is_rejected():
+    from lerobot_llava3d_fusion.fusion import check_decoder_contract
+
+    class ScaledLlama(LlamaModel):  # the layer layout of Llama, plus an embedding scale in forward
+        def forward(self, inputs_embeds=None, **kwargs):
+            return super().forward(inputs_embeds=inputs_embeds * 8.0, **kwargs)
+
+    check_decoder_contract(LlamaModel(LlamaConfig(vocab_size=VOCAB, **LLM_SIZES)), "llama")
+    with pytest.raises(ValueError, match=r"does not reproduce its LLM's \(ScaledLlama\) own forward"):
+        check_decoder_contract(ScaledLlama(LlamaConfig(vocab_size=VOCAB, **LLM_SIZES)), "scaled")
+
+
+def test_a_decoder_of_the_same_layout_is_accepted_by_the_contract(tmp_path):
+    # Gemma keeps its embedding scale inside embed_tokens: the fusion loop computes exactly its forward.
+    directory = save_llava_with_llm(tmp_path, GemmaConfig(vocab_size=VOCAB, head_dim=16, **LLM_SIZES))
+    backbone = load_backbone(str(directory), load_weights=False)
+    assert type(backbone.language_model).__name__ == "GemmaModel"
 
 
 def test_llava3d_needs_vision_tower_name(checkpoints):
