@@ -198,7 +198,10 @@ def test_gym_make_and_env_checker():
     env = gym.make(tb.GYM_ID)  # the passive env checker runs on reset/step
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
-    assert info == {"is_success": False, "distance": pytest.approx(info["distance"]), "at_target": False}
+    sim = env.unwrapped
+    expected = float(np.linalg.norm(sim.ee_position - sim.target_position))
+    assert info == {"is_success": False, "distance": pytest.approx(expected), "at_target": False}
+    assert info["distance"] > sim.success_radius  # a reset starts away from the target
     assert env.spec.max_episode_steps == tb.DEFAULT_EPISODE_LENGTH
     check_env(gym.make(tb.GYM_ID, observation_height=24, observation_width=32).unwrapped)
 
