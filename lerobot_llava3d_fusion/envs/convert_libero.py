@@ -123,23 +123,20 @@ def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
     from libero.libero import benchmark
 
     path = Path(str(bddl_file_name).replace("\\", "/"))
-    candidates = []
-    for suite_name in benchmark.get_benchmark_dict():
+    names = list(benchmark.get_benchmark_dict())
+    # The suite named by the path's folder first (libero_90/libero_10 tasks also live in libero_100).
+    order = sorted(names, key=lambda name: (name != path.parent.name, name == "libero_100", name))
+    for suite_name in order:
         try:
             suite = _get_suite(suite_name)
         except Exception:  # noqa: BLE001 - a suite LIBERO lists but cannot build is not a candidate
             continue
         for task_id, task in enumerate(suite.tasks):
             if task.bddl_file == path.name:
-                candidates.append((task.problem_folder == path.parent.name, suite_name, task_id))
-    if not candidates:
-        raise LiberoHDF5Error(
-            f"{hdf5}: its BDDL file {bddl_file_name!r} is no task of the installed LIBERO suites "
-            f"({', '.join(benchmark.get_benchmark_dict())})."
-        )
-    # Prefer the suite named by the path's folder; libero_90/libero_10 tasks also live in libero_100.
-    candidates.sort(key=lambda c: (not c[0], c[1] == "libero_100", c[1], c[2]))
-    return candidates[0][1], candidates[0][2]
+                return suite_name, task_id
+    raise LiberoHDF5Error(
+        f"{hdf5}: its BDDL file {bddl_file_name!r} is no task of the installed LIBERO suites ({', '.join(names)})."
+    )
 
 
 def read_demo_jobs(hdf5: Path, size: int, replay: str, drop_noops: bool) -> list[DemoJob]:
@@ -587,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=int, default=FPS, help=f"fps stored in the dataset (default {FPS})")
     parser.add_argument("--max-demos", type=int, default=None, help="convert at most N demos per file")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: LeRobot's imports may already have configured the root logger, which would hide our summary.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # finalize the dataset on `kill` too
 
     try:
