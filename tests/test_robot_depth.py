@@ -87,6 +87,10 @@ def test_lerobot_features_keep_the_robots_names_and_attach_the_depth_to_its_came
     assert check_depth_features(policy.config.input_features) == {
         "observation.images.front_depth": "observation.images.front"
     }
+    # lerobot-rollout's check without --rename_map (rollout/context.py): the policy's visual features
+    # are the robot's cameras, depth included.
+    expected_visuals = {k for k, v in policy.config.input_features.items() if v.type is FeatureType.VISUAL}
+    assert expected_visuals == {"observation.images.front", "observation.images.front_depth"}
 
 
 def test_robot_observation_in_millimetres_acts_like_metres_in_our_convention():

@@ -47,6 +47,7 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 import argparse
+import atexit
 import json
 import logging
 import multiprocessing
@@ -250,13 +251,18 @@ def _env_for(job: DemoJob):
         init_states=False,  # the demos carry their own states
     )
     env._ensure_env()
-    _WORKER_ENV.update(key=key, env=env, preprocessor=_env_preprocessor())
+    if not _WORKER_ENV.get("closes_at_exit"):
+        # Registered after robosuite's own exit handlers, so it runs before them: the env's EGL
+        # contexts are freed while EGL is still up (worker processes end through interpreter exit).
+        atexit.register(close_worker_env)
+    _WORKER_ENV.update(key=key, env=env, preprocessor=_env_preprocessor(), closes_at_exit=True)
     return env
 
 
 def close_worker_env() -> None:
     env = _WORKER_ENV.pop("env", None)
-    _WORKER_ENV.clear()
+    for key in ("key", "preprocessor"):
+        _WORKER_ENV.pop(key, None)
     if env is not None:
         env.close()
 
