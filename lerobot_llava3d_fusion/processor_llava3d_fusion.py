@@ -1,7 +1,7 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
-Input: rename -> batch dim -> check -> depth to metres (geometry="depth") -> task newline -> tokenize (the backbone's tokenizer) -> device ->
-normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
+Input: rename -> batch dim -> check -> depth to metres (geometry="depth") -> task newline -> tokenize
+(the backbone's tokenizer) -> device -> normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
 resizes and normalizes them for its vision tower once, on the device.
 """
 

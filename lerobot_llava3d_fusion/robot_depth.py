@@ -73,7 +73,10 @@ def is_depth_map(key: str, feature: PolicyFeature) -> bool:
         return True
     shape = tuple(feature.shape)
     return (
-        key.startswith(IMAGE_PREFIX) and feature.type is FeatureType.VISUAL and len(shape) == 3 and shape[0] == 1
+        key.startswith(IMAGE_PREFIX)
+        and feature.type is FeatureType.VISUAL
+        and len(shape) == 3
+        and shape[0] == 1
     )
 
 
@@ -86,7 +89,9 @@ def check_depth_features(features: dict[str, PolicyFeature]) -> dict[str, str]:
     Raises:
         ValueError: a depth map with no RGB camera of that name, or two depth maps for one camera.
     """
-    cameras = {key for key, ft in features.items() if key.startswith(IMAGE_PREFIX) and not is_depth_map(key, ft)}
+    cameras = {
+        key for key, ft in features.items() if key.startswith(IMAGE_PREFIX) and not is_depth_map(key, ft)
+    }
     owners: dict[str, str] = {}
     for key, feature in features.items():
         if not is_depth_map(key, feature):
@@ -102,7 +107,7 @@ def check_depth_features(features: dict[str, PolicyFeature]) -> dict[str, str]:
                 f"(RGB cameras: {sorted(cameras)}). llava3d_fusion reads a camera's depth as "
                 f"'{DEPTH_PREFIX}<cam>' or as LeRobot's '{IMAGE_PREFIX}<cam>{ROBOT_DEPTH_SUFFIX}' next to "
                 f"'{IMAGE_PREFIX}<cam>'. Fix: rename it to the camera it belongs to, e.g. "
-                f"--rename_map='{{\"{key}\": \"{DEPTH_PREFIX}<cam>\"}}', or record that camera's RGB too "
+                f'--rename_map=\'{{"{key}": "{DEPTH_PREFIX}<cam>"}}\', or record that camera\'s RGB too '
                 "(use_rgb=True)."
             )
         if camera in owners.values():
@@ -150,7 +155,7 @@ class DepthToMetresStep(ObservationProcessorStep):
                 raise KeyError(
                     f"the policy reads this camera's depth from {target!r}, but the observation has it as "
                     f"{robot_key!r} (a LeRobot depth camera). Map it with "
-                    f"--rename_map='{{\"{robot_key}\": \"{target}\"}}' (millimetres are converted to metres)."
+                    f'--rename_map=\'{{"{robot_key}": "{target}"}}\' (millimetres are converted to metres).'
                 )
         return observation
 
@@ -182,7 +187,9 @@ def depth_sources(camera_keys: list[str], features: dict[str, PolicyFeature]) ->
 # ---- Intrinsics from a RealSense camera ---------------------------------------------------------------
 
 
-def rotated_intrinsics(intrinsics: list[list[float]], width: int, height: int, rotation: int) -> list[list[float]]:
+def rotated_intrinsics(
+    intrinsics: list[list[float]], width: int, height: int, rotation: int
+) -> list[list[float]]:
     """``K`` of an image rotated as LeRobot's cameras rotate frames (``cv2.rotate``), for the new grid.
 
     A rotation only relabels pixels: ``K' = A @ K`` with ``A`` the map of old to new pixel coordinates
@@ -239,7 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     from lerobot.cameras.realsense import RealSenseCamera, RealSenseCameraConfig
 
     config = RealSenseCameraConfig(
-        args.serial, fps=args.fps, width=args.width, height=args.height, use_depth=True, rotation=args.rotation
+        args.serial,
+        fps=args.fps,
+        width=args.width,
+        height=args.height,
+        use_depth=True,
+        rotation=args.rotation,
     )
     camera = RealSenseCamera(config)
     camera.connect()

@@ -69,7 +69,9 @@ def write_libero_hdf5(
                 {"problem_name": task.name, "domain_name": "robosuite", "language_instruction": task.language}
             )
             # As in LIBERO's files: the path on the machine that made it (only folder and name are used).
-            data.attrs["bddl_file_name"] = f"/home/someone/LIBERO/libero/libero/bddl_files/{SUITE}/{task.bddl_file}"
+            data.attrs["bddl_file_name"] = (
+                f"/home/someone/LIBERO/libero/libero/bddl_files/{SUITE}/{task.bddl_file}"
+            )
             for index, (actions, init_id) in enumerate(zip(actions_per_demo, init_state_ids, strict=False)):
                 env.init_state_id = init_id
                 env.reset()
@@ -83,7 +85,9 @@ def write_libero_hdf5(
                     record["agentview"].append(raw_obs["agentview_image"])
                     record["wrist"].append(raw_obs["robot0_eye_in_hand_image"])
                     record["ee"].append(
-                        np.concatenate([raw_obs["robot0_eef_pos"], quat2axisangle(raw_obs["robot0_eef_quat"])])
+                        np.concatenate(
+                            [raw_obs["robot0_eef_pos"], quat2axisangle(raw_obs["robot0_eef_quat"])]
+                        )
                     )
                     record["gripper"].append(raw_obs["robot0_gripper_qpos"])
                     record["joints"].append(raw_obs["robot0_joint_pos"])

@@ -35,7 +35,6 @@ from lerobot_llava3d_fusion.envs.convert_libero import (  # noqa: E402
     CONVERSION_LOG,
     DemoResult,
     LiberoHDF5Error,
-    convert_libero as convert,
     localize_model_xml,
     noop_mask,
     read_demo_jobs,
@@ -43,6 +42,7 @@ from lerobot_llava3d_fusion.envs.convert_libero import (  # noqa: E402
 from lerobot_llava3d_fusion.geometry import backproject_depth  # noqa: E402
 from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready  # noqa: E402
 
+convert = convert_libero.convert_libero  # the function (same name as its module)
 SIZE = 128  # LIBERO's own files are 128 x 128
 CAMERAS = {"image": "agentview_rgb", "image2": "eye_in_hand_rgb"}
 REPO_ID = "local/libero_rgbd_converted"
@@ -117,9 +117,9 @@ def test_recorded_model_paths_are_mapped_to_this_install():
     local = Path(get_libero_path("assets")) / "stable_scanned_objects" / "plate" / "texture.png"
     assert local.is_file()
     xml = (
-        '<mujoco><asset><texture name="t" file="{}/stable_scanned_objects/plate/texture.png"/>'
-        '<mesh name="m" file="{}/grippers/meshes/panda_gripper/finger.stl"/></asset></mujoco>'
-    ).format(FOREIGN_LIBERO_ASSETS, FOREIGN_ROBOSUITE_ASSETS)
+        f'<mujoco><asset><texture name="t" file="{FOREIGN_LIBERO_ASSETS}/stable_scanned_objects/plate/texture.png"/>'
+        f'<mesh name="m" file="{FOREIGN_ROBOSUITE_ASSETS}/grippers/meshes/panda_gripper/finger.stl"/></asset></mujoco>'
+    )
     mapped = localize_model_xml(xml)
     assert f'file="{local}"' in mapped
     files = [part.split('"')[0] for part in mapped.split('file="')[1:]]
@@ -177,7 +177,9 @@ def test_a_file_in_another_layout_names_the_missing_key(tmp_path, capsys, drop, 
 def test_a_complete_file_is_listed_as_its_task(tmp_path):
     ensure_libero_ready()
     jobs = read_demo_jobs(write_layout(tmp_path / "ok_demo.hdf5", drop=""), SIZE, "actions", True)
-    assert [(job.demo, job.suite, job.task_id, job.task) for job in jobs] == [("demo_0", SUITE, TASK_ID, TASK)]
+    assert [(job.demo, job.suite, job.task_id, job.task) for job in jobs] == [
+        ("demo_0", SUITE, TASK_ID, TASK)
+    ]
 
 
 def fake_frames(n: int, value: float) -> list[dict]:
@@ -249,7 +251,9 @@ def test_frame_counts_features_and_resume(converted):
         assert features[f"observation.depth.{cam}"]["info"] == {"is_depth_map": True, "depth_unit": "m"}
         assert tuple(features[f"observation.intrinsics.{cam}"]["shape"]) == (3, 3)
         assert tuple(features[f"observation.extrinsics.{cam}"]["shape"]) == (4, 4)
-    assert tuple(features["observation.state"]["shape"]) == (8,) and tuple(features["action"]["shape"]) == (7,)
+    assert tuple(features["observation.state"]["shape"]) == (8,) and tuple(features["action"]["shape"]) == (
+        7,
+    )
 
     actions = [demo_actions()[0], demo_actions()[1]]
     for index in range(len(dataset)):
@@ -266,7 +270,9 @@ def test_rendered_rgb_matches_the_stored_rgb_of_the_same_states(converted):
             frame = dataset[index]
             episode, step = int(frame["episode_index"]), int(frame["frame_index"])
             for cam, stored_key in CAMERAS.items():
-                stored = handle[f"data/demo_{episode}/obs/{stored_key}"][step].astype(float)  # robosuite's buffer
+                stored = handle[f"data/demo_{episode}/obs/{stored_key}"][step].astype(
+                    float
+                )  # robosuite's buffer
                 rendered = frame[f"observation.images.{cam}"].permute(1, 2, 0).numpy() * 255
                 # LeRobot's LIBERO convention: robosuite's image rotated by 180 degrees.
                 diff = np.abs(rendered - stored[::-1, ::-1]).mean()
@@ -285,7 +291,9 @@ def test_state_is_lerobots_8d_libero_state(converted):
             episode = int(frame["episode_index"])
             ee = handle[f"data/demo_{episode}/obs/ee_states"][0]
             gripper = handle[f"data/demo_{episode}/obs/gripper_states"][0]
-            np.testing.assert_allclose(frame["observation.state"].numpy(), np.concatenate([ee, gripper]), atol=1e-4)
+            np.testing.assert_allclose(
+                frame["observation.state"].numpy(), np.concatenate([ee, gripper]), atol=1e-4
+            )
 
 
 def test_depth_of_the_plate_pixel_back_projects_to_the_plate(converted):
@@ -294,7 +302,9 @@ def test_depth_of_the_plate_pixel_back_projects_to_the_plate(converted):
     positions = [demo["positions"] for demo in converted["truth"]["demos"]]
     for index in range(len(dataset)):
         frame = dataset[index]
-        plate = torch.tensor(positions[int(frame["episode_index"])][int(frame["frame_index"])]["plate_1_main"])
+        plate = torch.tensor(
+            positions[int(frame["episode_index"])][int(frame["frame_index"])]["plate_1_main"]
+        )
         for cam in CAMERAS:
             k, cam_to_world = frame[f"observation.intrinsics.{cam}"], frame[f"observation.extrinsics.{cam}"]
             row, col = project(plate, k, cam_to_world)

@@ -36,7 +36,11 @@ TASK = "pick up the cube"
 def robot_features() -> dict[str, dict]:
     """Dataset features of an SO-100-like robot with a RealSense `front` (use_depth=True), as
     lerobot-record / lerobot-rollout build them from `robot.observation_features`."""
-    observation = {**{joint: float for joint in JOINTS}, "front": (SIZE, SIZE, 3), "front_depth": (SIZE, SIZE, 1)}
+    observation = {
+        **{joint: float for joint in JOINTS},
+        "front": (SIZE, SIZE, 3),
+        "front_depth": (SIZE, SIZE, 1),
+    }
     return {
         **hw_to_dataset_features({joint: float for joint in JOINTS}, "action", use_video=False),
         **hw_to_dataset_features(observation, "observation", use_video=False),
@@ -106,7 +110,9 @@ def test_robot_observation_in_millimetres_acts_like_metres_in_our_convention():
     ours_policy = make_policy(ours, seed=1)
     ours_policy.load_state_dict(robot_policy.state_dict())
     depth_m = torch.from_numpy(robot_observation()["front_depth"].astype(np.float32) / 1000.0)
-    ours_frame = {k: v for k, v in rollout_frame(robot_observation()).items() if k != "observation.images.front_depth"}
+    ours_frame = {
+        k: v for k, v in rollout_frame(robot_observation()).items() if k != "observation.images.front_depth"
+    }
     ours_frame["observation.depth.front"] = depth_m.permute(2, 0, 1)[None]
 
     actions = act(robot_policy, frame)
@@ -144,10 +150,14 @@ def test_a_dataset_recorded_from_such_a_robot_trains(tmp_path):
     loaded = LeRobotDataset("local/so100_depth", root=tmp_path / "ds", depth_output_unit="m")
     assert loaded.meta.features["observation.images.front_depth"]["info"]["depth_unit"] == "mm"  # as recorded
     item = loaded[1]
-    expected = torch.from_numpy(robot_observation(1)["front_depth"].astype(np.float32) / 1000).permute(2, 0, 1)
+    expected = torch.from_numpy(robot_observation(1)["front_depth"].astype(np.float32) / 1000).permute(
+        2, 0, 1
+    )
     torch.testing.assert_close(item["observation.images.front_depth"], expected)
 
-    policy = make_policy({k: v for k, v in dataset_to_policy_features(loaded.meta.features).items() if k != "action"})
+    policy = make_policy(
+        {k: v for k, v in dataset_to_policy_features(loaded.meta.features).items() if k != "action"}
+    )
     batch = {k: (v[None] if isinstance(v, torch.Tensor) else [v]) for k, v in item.items()}
     batch["action"] = torch.zeros(1, 4, len(JOINTS))
     preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config, dataset_stats=None)
@@ -199,7 +209,9 @@ def test_robot_depth_for_a_policy_trained_on_our_keys_needs_the_rename_it_names(
     processed = preprocessor(rollout_frame(robot_observation()))
     depth = processed["observation.depth.front"]
     assert depth.dtype == torch.float32 and depth.shape == (1, 1, SIZE, SIZE)
-    torch.testing.assert_close(depth[0, 0, 5], torch.from_numpy(robot_observation()["front_depth"][5, :, 0] / 1000).float())
+    torch.testing.assert_close(
+        depth[0, 0, 5], torch.from_numpy(robot_observation()["front_depth"][5, :, 0] / 1000).float()
+    )
     assert torch.isfinite(policy.predict_action_chunk(processed)).all()
 
 
@@ -224,11 +236,17 @@ def test_rotated_intrinsics_follow_lerobots_camera_rotation(rotation):
     col, row = round(u / w), round(v / w)
     image = np.zeros((height, width), dtype=np.uint8)
     image[row, col] = 255
-    code = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, -90: cv2.ROTATE_90_COUNTERCLOCKWISE}.get(rotation)
+    code = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, -90: cv2.ROTATE_90_COUNTERCLOCKWISE}.get(
+        rotation
+    )
     rotated = image if code is None else cv2.rotate(image, code)
     new_row, new_col = np.argwhere(rotated == 255)[0]
     # K' maps the pixel-centred projection exactly; compare with the rounded pixel through the same map.
-    pixel = np.array(rotated_intrinsics(intrinsics, width, height, rotation)) @ np.linalg.inv(intrinsics) @ [col, row, 1]
+    pixel = (
+        np.array(rotated_intrinsics(intrinsics, width, height, rotation))
+        @ np.linalg.inv(intrinsics)
+        @ [col, row, 1]
+    )
     assert (round(pixel[1]), round(pixel[0])) == (new_row, new_col)
     with pytest.raises(ValueError, match="rotation must be one of"):
         rotated_intrinsics(intrinsics, width, height, 45)

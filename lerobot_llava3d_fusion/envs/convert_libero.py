@@ -130,7 +130,8 @@ def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
     for suite_name in order:
         try:
             suite = _get_suite(suite_name)
-        except Exception:  # noqa: BLE001 - a suite LIBERO lists but cannot build is not a candidate
+        except Exception as err:  # noqa: BLE001 - a suite LIBERO lists but cannot build is not a candidate
+            logger.debug("LIBERO suite %s cannot be built (%s); not searched", suite_name, err)
             continue
         for task_id, task in enumerate(suite.tasks):
             if task.bddl_file == path.name:
@@ -169,7 +170,9 @@ def read_demo_jobs(hdf5: Path, size: int, replay: str, drop_noops: bool) -> list
             problem_info = json.loads(data.attrs["problem_info"])
             json.loads(data.attrs["env_args"])
         except (TypeError, json.JSONDecodeError) as err:
-            raise LiberoHDF5Error(f"{hdf5}: data.attrs['problem_info'/'env_args'] is not JSON ({err})") from err
+            raise LiberoHDF5Error(
+                f"{hdf5}: data.attrs['problem_info'/'env_args'] is not JSON ({err})"
+            ) from err
         task = problem_info.get("language_instruction")
         if not isinstance(task, str) or not task.strip():
             raise LiberoHDF5Error(
@@ -187,7 +190,9 @@ def read_demo_jobs(hdf5: Path, size: int, replay: str, drop_noops: bool) -> list
                     )
             actions, states = data[demo]["actions"], data[demo]["states"]
             if actions.ndim != 2 or actions.shape[1] != 7:
-                raise LiberoHDF5Error(f"{hdf5}: data/{demo}/actions has shape {actions.shape}, expected (T, 7)")
+                raise LiberoHDF5Error(
+                    f"{hdf5}: data/{demo}/actions has shape {actions.shape}, expected (T, 7)"
+                )
             if states.ndim != 2 or states.shape[0] != actions.shape[0]:
                 raise LiberoHDF5Error(
                     f"{hdf5}: data/{demo}/states has shape {states.shape}, expected ({actions.shape[0]}, n): "
@@ -195,7 +200,9 @@ def read_demo_jobs(hdf5: Path, size: int, replay: str, drop_noops: bool) -> list
                 )
         bddl_file_name = str(data.attrs["bddl_file_name"])
     suite, task_id = _bddl_task(bddl_file_name, hdf5)
-    return [DemoJob(str(hdf5), demo, suite, task_id, task.strip(), size, replay, drop_noops) for demo in demos]
+    return [
+        DemoJob(str(hdf5), demo, suite, task_id, task.strip(), size, replay, drop_noops) for demo in demos
+    ]
 
 
 def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
@@ -306,7 +313,10 @@ def localize_model_xml(xml: str) -> str:
     import robosuite
     from libero.libero import get_libero_path
 
-    roots = {"libero": Path(get_libero_path("assets")), "robosuite": Path(robosuite.__file__).parent / "models" / "assets"}
+    roots = {
+        "libero": Path(get_libero_path("assets")),
+        "robosuite": Path(robosuite.__file__).parent / "models" / "assets",
+    }
     tree = ET.fromstring(xml)
     for element in tree.iter():
         path = element.get("file")
@@ -427,7 +437,9 @@ def _open_dataset(repo_id: str, root: Path, settings: Settings):
             )
         logger.info("Resuming %s: %d demos already converted", root, len(log))
         return dataset, log
-    features = dataset_features(LiberoRGBDEnvConfig(observation_height=settings.size, observation_width=settings.size))
+    features = dataset_features(
+        LiberoRGBDEnvConfig(observation_height=settings.size, observation_width=settings.size)
+    )
     dataset = LeRobotDataset.create(
         repo_id=repo_id, fps=settings.fps, features=features, root=root, robot_type="panda", use_videos=False
     )
@@ -502,7 +514,11 @@ def convert_libero(
     """
     from tqdm import tqdm
 
-    from lerobot_llava3d_fusion.envs.libero_rgbd import OBS_EXTRINSICS, OBS_INTRINSICS, _scalar_camera_matrix_stats
+    from lerobot_llava3d_fusion.envs.libero_rgbd import (
+        OBS_EXTRINSICS,
+        OBS_INTRINSICS,
+        _scalar_camera_matrix_stats,
+    )
     from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready
 
     if replay not in REPLAY_MODES:
@@ -526,7 +542,9 @@ def convert_libero(
         "%d demos in %d files: %d to convert, %d already converted",
         len(jobs), len({job.hdf5 for job in jobs}), len(todo), summary.skipped,
     )  # fmt: skip
-    matrix_keys = [k for k in dataset.meta.features if k.startswith((f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))]
+    matrix_keys = [
+        k for k in dataset.meta.features if k.startswith((f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))
+    ]
     try:
         with (
             _scalar_camera_matrix_stats(matrix_keys),
@@ -568,7 +586,7 @@ def convert_libero(
     return summary
 
 
-def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
