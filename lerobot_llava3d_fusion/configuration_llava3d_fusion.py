@@ -7,6 +7,7 @@ from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 
 from .optim import FusedAdamWConfig
+from .robot_depth import check_depth_features, is_depth_map, robot_depth_key
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.
@@ -269,6 +270,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if state is not None and state.shape[-1] > self.max_state_dim:
             raise ValueError(f"state dim {state.shape[-1]} exceeds max_state_dim ({self.max_state_dim}).")
 
+        check_depth_features(self.input_features or {})  # every depth map belongs to a camera
         cameras = {camera_name(key) for key in self.camera_keys}
         for name, matrices in (
             ("camera_intrinsics", self.camera_intrinsics),
@@ -290,12 +292,13 @@ class Llava3DFusionConfig(PreTrainedConfig):
         """RGB camera feature keys in a fixed order (the order of `input_features`).
 
         Depth maps are VISUAL features too when they come from a LeRobot dataset; they belong to
-        their camera (`observation.depth.<cam>`) and are not cameras of their own.
+        their camera (`observation.depth.<cam>`, or a LeRobot robot's `observation.images.<cam>_depth`,
+        see `robot_depth.py`) and are not cameras of their own.
         """
         return [
             key
             for key, ft in (self.input_features or {}).items()
-            if ft.type is FeatureType.VISUAL and not key.startswith(DEPTH_PREFIX)
+            if ft.type is FeatureType.VISUAL and not is_depth_map(key, ft)
         ]
 
     @property
@@ -306,7 +309,9 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if self.geometry == "estimator":
             return self.camera_keys
         features = self.input_features or {}
-        return [key for key in self.camera_keys if depth_key(key) in features]
+        return [
+            key for key in self.camera_keys if depth_key(key) in features or robot_depth_key(key) in features
+        ]
 
     def get_optimizer_preset(self) -> FusedAdamWConfig:
         return FusedAdamWConfig(

@@ -1,7 +1,7 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
-Input: rename -> batch dim -> task newline -> tokenize (the backbone's tokenizer) -> device ->
-normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
+Input: rename -> batch dim -> check -> depth to metres (geometry="depth") -> task newline -> tokenize
+(the backbone's tokenizer) -> device -> normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
 resizes and normalizes them for its vision tower once, on the device.
 """
 
@@ -33,6 +33,7 @@ from .configuration_llava3d_fusion import (
     INTRINSICS_PREFIX,
     Llava3DFusionConfig,
 )
+from .robot_depth import DepthToMetresStep, depth_sources
 from .vlm import load_tokenizer
 
 # Geometry inputs are metric and must reach the model untouched, whatever their feature type.
@@ -176,6 +177,12 @@ def make_llava3d_fusion_pre_post_processors(
         steps.rename_observations,
         steps.add_batch_dim,
         Llava3DFusionObservationCheckStep(features=dict(config.input_features)),
+        # Each camera's depth to observation.depth.<cam> in metres (LeRobot robots: <cam>_depth, mm).
+        *(
+            [DepthToMetresStep(depth_keys=depth_sources(config.geometry_camera_keys, config.input_features))]
+            if config.geometry == "depth"
+            else []
+        ),
         NewLineTaskProcessorStep(),
         Llava3DFusionTokenizerStep(
             vlm_model_name=config.vlm_model_name,

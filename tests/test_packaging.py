@@ -50,6 +50,31 @@ def test_wheel_metadata_keeps_the_underscores(wheel):
     assert "lerobot_llava3d_fusion/modeling_llava3d_fusion.py" in names
 
 
+def test_wheel_installs_the_libero_converter_command(wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as archive:
+        (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        text = archive.read(entry_points).decode()
+    assert "llava3d-fusion-convert-libero = lerobot_llava3d_fusion.envs.convert_libero:main" in text
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    command = target / "bin" / "llava3d-fusion-convert-libero"
+    result = subprocess.run(
+        [str(command), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--hdf5" in result.stdout and "--replay" in result.stdout and "--drop-noops" in result.stdout
+
+
 def test_installed_wheel_is_discovered_by_lerobot_without_flags(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

@@ -1,0 +1,633 @@
+"""Convert LIBERO's official HDF5 demonstrations into an RGB-D LeRobotDataset.
+
+    llava3d-fusion-convert-libero --hdf5 LIBERO/libero/datasets/libero_spatial \\
+        --repo-id local/libero_spatial_rgbd --root data/libero_spatial_rgbd
+
+(or ``python -m lerobot_llava3d_fusion.envs.convert_libero ...``). Every ``*_demo.hdf5`` file holds
+the demonstrations of one task, in the layout of LIBERO's downloader: a ``data`` group whose attrs
+hold ``env_args`` (JSON), ``problem_info`` (JSON with ``language_instruction``) and
+``bddl_file_name``; per demo ``data/demo_<i>/actions`` (T, 7) and ``data/demo_<i>/states`` (T, n),
+the flattened MuJoCo state before each action, and attr ``model_file`` (the demo's MuJoCo model,
+whose fixtures are placed differently in each demo); ``obs/*``, ``rewards`` and ``dones`` are not
+needed: the converter renders every frame itself.
+
+For every demo the task's env is built from its BDDL file (the installed LIBERO suite task of that
+name) as :class:`~lerobot_llava3d_fusion.envs.libero_rgbd_sim.LiberoRGBDEnv`, and frame ``t`` is:
+
+- ``--replay states`` (default): the recorded state ``t`` restored exactly (no drift), rendered;
+- ``--replay actions``: the env set to the first recorded state, then the recorded actions stepped;
+  the frame is the observation before action ``t``. A replay succeeds when the task's success
+  predicate holds at some step; failed replays are dropped unless ``--keep-failed``.
+
+Each frame goes through the same ``preprocess_observation`` and env processors as in
+``lerobot-eval --env.type=libero_rgbd``, so the dataset has the feature names and conventions of
+LeRobot's LIBERO datasets and env (``observation.images.image`` agent view and
+``observation.images.image2`` wrist, rotated 180 degrees from robosuite's buffer; 8-d
+``observation.state``; 7-d ``action``; the task string) plus, per camera, ``observation.depth.<cam>``
+(LeRobot depth-map image, float32 metres, lossless), ``observation.intrinsics.<cam>`` (3, 3) and
+``observation.extrinsics.<cam>`` (4, 4, camera-to-world). ``action[t]`` is the recorded action.
+
+``--drop-noops`` removes the no-op actions the OpenVLA/pi0 LIBERO recipe removes (translation and
+rotation norm below 1e-4 and the gripper command unchanged); with ``--replay actions`` they are not
+executed either, as in that recipe. LeRobot's LIBERO datasets were made that way (actions replayed,
+no-ops and failures dropped, 256 x 256).
+
+Resumable: the converted demos are listed in ``<root>/meta/libero_conversion.jsonl`` after each
+saved episode; running the same command again skips them and appends the rest (the settings must
+be the same). The dataset is finalized on errors and Ctrl-C, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    # `python -m` runs this file as `__main__`: hand over to the package's copy of the module, which
+    # imports (and so registers) the env types only once.
+    from lerobot_llava3d_fusion.envs.convert_libero import main
+
+    raise SystemExit(main())
+
+import argparse
+import atexit
+import json
+import logging
+import multiprocessing
+import signal
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+REPLAY_MODES = ("states", "actions")
+# Attributes of the `data` group and datasets of each demo the converter reads.
+FILE_ATTRS = ("env_args", "problem_info", "bddl_file_name")
+DEMO_KEYS = ("actions", "states")
+CONVERSION_LOG = "meta/libero_conversion.jsonl"
+NOOP_THRESHOLD = 1e-4  # the OpenVLA/pi0 recipe's threshold on the 6-d arm command
+FPS = 10  # what LeRobot's LIBERO datasets declare (the simulator's control rate is 20 Hz)
+
+
+class LiberoHDF5Error(ValueError):
+    """An HDF5 file that is not in LIBERO's demonstration layout."""
+
+
+# ---- Reading LIBERO's files -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoJob:
+    """One demonstration to convert (picklable: sent to worker processes)."""
+
+    hdf5: str
+    demo: str  # e.g. "demo_0"
+    suite: str
+    task_id: int
+    task: str  # the language instruction
+    size: int
+    replay: str
+    drop_noops: bool
+
+
+def _demo_sort_key(name: str) -> tuple[int, str]:
+    suffix = name.removeprefix("demo_")
+    return (int(suffix), name) if suffix.isdigit() else (1 << 30, name)
+
+
+def find_hdf5_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The ``.hdf5`` files among ``paths``; folders are searched recursively (sorted, deduplicated)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob("*.hdf5"))
+            if not found:
+                raise FileNotFoundError(f"no .hdf5 file under {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return list(dict.fromkeys(p.resolve() for p in files))
+
+
+def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
+    """(suite, task id) of the installed LIBERO task whose BDDL file has this name.
+
+    LIBERO's files store the BDDL path of the machine they were made on (``.../bddl_files/<suite>/
+    <task>.bddl``); the task is found by folder and file name among the installed suites.
+    """
+    from lerobot.envs.libero import _get_suite
+    from libero.libero import benchmark
+
+    path = Path(str(bddl_file_name).replace("\\", "/"))
+    names = list(benchmark.get_benchmark_dict())
+    # The suite named by the path's folder first (libero_90/libero_10 tasks also live in libero_100).
+    order = sorted(names, key=lambda name: (name != path.parent.name, name == "libero_100", name))
+    for suite_name in order:
+        try:
+            suite = _get_suite(suite_name)
+        except Exception as err:  # noqa: BLE001 - a suite LIBERO lists but cannot build is not a candidate
+            logger.debug("LIBERO suite %s cannot be built (%s); not searched", suite_name, err)
+            continue
+        for task_id, task in enumerate(suite.tasks):
+            if task.bddl_file == path.name:
+                return suite_name, task_id
+    raise LiberoHDF5Error(
+        f"{hdf5}: its BDDL file {bddl_file_name!r} is no task of the installed LIBERO suites ({', '.join(names)})."
+    )
+
+
+def read_demo_jobs(hdf5: Path, size: int, replay: str, drop_noops: bool) -> list[DemoJob]:
+    """Check ``hdf5`` has LIBERO's layout and list its demos as jobs.
+
+    Raises:
+        LiberoHDF5Error: naming the missing group, attribute or dataset.
+    """
+    import h5py
+
+    try:
+        handle = h5py.File(hdf5, "r")
+    except OSError as err:
+        raise LiberoHDF5Error(f"{hdf5}: not a readable HDF5 file ({err})") from err
+    with handle:
+        if "data" not in handle:
+            raise LiberoHDF5Error(
+                f"{hdf5}: missing group 'data' (top-level keys: {sorted(handle)}); not a LIBERO "
+                "demonstration file (<suite>/<task>_demo.hdf5 from LIBERO's downloader)."
+            )
+        data = handle["data"]
+        for attr in FILE_ATTRS:
+            if attr not in data.attrs:
+                raise LiberoHDF5Error(
+                    f"{hdf5}: missing attribute 'data.attrs[{attr!r}]' (present: {sorted(data.attrs)}); "
+                    "not a LIBERO demonstration file."
+                )
+        try:
+            problem_info = json.loads(data.attrs["problem_info"])
+            json.loads(data.attrs["env_args"])
+        except (TypeError, json.JSONDecodeError) as err:
+            raise LiberoHDF5Error(
+                f"{hdf5}: data.attrs['problem_info'/'env_args'] is not JSON ({err})"
+            ) from err
+        task = problem_info.get("language_instruction")
+        if not isinstance(task, str) or not task.strip():
+            raise LiberoHDF5Error(
+                f"{hdf5}: missing key 'language_instruction' in data.attrs['problem_info'] "
+                f"(keys: {sorted(problem_info)})."
+            )
+        demos = sorted((name for name in data if name.startswith("demo_")), key=_demo_sort_key)
+        if not demos:
+            raise LiberoHDF5Error(f"{hdf5}: no 'data/demo_<i>' group (keys of 'data': {sorted(data)}).")
+        for demo in demos:
+            for key in DEMO_KEYS:
+                if key not in data[demo]:
+                    raise LiberoHDF5Error(
+                        f"{hdf5}: missing dataset 'data/{demo}/{key}' (keys: {sorted(data[demo])})."
+                    )
+            actions, states = data[demo]["actions"], data[demo]["states"]
+            if actions.ndim != 2 or actions.shape[1] != 7:
+                raise LiberoHDF5Error(
+                    f"{hdf5}: data/{demo}/actions has shape {actions.shape}, expected (T, 7)"
+                )
+            if states.ndim != 2 or states.shape[0] != actions.shape[0]:
+                raise LiberoHDF5Error(
+                    f"{hdf5}: data/{demo}/states has shape {states.shape}, expected ({actions.shape[0]}, n): "
+                    "one flattened MuJoCo state per action."
+                )
+        bddl_file_name = str(data.attrs["bddl_file_name"])
+    suite, task_id = _bddl_task(bddl_file_name, hdf5)
+    return [
+        DemoJob(str(hdf5), demo, suite, task_id, task.strip(), size, replay, drop_noops) for demo in demos
+    ]
+
+
+def noop_mask(actions: np.ndarray, threshold: float = NOOP_THRESHOLD) -> np.ndarray:
+    """(T,) bool: the OpenVLA/pi0 recipe's no-ops.
+
+    An action is a no-op when its arm command (first 6 numbers) has norm below ``threshold`` and its
+    gripper command equals the previous KEPT action's (the first action: arm command only).
+    """
+    mask = np.zeros(len(actions), dtype=bool)
+    previous = None
+    for t, action in enumerate(actions):
+        still = np.linalg.norm(action[:-1]) < threshold
+        if still and (previous is None or action[-1] == previous[-1]):
+            mask[t] = True
+        else:
+            previous = action
+    return mask
+
+
+# ---- Rendering one demo (in a worker process or inline) ---------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    job: DemoJob
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    recorded_steps: int = 0
+    noops: int = 0
+    success: bool | None = None  # replay of actions only
+
+
+_WORKER_ENV: dict[str, Any] = {}  # the one live env of this process: {"key": ..., "env": ...}
+
+
+def _env_for(job: DemoJob):
+    """The process's env for the job's task (built once per task; the previous one is closed first,
+    since robosuite renders with the EGL context made current last)."""
+    key = (job.suite, job.task_id, job.size)
+    if _WORKER_ENV.get("key") == key:
+        return _WORKER_ENV["env"]
+    close_worker_env()
+    from lerobot.envs.libero import _get_suite
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd_sim import LiberoRGBDEnv
+
+    env = LiberoRGBDEnv(
+        task_suite=_get_suite(job.suite),
+        task_id=job.task_id,
+        task_suite_name=job.suite,
+        obs_type="pixels_agent_pos",
+        observation_height=job.size,
+        observation_width=job.size,
+        init_states=False,  # the demos carry their own states
+    )
+    env._ensure_env()
+    if not _WORKER_ENV.get("closes_at_exit"):
+        # Registered after robosuite's own exit handlers, so it runs before them: the env's EGL
+        # contexts are freed while EGL is still up (worker processes end through interpreter exit).
+        atexit.register(close_worker_env)
+    _WORKER_ENV.update(key=key, env=env, preprocessor=_env_preprocessor(), closes_at_exit=True)
+    return env
+
+
+def close_worker_env() -> None:
+    env = _WORKER_ENV.pop("env", None)
+    for key in ("key", "preprocessor"):
+        _WORKER_ENV.pop(key, None)
+    if env is not None:
+        env.close()
+
+
+def _env_preprocessor():
+    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+
+    return LiberoRGBDEnvConfig().get_env_processors()[0]
+
+
+def _batched(tree: Any) -> Any:
+    """Add the leading batch dim a vector env would add to every array of a (nested) observation."""
+    if isinstance(tree, dict):
+        return {key: _batched(value) for key, value in tree.items()}
+    return np.asarray(tree)[None]
+
+
+def _frame(env, raw_obs: dict, action: np.ndarray, job: DemoJob, features: dict) -> dict[str, Any]:
+    from lerobot.envs.utils import preprocess_observation
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd import _frame_from_batch
+
+    batch = preprocess_observation(_batched(env._format_raw_obs(raw_obs)))
+    batch["task"] = [job.task]
+    batch = _WORKER_ENV["preprocessor"](batch)
+    return _frame_from_batch(batch, features, action.astype(np.float32), job.task)
+
+
+def localize_model_xml(xml: str) -> str:
+    """Point the asset files of a recorded MuJoCo model at this machine's LIBERO and robosuite.
+
+    LIBERO stores each demo's model (``data/demo_<i>`` attr ``model_file``) with the absolute asset
+    paths of the machine that recorded it: ``.../libero/libero/assets/<rest>`` and
+    ``.../robosuite/models/assets/<rest>`` become the installed folders + ``<rest>``.
+
+    Raises:
+        FileNotFoundError: naming an asset that is not installed here.
+    """
+    import xml.etree.ElementTree as ET
+
+    import robosuite
+    from libero.libero import get_libero_path
+
+    roots = {
+        "libero": Path(get_libero_path("assets")),
+        "robosuite": Path(robosuite.__file__).parent / "models" / "assets",
+    }
+    tree = ET.fromstring(xml)
+    for element in tree.iter():
+        path = element.get("file")
+        if not path:
+            continue
+        parts = Path(path.replace("\\", "/")).parts
+        # The last "assets" folder right under "libero" (LIBERO) or "models" (robosuite).
+        for index in range(len(parts) - 2, 0, -1):
+            if parts[index] == "assets" and parts[index - 1] in ("libero", "models"):
+                owner = "libero" if parts[index - 1] == "libero" else "robosuite"
+                local = roots[owner].joinpath(*parts[index + 1 :])
+                break
+        else:
+            local = Path(path)
+        if not local.exists():
+            raise FileNotFoundError(
+                f"asset {path!r} of the demo's recorded model is not installed here (looked for {local})"
+            )
+        element.set("file", str(local))
+    return ET.tostring(tree, encoding="unicode")
+
+
+def render_demo(job: DemoJob) -> DemoResult:
+    """Render every kept frame of one demo (see the module docstring for the two replay modes).
+
+    The scene is rebuilt from the demo's recorded MuJoCo model (attr ``model_file``) when the file
+    has one, as LIBERO's own scripts do: fixtures (cabinets, stoves...) are placed in the model, not
+    in the state, and a fresh reset would place them elsewhere.
+    """
+    import h5py
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, dataset_features
+
+    features = dataset_features(LiberoRGBDEnvConfig(observation_height=job.size, observation_width=job.size))
+    with h5py.File(job.hdf5, "r") as handle:
+        group = handle["data"][job.demo]
+        actions = np.asarray(group["actions"], dtype=np.float64)
+        states = np.asarray(group["states"], dtype=np.float64)
+        model_xml = group.attrs.get("model_file")
+    env = _env_for(job)
+    sim_env = env._env  # LIBERO's OffScreenRenderEnv
+    if model_xml is not None:
+        sim_env.reset_from_xml_string(localize_model_xml(str(model_xml)))
+    else:
+        logger.warning("%s %s has no model_file: fixtures are placed by a fresh reset", job.hdf5, job.demo)
+        sim_env.reset()
+    expected = sim_env.get_sim_state().shape[0]
+    if states.shape[1] != expected:
+        raise LiberoHDF5Error(
+            f"{job.hdf5}: data/{job.demo}/states has {states.shape[1]} numbers per step, but the env of task "
+            f"{job.suite}/{job.task_id} ({job.task!r}) has a MuJoCo state of {expected}: wrong task or LIBERO version."
+        )
+    drop = noop_mask(actions) if job.drop_noops else np.zeros(len(actions), dtype=bool)
+    result = DemoResult(job, recorded_steps=len(actions), noops=int(drop.sum()))
+    if job.replay == "states":
+        for t in np.flatnonzero(~drop):
+            raw_obs = sim_env.regenerate_obs_from_state(states[t])
+            result.frames.append(_frame(env, raw_obs, actions[t], job, features))
+    else:
+        for robot in sim_env.robots:  # LeRobot's LIBERO env runs the delta (relative) controller
+            robot.controller.use_delta = True
+        raw_obs = sim_env.set_init_state(states[0])
+        success = False
+        for t in np.flatnonzero(~drop):
+            result.frames.append(_frame(env, raw_obs, actions[t], job, features))
+            raw_obs, _, _, _ = sim_env.step(actions[t].tolist())
+            success = success or bool(sim_env.check_success())
+        result.success = success
+    return result
+
+
+# ---- Writing the dataset ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a resumed conversion must share with the first run."""
+
+    size: int
+    replay: str
+    drop_noops: bool
+    keep_failed: bool
+    fps: int
+
+
+def _read_log(root: Path) -> list[dict]:
+    path = root / CONVERSION_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _open_dataset(repo_id: str, root: Path, settings: Settings):
+    """Create the dataset, or reopen one this converter started (checking the settings match)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, dataset_features
+
+    if (root / "meta" / "info.json").is_file():
+        log = _read_log(root)
+        if not (root / CONVERSION_LOG).is_file():
+            raise FileExistsError(
+                f"{root} holds a dataset that this converter did not write (no {CONVERSION_LOG}); "
+                "choose another --root."
+            )
+        first = log[0]["settings"] if log else None
+        if first is not None and first != asdict(settings):
+            raise ValueError(
+                f"{root} was converted with {first}; this run asks for {asdict(settings)}. Use the same "
+                "options to resume, or another --root."
+            )
+        dataset = LeRobotDataset.resume(repo_id, root=root)
+        episodes = [entry for entry in log if entry.get("episode_index") is not None]
+        if dataset.meta.total_episodes != len(episodes):
+            raise RuntimeError(
+                f"{root}: the dataset has {dataset.meta.total_episodes} episodes but {CONVERSION_LOG} lists "
+                f"{len(episodes)}; the previous run was killed while saving. Delete {root} and convert again."
+            )
+        logger.info("Resuming %s: %d demos already converted", root, len(log))
+        return dataset, log
+    features = dataset_features(
+        LiberoRGBDEnvConfig(observation_height=settings.size, observation_width=settings.size)
+    )
+    dataset = LeRobotDataset.create(
+        repo_id=repo_id, fps=settings.fps, features=features, root=root, robot_type="panda", use_videos=False
+    )
+    (root / CONVERSION_LOG).touch()
+    return dataset, []
+
+
+def _results(jobs: Sequence[DemoJob], workers: int) -> Iterator[DemoResult]:
+    """Results in job order; with workers > 1 rendered by a pool of spawned processes (each with its
+    own EGL context), at most 2 demos per worker in flight to bound memory."""
+    if workers <= 1:
+        try:
+            for job in jobs:
+                yield render_demo(job)
+        finally:
+            close_worker_env()
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        pending: deque[Future] = deque()
+        queue = iter(jobs)
+        try:
+            for job in queue:
+                pending.append(pool.submit(render_demo, job))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+@dataclass
+class ConversionSummary:
+    demos: int = 0  # demos handled in this run
+    episodes: int = 0  # episodes written in this run
+    frames: int = 0
+    noops: int = 0
+    replays: int = 0
+    successes: int = 0
+    dropped_failed: int = 0
+    skipped: int = 0  # already converted by an earlier run
+
+
+def convert_libero(
+    hdf5: Sequence[str | Path],
+    repo_id: str,
+    root: str | Path,
+    image_size: int = 256,
+    replay: str = "states",
+    keep_failed: bool = False,
+    drop_noops: bool = False,
+    workers: int = 1,
+    fps: int = FPS,
+    max_demos: int | None = None,
+) -> ConversionSummary:
+    """Convert LIBERO HDF5 demonstration files into one RGB-D LeRobotDataset at ``root``.
+
+    Args:
+        hdf5: files and/or folders (searched recursively for ``*.hdf5``).
+        repo_id: the dataset's id, e.g. ``local/libero_spatial_rgbd``.
+        root: dataset folder; created, or resumed when a previous run of this converter left it.
+        image_size: square resolution of both cameras' RGB and depth.
+        replay: ``"states"`` (restore each recorded state) or ``"actions"`` (replay the actions).
+        keep_failed: with ``replay="actions"``, also write demos whose replay does not succeed.
+        drop_noops: drop no-op actions (the OpenVLA/pi0 LIBERO recipe).
+        workers: processes rendering demos in parallel (1: in this process).
+        max_demos: convert at most this many demos per file (a quick look).
+    Returns:
+        Counts of this run (demos, episodes, frames, replay successes...).
+    """
+    from tqdm import tqdm
+
+    from lerobot_llava3d_fusion.envs.libero_rgbd import (
+        OBS_EXTRINSICS,
+        OBS_INTRINSICS,
+        _scalar_camera_matrix_stats,
+    )
+    from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready
+
+    if replay not in REPLAY_MODES:
+        raise ValueError(f"replay must be one of {REPLAY_MODES}, got {replay!r}")
+    if keep_failed and replay != "actions":
+        raise ValueError("--keep-failed only applies to --replay actions (restored states cannot fail)")
+    if image_size < 8 or workers < 1:
+        raise ValueError(f"image_size must be >= 8 and workers >= 1 (got {image_size}, {workers})")
+    ensure_libero_ready()
+    root = Path(root)
+    jobs = []
+    for path in find_hdf5_files(hdf5):
+        file_jobs = read_demo_jobs(path, image_size, replay, drop_noops)
+        jobs.extend(file_jobs[:max_demos] if max_demos is not None else file_jobs)
+    settings = Settings(image_size, replay, drop_noops, keep_failed, fps)
+    dataset, log = _open_dataset(repo_id, root, settings)
+    done = {(entry["hdf5"], entry["demo"]) for entry in log}
+    summary = ConversionSummary(skipped=sum((job.hdf5, job.demo) in done for job in jobs))
+    todo = [job for job in jobs if (job.hdf5, job.demo) not in done]
+    logger.info(
+        "%d demos in %d files: %d to convert, %d already converted",
+        len(jobs), len({job.hdf5 for job in jobs}), len(todo), summary.skipped,
+    )  # fmt: skip
+    matrix_keys = [
+        k for k in dataset.meta.features if k.startswith((f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))
+    ]
+    try:
+        with (
+            _scalar_camera_matrix_stats(matrix_keys),
+            tqdm(total=len(todo), desc="Converting LIBERO demos", unit="demo") as bar,
+            (root / CONVERSION_LOG).open("a") as log_file,
+        ):
+            for result in _results(todo, workers):
+                job, kept = result.job, bool(result.frames)
+                summary.demos += 1
+                summary.noops += result.noops
+                if result.success is not None:
+                    summary.replays += 1
+                    summary.successes += result.success
+                    if not result.success and not keep_failed:
+                        kept = False
+                        summary.dropped_failed += 1
+                episode_index = None
+                if kept:
+                    for frame in result.frames:
+                        dataset.add_frame(frame)
+                    dataset.save_episode()
+                    episode_index = dataset.meta.total_episodes - 1
+                    summary.episodes += 1
+                    summary.frames += len(result.frames)
+                entry = {
+                    "hdf5": job.hdf5, "demo": job.demo, "task": job.task, "episode_index": episode_index,
+                    "recorded_steps": result.recorded_steps, "frames": len(result.frames),
+                    "noops": result.noops, "success": result.success, "settings": asdict(settings),
+                }  # fmt: skip
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                bar.update()
+                bar.set_postfix(
+                    episodes=summary.episodes,
+                    **({"success": f"{summary.successes}/{summary.replays}"} if summary.replays else {}),
+                )
+    finally:
+        dataset.finalize()
+    return summary
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llava3d-fusion-convert-libero",
+        description="Convert LIBERO's HDF5 demonstrations into an RGB-D LeRobotDataset "
+        "(RGB, metric depth and camera matrices of both cameras).",
+    )
+    parser.add_argument("--hdf5", nargs="+", required=True, help="*_demo.hdf5 files or folders of them")
+    parser.add_argument("--repo-id", required=True, help="dataset id, e.g. local/libero_spatial_rgbd")
+    parser.add_argument("--root", type=Path, required=True, help="dataset folder (created or resumed)")
+    parser.add_argument("--image-size", type=int, default=256, help="square camera resolution (default 256)")
+    parser.add_argument("--replay", choices=REPLAY_MODES, default="states",
+                        help="restore the recorded states (default, exact) or replay the actions")  # fmt: skip
+    parser.add_argument("--keep-failed", action="store_true", help="keep demos whose action replay fails")
+    parser.add_argument("--drop-noops", action="store_true", help="drop no-op actions (OpenVLA/pi0 recipe)")
+    parser.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    parser.add_argument("--fps", type=int, default=FPS, help=f"fps stored in the dataset (default {FPS})")
+    parser.add_argument("--max-demos", type=int, default=None, help="convert at most N demos per file")
+    args = parser.parse_args(argv)
+    # force: LeRobot's imports may already have configured the root logger, which would hide our summary.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # finalize the dataset on `kill` too
+
+    try:
+        summary = convert_libero(
+            args.hdf5, args.repo_id, args.root, image_size=args.image_size, replay=args.replay,
+            keep_failed=args.keep_failed, drop_noops=args.drop_noops, workers=args.workers, fps=args.fps,
+            max_demos=args.max_demos,
+        )  # fmt: skip
+    except (LiberoHDF5Error, FileNotFoundError, FileExistsError) as err:
+        parser.exit(2, f"error: {err}\n")
+    if summary.replays:
+        logger.info(
+            "Action replay: %d of %d demos succeeded; %d failed demos %s",
+            summary.successes, summary.replays, summary.replays - summary.successes,
+            "kept" if args.keep_failed else "dropped",
+        )  # fmt: skip
+    logger.info(
+        "Wrote %d episodes (%d frames, %d no-ops dropped) to %s; %d demos were already converted",
+        summary.episodes, summary.frames, summary.noops if args.drop_noops else 0, args.root, summary.skipped,
+    )  # fmt: skip
+    return 0
