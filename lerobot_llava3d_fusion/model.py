@@ -141,9 +141,13 @@ class Llava3DFusionModel(nn.Module):
         geometry: list[CameraGeometry | None],
         lang_tokens: Tensor,
         lang_mask: Tensor,
+        image_masks: list[Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> prefix tokens (B, Lp, D) = [image patches][task tokens], pad mask (B, Lp) bool, and the
-        3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert"."""
+        3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert".
+
+        `image_masks`: per camera None (present) or (B,) bool, False where the camera is missing
+        (`empty_cameras`): that camera's patch tokens are then masked out like padding."""
         patch_tokens = self.embed_images(images)
         expert_tokens = []
         for index, camera_geometry in enumerate(geometry):
@@ -156,7 +160,16 @@ class Llava3DFusionModel(nn.Module):
                 expert_tokens.append(self.expert_patch_proj(self._pool_patches(patch_tokens[index])) + points)
         image_tokens = torch.cat(patch_tokens, dim=1)
         text_tokens = self.embed_tokens(lang_tokens)
-        image_mask = lang_mask.new_ones(image_tokens.shape[:2], dtype=torch.bool)
+        image_masks = image_masks or [None] * len(patch_tokens)
+        image_mask = torch.cat(
+            [
+                lang_mask.new_ones(tokens.shape[:2], dtype=torch.bool)
+                if valid is None
+                else valid.bool()[:, None].expand(tokens.shape[:2])
+                for tokens, valid in zip(patch_tokens, image_masks, strict=True)
+            ],
+            dim=1,
+        )
         prefix = torch.cat([image_tokens, text_tokens], dim=1)
         prefix_mask = torch.cat([image_mask, lang_mask.bool()], dim=1)
         return prefix, prefix_mask, torch.cat(expert_tokens, dim=1) if expert_tokens else None
@@ -170,7 +183,7 @@ class Llava3DFusionModel(nn.Module):
     # ------------------------------------------------------------------------------- training
 
     def forward(
-        self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None
+        self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None, image_masks=None
     ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
         cfg = self.config
@@ -186,7 +199,9 @@ class Llava3DFusionModel(nn.Module):
                 cfg.time_sampling_scale,
                 cfg.time_sampling_offset,
             )
-        prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
+        prefix, prefix_mask, expert_context = self.embed_prefix(
+            images, geometry, lang_tokens, lang_mask, image_masks
+        )
 
         def transformer(suffix: Tensor) -> Tensor:
             return _without_context(
@@ -198,9 +213,16 @@ class Llava3DFusionModel(nn.Module):
     # ------------------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def sample_actions(self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor) -> Tensor:
-        """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps."""
-        prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
+    def sample_actions(
+        self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor, image_masks=None, **rtc_kwargs
+    ) -> Tensor:
+        """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps.
+
+        `rtc_kwargs` (rtc_processor, rtc_enabled, inference_delay, prev_chunk_left_over,
+        execution_horizon) go to the sampler's real-time-chunking guidance."""
+        prefix, prefix_mask, expert_context = self.embed_prefix(
+            images, geometry, lang_tokens, lang_mask, image_masks
+        )
         context_length = 0 if expert_context is None else expert_context.shape[1]
         if self.config.use_cache:
             cache = self.fusion.forward_prefix(
@@ -218,7 +240,7 @@ class Llava3DFusionModel(nn.Module):
                     self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
                 )
 
-        return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps)
+        return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps, **rtc_kwargs)
 
 
 def _with_context(context: Tensor | None, suffix: Tensor) -> Tensor:
