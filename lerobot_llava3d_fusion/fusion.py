@@ -229,7 +229,9 @@ def _fused_layer(
     q, k, v = _project_streams([vlm_layer, expert_layer], [prefix, suffix], rotations)
     if suffix_only:
         prefix_len = prefix.shape[1]
-        return _attend_and_finish([expert_layer], [suffix], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:])
+        return _attend_and_finish(
+            [expert_layer], [suffix], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:]
+        )
     return _attend_and_finish([vlm_layer, expert_layer], [prefix, suffix], q, k, v, mask)
 
 

@@ -183,7 +183,16 @@ class Llava3DFusionModel(nn.Module):
     # ------------------------------------------------------------------------------- training
 
     def forward(
-        self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None, image_masks=None
+        self,
+        images,
+        geometry,
+        lang_tokens,
+        lang_mask,
+        state,
+        actions,
+        noise=None,
+        time=None,
+        image_masks=None,
     ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
         cfg = self.config
@@ -240,7 +249,9 @@ class Llava3DFusionModel(nn.Module):
                     self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
                 )
 
-        return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps, **rtc_kwargs)
+        return self.action_expert.sample_actions(
+            transformer, state, noise, self.config.num_steps, **rtc_kwargs
+        )
 
 
 def _with_context(context: Tensor | None, suffix: Tensor) -> Tensor:

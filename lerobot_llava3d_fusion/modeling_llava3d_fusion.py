@@ -86,7 +86,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     def init_rtc_processor(self) -> None:
         """(Re)build the RTC processor from `config.rtc_config` (lerobot-rollout sets it, then calls this)."""
-        self.rtc_processor = RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        self.rtc_processor = (
+            RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        )
 
     def _rtc_enabled(self) -> bool:
         return self.config.rtc_config is not None and self.config.rtc_config.enabled
@@ -116,18 +118,21 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         cfg = self.config
         fresh_separate = not cfg.pretrained_path and cfg.expert_mode == "separate"
         streams = "vlm_layers" if fresh_separate else "vlm_layers|separate_expert_layers"
-        target_modules = rf".*\.fusion\.({streams})\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-        full = ["action_expert", "patch_geometry", "expert_patch_proj"]
+        target_modules = (
+            rf".*\.fusion\.({streams})\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        )
+        full = [
+            name
+            for name in ("action_expert", "patch_geometry", "expert_patch_proj")
+            if getattr(self.model, name, None) is not None
+        ]
         if fresh_separate:
             full += [
                 name
                 for name, module in self.named_modules()
                 if name.startswith("model.fusion.separate_expert") and not list(module.children())
             ]
-        present = {name.rsplit(".", 1)[-1] for name, _ in self.named_modules()} | {
-            name for name, _ in self.named_modules()
-        }
-        return {"target_modules": target_modules, "modules_to_save": [m for m in full if m in present]}
+        return {"target_modules": target_modules, "modules_to_save": full}
 
     def _validate_peft_config(self, peft_config) -> None:
         cfg = self.config

@@ -3,7 +3,7 @@ empty cameras, relative actions and FSDP units."""
 
 import pytest
 import torch
-from conftest import ACTION_DIM, CAMERAS, CHUNK, STATE_DIM, preprocess, raw_batch, tiny_config, tiny_policy
+from conftest import ACTION_DIM, CAMERAS, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.policies.rtc.action_queue import ActionQueue
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.rollout.inference.rtc import supports_rtc_inference
@@ -64,7 +64,9 @@ def test_rtc_guidance_makes_the_new_chunk_continue_the_left_over_chunk(monkeypat
     )
     assert prefix_calls[0] == 1  # the prefix KV cache is built once per chunk ...
     assert step_calls[0] == policy.config.num_steps  # ... and every Euler step reuses it
-    free = policy.predict_action_chunk(batch, noise=noise, inference_delay=executed, prev_chunk_left_over=None)
+    free = policy.predict_action_chunk(
+        batch, noise=noise, inference_delay=executed, prev_chunk_left_over=None
+    )
 
     frozen = slice(0, executed)  # actions that run during inference: weight 1 in the guidance
     guided_gap = (guided[0, frozen] - left_over[frozen]).abs().mean()
@@ -78,7 +80,9 @@ def test_rtc_inputs_are_checked_and_select_action_refuses_rtc(policy):
         policy.predict_action_chunk(batch, inference_delay=1, prev_chunk_left_over=torch.zeros(4, ACTION_DIM))
     enable_rtc_like_lerobot_rollout(policy)
     with pytest.raises(ValueError, match="prev_chunk_left_over"):
-        policy.predict_action_chunk(batch, inference_delay=1, prev_chunk_left_over=torch.zeros(4, ACTION_DIM + 1))
+        policy.predict_action_chunk(
+            batch, inference_delay=1, prev_chunk_left_over=torch.zeros(4, ACTION_DIM + 1)
+        )
     with pytest.raises(ValueError, match="inference_delay"):
         policy.predict_action_chunk(batch, prev_chunk_left_over=torch.zeros(4, ACTION_DIM))
     with pytest.raises(RuntimeError, match="predict_action_chunk"):
@@ -195,7 +199,9 @@ def test_relative_action_steps_are_off_by_default_and_saved_by_name(tmp_path):
     torch.testing.assert_close(preprocessor(raw_batch(1))["action"], raw["action"])
     preprocessor.save_pretrained(tmp_path)
     postprocessor.save_pretrained(tmp_path)
-    saved = (tmp_path / "policy_preprocessor.json").read_text() + (tmp_path / "policy_postprocessor.json").read_text()
+    saved = (tmp_path / "policy_preprocessor.json").read_text() + (
+        tmp_path / "policy_postprocessor.json"
+    ).read_text()
     assert "relative_actions_processor" in saved and "absolute_actions_processor" in saved
 
 
@@ -212,7 +218,15 @@ def test_lora_defaults_adapt_the_fused_layers_and_train_the_head(expert_mode, tm
     assert trained and all(("lora_" in n) or (".modules_to_save." in n) for n in trained), trained
     adapted = {n.split(".lora_")[0] for n in trained if "lora_" in n}
     for stream in ["vlm_layers"] + (["separate_expert_layers"] if expert_mode == "separate" else []):
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for proj in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             assert any(f"{stream}.0.{proj}" in n for n in adapted), (stream, proj)
     assert any("action_expert.modules_to_save" in n for n in trained)
     assert not any("vision_tower" in n or "embed_tokens" in n for n in trained)
@@ -224,9 +238,9 @@ def test_lora_defaults_adapt_the_fused_layers_and_train_the_head(expert_mode, tm
     last = len(policy.model.fusion.vlm_layers) - 1
     without_grad = [n for n, p in wrapped.named_parameters() if p.requires_grad and p.grad is None]
     # Only the prefix output of the last layer feeds nothing in training (see fusion.forward).
-    assert all(f"vlm_layers.{last}.self_attn.o_proj" in n or f"vlm_layers.{last}.mlp" in n for n in without_grad), (
-        without_grad
-    )
+    assert all(
+        f"vlm_layers.{last}.self_attn.o_proj" in n or f"vlm_layers.{last}.mlp" in n for n in without_grad
+    ), without_grad
 
 
 def test_lora_in_a_fresh_run_needs_a_pretrained_backbone():
@@ -244,6 +258,14 @@ def test_fresh_lora_run_trains_a_new_separate_expert_in_full(monkeypatch):
     expert_leaves = [n for n in targets["modules_to_save"] if "separate_expert" in n]
     assert "model.fusion.separate_expert_layers.0.mlp.down_proj" in expert_leaves
     assert "model.fusion.separate_expert_norm" in expert_leaves
+
+    wrapped = policy.wrap_with_peft(peft_cli_overrides={"method_type": "LORA", "r": 4})
+    wrapped.train()
+    loss, _ = wrapped.forward(preprocess(policy, raw_batch(2)))
+    loss.backward()
+    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None}
+    assert any("separate_expert_layers.0.mlp.down_proj.modules_to_save" in n for n in trained)
+    assert any("vlm_layers.0.self_attn.q_proj.lora_A" in n for n in trained)
 
 
 def test_fsdp_units_are_the_mlp_blocks_of_both_streams():
