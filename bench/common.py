@@ -285,9 +285,15 @@ def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
 
 
 def build_ours(
-    geometry: Geometry, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
+    geometry: Geometry,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    freeze_vision_encoder: bool = False,
+    **config_overrides,
 ) -> Llava3DFusionPolicy:
-    """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes)."""
+    """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes);
+    `config_overrides` are further Llava3DFusionConfig fields (e.g. gradient_checkpointing=True)."""
     inputs, outputs = _features(geometry)
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(
@@ -309,6 +315,7 @@ def build_ours(
             device=device.type,
             input_features=inputs,
             output_features=outputs,
+            **config_overrides,
         )
         seed_everything(seed)
         with torch.device(device):  # initialise on the device: minutes less for 4B parameters on a GPU

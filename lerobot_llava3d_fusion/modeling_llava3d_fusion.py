@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .configuration_llava3d_fusion import (
     EMPTY_CAMERA_PREFIX,
-    TINY_VLM_NAME,
     Llava3DFusionConfig,
     camera_name,
     depth_key,
@@ -110,39 +109,29 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         return sorted({type(layer.mlp).__name__ for layer in (*fusion.vlm_layers, *fusion.expert_layers)})
 
     def _get_default_peft_targets(self) -> dict:
-        """LoRA (or any PEFT method) on the attention and MLP projections of the fused layers; the
-        flow-matching head and the geometry encoder (small, robot-specific) train in full.
-
-        A fresh run from a pretrained backbone (no `--policy.path`) with a separate expert: that
-        expert stack starts random, so it trains in full and the adapters go to the LLM only."""
-        cfg = self.config
-        fresh_separate = not cfg.pretrained_path and cfg.expert_mode == "separate"
-        streams = "vlm_layers" if fresh_separate else "vlm_layers|separate_expert_layers"
+        """LoRA (or any PEFT method) on the attention and MLP projections of both streams' fused
+        layers; the flow-matching head and the geometry encoder (small, robot-specific) train in full."""
         target_modules = (
-            rf".*\.fusion\.({streams})\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+            r".*\.fusion\.(vlm_layers|separate_expert_layers)\.\d+\."
+            r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
         )
         full = [
             name
             for name in ("action_expert", "patch_geometry", "expert_patch_proj")
             if getattr(self.model, name, None) is not None
         ]
-        if fresh_separate:
-            full += [
-                name
-                for name, module in self.named_modules()
-                if name.startswith("model.fusion.separate_expert") and not list(module.children())
-            ]
         return {"target_modules": target_modules, "modules_to_save": full}
 
     def _validate_peft_config(self, peft_config) -> None:
-        cfg = self.config
-        if cfg.pretrained_path:
-            return
-        if not cfg.load_vlm_weights or cfg.vlm_model_name == TINY_VLM_NAME:
+        if not self.config.pretrained_path:
+            # LeRobot saves an adapter on top of `pretrained_path` and reloads it from there: without a
+            # policy checkpoint underneath, lerobot-eval could not load the result.
             raise ValueError(
-                "PEFT in a fresh run adapts the pretrained backbone: set --policy.vlm_model_name to a "
-                "pretrained checkpoint (with load_vlm_weights=true), or fine-tune a trained policy with "
-                "--policy.path."
+                "PEFT adapts a trained llava3d_fusion checkpoint: pass --policy.path=<checkpoint>. To "
+                "LoRA-tune a pretrained backbone, first train the new parts with the VLM frozen "
+                "(--policy.type=llava3d_fusion --policy.vlm_model_name=<backbone> "
+                "--policy.train_expert_only=true), then run --policy.path=<that checkpoint> "
+                "--peft.method_type=LORA."
             )
 
     def reset(self) -> None:

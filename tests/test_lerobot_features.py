@@ -243,29 +243,10 @@ def test_lora_defaults_adapt_the_fused_layers_and_train_the_head(expert_mode, tm
     ), without_grad
 
 
-def test_lora_in_a_fresh_run_needs_a_pretrained_backbone():
+def test_lora_needs_a_policy_checkpoint_and_says_how_to_get_one():
     pytest.importorskip("peft")
-    with pytest.raises(ValueError, match="vlm_model_name"):
+    with pytest.raises(ValueError, match="train_expert_only"):
         tiny_policy().wrap_with_peft(peft_cli_overrides={"method_type": "LORA"})
-
-
-def test_fresh_lora_run_trains_a_new_separate_expert_in_full(monkeypatch):
-    pytest.importorskip("peft")
-    policy = tiny_policy(expert_mode="separate")
-    monkeypatch.setattr(Llava3DFusionPolicy, "_validate_peft_config", lambda self, config: None)
-    targets = policy._get_default_peft_targets()
-    assert "separate_expert_layers" not in targets["target_modules"]
-    expert_leaves = [n for n in targets["modules_to_save"] if "separate_expert" in n]
-    assert "model.fusion.separate_expert_layers.0.mlp.down_proj" in expert_leaves
-    assert "model.fusion.separate_expert_norm" in expert_leaves
-
-    wrapped = policy.wrap_with_peft(peft_cli_overrides={"method_type": "LORA", "r": 4})
-    wrapped.train()
-    loss, _ = wrapped.forward(preprocess(policy, raw_batch(2)))
-    loss.backward()
-    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad and p.grad is not None}
-    assert any("separate_expert_layers.0.mlp.down_proj.modules_to_save" in n for n in trained)
-    assert any("vlm_layers.0.self_attn.q_proj.lora_A" in n for n in trained)
 
 
 def test_fsdp_units_are_the_mlp_blocks_of_both_streams():

@@ -1,0 +1,76 @@
+"""Peak training memory and step time of ours with and without gradient checkpointing.
+
+Same training step and memory accounting as throughput.py (one subprocess per variant, one after
+the other; CPU: RSS high-water mark during training, GPU: torch.cuda.max_memory_allocated; net =
+peak - the process's runtime before the build). `gradient_checkpointing=true` recomputes each fused
+layer's activations in the backward pass instead of storing them.
+
+    python bench/checkpointing.py                                 # CPU, small preset, batch 8
+    python bench/checkpointing.py --device cuda --dtype bfloat16  # GPU, full preset
+"""
+
+from __future__ import annotations
+
+import functools
+
+from common import BUILDERS, build_ours, parse_args, print_header, print_table, run_info, setup, write_json
+from throughput import _train_group
+
+CHECKPOINTED = "ours_gradient_checkpointing"
+# Module level: the spawned training processes re-import this script and need the builder too.
+BUILDERS[CHECKPOINTED] = functools.partial(build_ours, gradient_checkpointing=True)
+
+
+def add_arguments(parser) -> None:
+    parser.set_defaults(batch_size=8)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (allocate AdamW state)")
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps")
+    parser.set_defaults(freeze_vision_encoder=False)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], "checkpointing", add_arguments)
+    setup(args)
+    info = run_info(args)
+    print_header("checkpointing", info)
+    results = {}
+    for name in ("ours", CHECKPOINTED):  # one process at a time
+        results.update(_train_group([name], args))
+
+    rows = [
+        [
+            name,
+            r["samples_per_s"],
+            r["step_seconds"]["median"],
+            r["memory_gib"]["after_build"],
+            r["memory_gib"]["peak_training"],
+            r["memory_gib"]["peak_training_net"],
+        ]
+        for name, r in results.items()
+    ]
+    memory_kind = "GPU max_memory_allocated" if args.device == "cuda" else "RSS high-water"
+    print_table(
+        f"training step, batch {args.batch_size}, {args.steps} timed steps; memory GiB ({memory_kind})",
+        ["model", "samples/s", "step s median", "after build", "peak", "net peak"],
+        rows,
+    )
+    plain, checkpointed = results["ours"], results[CHECKPOINTED]
+    ratios = {
+        "peak_memory_net": checkpointed["memory_gib"]["peak_training_net"]
+        / plain["memory_gib"]["peak_training_net"],
+        "peak_memory_above_build": (
+            checkpointed["memory_gib"]["peak_training"] - checkpointed["memory_gib"]["after_build"]
+        )
+        / (plain["memory_gib"]["peak_training"] - plain["memory_gib"]["after_build"]),
+        "step_time": checkpointed["step_seconds"]["median"] / plain["step_seconds"]["median"],
+    }
+    print_table(
+        "gradient checkpointing / without",
+        ["net peak memory", "peak above the built model", "step time"],
+        [[ratios["peak_memory_net"], ratios["peak_memory_above_build"], ratios["step_time"]]],
+    )
+    write_json(args.out, {"script": "checkpointing", "info": info, "results": results, "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
