@@ -419,7 +419,7 @@ def _vision_size(tower: nn.Module) -> dict:
 
 def _parts(policy: nn.Module, name: str) -> dict[str, nn.Module]:
     """The comparable parts of each policy, read off the built modules (not the configs)."""
-    if name == "ours":
+    if isinstance(policy, Llava3DFusionPolicy):  # "ours", with any config overrides
         model = policy.model
         return {
             "vision tower": model.image_encoder.vision_tower,

@@ -216,3 +216,73 @@ def test_ranks_hold_the_same_weights_after_distributed_steps(tmp_path):
     assert ranks[0]["loss"] != ranks[1]["loss"]  # each rank saw its own batch ...
     assert not torch.equal(ranks[0]["after"], ranks[0]["before"])  # ... the weights moved ...
     assert torch.equal(ranks[0]["after"], ranks[1]["after"])  # ... identically on both ranks
+
+
+def _fsdp_rank(rank: int, world_size: int, port: int, results: Path) -> None:
+    """One rank: torch's FSDP2 (what Accelerate's fsdp_version=2 applies) over the policy's declared
+    units, gloo on the CPU; one AdamW step on a batch every rank shares; rank 0 saves the full weights."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from conftest import preprocess, raw_batch, tiny_policy
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo")
+    policy = tiny_policy(seed=0)
+    batch, noise, time = _fsdp_step_inputs(policy, preprocess, raw_batch)
+    unit_classes = {get_module_class_from_name(policy, name) for name in policy._no_split_modules}
+    units = [module for module in policy.modules() if type(module) in unit_classes]
+    for module in units:
+        fully_shard(module)
+    fully_shard(policy)
+    register_fsdp_forward_method(policy, "predict_action_chunk")
+    sharded = sorted(n for n, p in policy.named_parameters() if isinstance(p, DTensor))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    policy.train()
+    loss, _ = policy(batch, noise=noise, time=time)
+    loss.backward()
+    optimizer.step()
+    full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in policy.named_parameters()}
+    chunk = policy.predict_action_chunk(preprocess(policy, raw_batch(1)))
+    if rank == 0:
+        torch.save({"units": len(units), "sharded": sharded, "full": full, "chunk": chunk}, results / "fsdp.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fsdp_step_inputs(policy, preprocess, raw_batch):
+    generator = torch.Generator().manual_seed(4)
+    noise = torch.randn(2, policy.config.chunk_size, policy.config.max_action_dim, generator=generator)
+    return preprocess(policy, raw_batch(2, seed=10)), noise, torch.tensor([0.3, 0.7])
+
+
+@pytest.mark.slow
+def test_fsdp_over_the_declared_units_trains_like_one_process(tmp_path):
+    from conftest import preprocess, raw_batch, tiny_policy
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, port, tmp_path), nprocs=2, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+
+    reference = tiny_policy(seed=0)
+    batch, noise, time = _fsdp_step_inputs(reference, preprocess, raw_batch)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    reference.train()
+    loss, _ = reference(batch, noise=noise, time=time)
+    loss.backward()
+    optimizer.step()
+
+    layers = len(reference.model.fusion.vlm_layers)
+    assert sharded["units"] == 2 * layers  # every fused layer's MLP, LLM and expert
+    # Every parameter is sharded: the MLPs in their own units, the rest in the root unit.
+    assert sharded["sharded"] == sorted(n for n, _ in reference.named_parameters())
+    for name, value in reference.named_parameters():
+        torch.testing.assert_close(sharded["full"][name], value.detach(), atol=1e-5, rtol=1e-4, msg=name)
+    assert sharded["chunk"].shape == (1, reference.config.chunk_size, 3)
