@@ -5,6 +5,13 @@ the other; CPU: RSS high-water mark during training, GPU: torch.cuda.max_memory_
 peak - the process's runtime before the build). `gradient_checkpointing=true` recomputes each fused
 layer's activations in the backward pass instead of storing them.
 
+On the CPU the processes run with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_):
+every tensor buffer is then its own mapping, returned to the system when freed, so the RSS follows
+the tensors alive. With glibc's default (a threshold that grows with freed buffers) freed
+activations stay in the heap and the recomputation in the backward pass shows up as extra RSS.
+The vision tower is frozen as in the policy's default config (`--train-vision-encoder` trains it,
+as throughput.py does; its activations are not checkpointed).
+
     python bench/checkpointing.py                                 # CPU, small preset, batch 8
     python bench/checkpointing.py --device cuda --dtype bfloat16  # GPU, full preset
 """
@@ -12,6 +19,7 @@ layer's activations in the backward pass instead of storing them.
 from __future__ import annotations
 
 import functools
+import os
 
 from common import BUILDERS, build_ours, parse_args, print_header, print_table, run_info, setup, write_json
 from throughput import _train_group
@@ -25,13 +33,24 @@ def add_arguments(parser) -> None:
     parser.set_defaults(batch_size=8)
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps (allocate AdamW state)")
     parser.add_argument("--steps", type=int, default=2, help="timed training steps")
-    parser.set_defaults(freeze_vision_encoder=False)
+    parser.add_argument(
+        "--train-vision-encoder",
+        dest="freeze_vision_encoder",
+        action="store_false",
+        help="train the vision tower too (default: frozen, the policy's default)",
+    )
 
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "checkpointing", add_arguments)
     setup(args)
-    info = run_info(args)
+    if args.device == "cpu":
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))  # read by the spawned workers
+    info = {
+        **run_info(args),
+        "freeze_vision_encoder": args.freeze_vision_encoder,
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
     print_header("checkpointing", info)
     results = {}
     for name in ("ours", CHECKPOINTED):  # one process at a time
