@@ -247,10 +247,14 @@ def _fsdp_rank(rank: int, world_size: int, port: int, results: Path) -> None:
     loss, _ = policy(batch, noise=noise, time=time)
     loss.backward()
     optimizer.step()
-    full = {n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in policy.named_parameters()}
+    full = {
+        n: p.full_tensor() if isinstance(p, DTensor) else p.detach() for n, p in policy.named_parameters()
+    }
     chunk = policy.predict_action_chunk(preprocess(policy, raw_batch(1)))
     if rank == 0:
-        torch.save({"units": len(units), "sharded": sharded, "full": full, "chunk": chunk}, results / "fsdp.pt")
+        torch.save(
+            {"units": len(units), "sharded": sharded, "full": full, "chunk": chunk}, results / "fsdp.pt"
+        )
     dist.barrier()
     dist.destroy_process_group()
 
