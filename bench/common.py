@@ -279,9 +279,15 @@ def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
 
 
 def build_ours(
-    geometry: Geometry, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
+    geometry: Geometry,
+    device: torch.device,
+    dtype: str,
+    seed: int,
+    freeze_vision_encoder: bool = False,
+    **config_overrides,
 ) -> Llava3DFusionPolicy:
-    """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes)."""
+    """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes);
+    `config_overrides` are further Llava3DFusionConfig fields (e.g. gradient_checkpointing=True)."""
     inputs, outputs = _features(geometry)
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(
@@ -303,6 +309,7 @@ def build_ours(
             device=device.type,
             input_features=inputs,
             output_features=outputs,
+            **config_overrides,
         )
         seed_everything(seed)
         with torch.device(device):  # initialise on the device: minutes less for 4B parameters on a GPU
@@ -406,7 +413,7 @@ def _vision_size(tower: nn.Module) -> dict:
 
 def _parts(policy: nn.Module, name: str) -> dict[str, nn.Module]:
     """The comparable parts of each policy, read off the built modules (not the configs)."""
-    if name == "ours":
+    if isinstance(policy, Llava3DFusionPolicy):  # "ours", with any config overrides
         model = policy.model
         return {
             "vision tower": model.image_encoder.vision_tower,

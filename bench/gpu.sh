@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All three benchmarks on one GPU, bfloat16, at pi0's real sizes: about 4-5 minutes on an H100.
+# The benchmarks on one GPU, bfloat16, at pi0's real sizes: about 4-5 minutes on an H100.
 # Results (JSON) and logs go to $OUT when it is set, else to outputs/bench/gpu/.
 #
 #   bash bench/gpu.sh
@@ -24,8 +24,10 @@ run() {  # run SCRIPT [its options]: output to the terminal and to $OUT_DIR/SCRI
 
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'; \
 print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
-run latency --warmup 3 --reps 20 --profile
+# The cached Euler step eager and compiled (reduce-overhead: replayed as a CUDA graph), pi0 in the same run.
+run latency --warmup 3 --reps 20 --profile --compile-modes reduce-overhead
 # Both full-size policies training at once would not fit one 80 GB GPU: one after the other.
 run throughput --batch-size 8 --warmup 2 --steps 8 --sequential
 run roofline --warmup 2 --reps 10
+run checkpointing --batch-size 8 --warmup 2 --steps 4
 echo "=== $(date +%T) done: results in $OUT_DIR ==="

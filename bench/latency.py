@@ -2,7 +2,10 @@
 
 All three run in one process on the same inputs (same images, token ids, state and noise), with the
 same thread count, timed round-robin after warm-up. `--profile` adds a torch.profiler table of one
-cached call of ours (top ops by self time).
+cached call of ours (top ops by self time). `--compile-modes reduce-overhead` adds ours with the
+cached Euler step compiled by torch.compile in that mode (what `--policy.compile_model=true
+--policy.compile_mode=...` does; on a GPU "reduce-overhead" replays the step as a CUDA graph), the
+same weights, compiled during the warm-up rounds.
 
     python bench/latency.py                                   # CPU, small preset
     python bench/latency.py --device cuda --dtype bfloat16    # GPU, full preset
@@ -37,6 +40,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reps", type=int, default=5, help="timed rounds of every variant")
     parser.add_argument("--profile", action="store_true", help="also profile one cached call of ours")
     parser.add_argument("--profile-rows", type=int, default=20)
+    parser.add_argument(
+        "--compile-modes",
+        nargs="*",
+        default=[],
+        help="torch.compile modes of the cached denoising step to time as well (e.g. reduce-overhead)",
+    )
 
 
 def profile(call, device: torch.device, rows: int) -> dict:
@@ -51,6 +60,16 @@ def profile(call, device: torch.device, rows: int) -> dict:
     print(f"\ntorch.profiler: one cached predict_action_chunk of ours, top {rows} ops by {sort_by}")
     print(table)
     return {"sort_by": sort_by, "table": table}
+
+
+def with_denoise_step(policy, step, call):
+    """`call` with `step` as the policy's cached denoising step (eager or compiled)."""
+
+    def wrapped() -> torch.Tensor:
+        policy.model.denoise_step = step
+        return call()
+
+    return wrapped
 
 
 def main() -> None:
@@ -72,11 +91,19 @@ def main() -> None:
         "ours use_cache=false": predictor(ours, batch, noise, use_cache=False),
         "pi0": predictor(policies["pi0"], batch, noise),
     }
+    cached_call, eager_step = calls["ours use_cache=true"], ours.model.denoise_step
+    if args.compile_modes:
+        calls["ours use_cache=true"] = with_denoise_step(ours, eager_step, cached_call)
+    for mode in args.compile_modes:
+        compiled_step = torch.compile(ours.model.fusion.forward_suffix, mode=mode)
+        calls[f"ours compile_mode={mode}"] = with_denoise_step(ours, compiled_step, cached_call)
     with torch.inference_mode():
         times = time_interleaved(calls, args.warmup, args.reps, device)
     results = {name: summarize(samples) for name, samples in times.items()}
 
-    cached, uncached, pi0 = (results[name]["median"] for name in calls)
+    cached, uncached, pi0 = (
+        results[name]["median"] for name in ("ours use_cache=true", "ours use_cache=false", "pi0")
+    )
     targets = {
         "nocache_over_cache_latency": check_target("nocache_over_cache_latency", uncached / cached),
         "ours_over_pi0_latency": check_target("ours_over_pi0_latency", cached / pi0),
@@ -90,6 +117,22 @@ def main() -> None:
         rows,
     )
     print_targets(targets)
+    compiled_ratios = {
+        mode: {
+            "over_eager": results[f"ours compile_mode={mode}"]["median"] / cached,
+            "over_pi0": results[f"ours compile_mode={mode}"]["median"] / pi0,
+        }
+        for mode in args.compile_modes
+    }
+    if compiled_ratios:
+        print_table(
+            "compiled cached denoising step",
+            ["compile_mode", "median s", "/ ours eager", "/ pi0"],
+            [
+                [mode, results[f"ours compile_mode={mode}"]["median"], r["over_eager"], r["over_pi0"]]
+                for mode, r in compiled_ratios.items()
+            ],
+        )
 
     payload = {
         "script": "latency",
@@ -97,6 +140,7 @@ def main() -> None:
         "models": descriptions,
         "results": results,
         "targets": targets,
+        "compiled": compiled_ratios,
     }
     if args.profile:
         with torch.inference_mode():

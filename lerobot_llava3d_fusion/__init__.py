@@ -5,10 +5,11 @@ processor steps), then the environment types ``touch_block`` (the closed-loop de
 ``libero_rgbd``; an env type another package already registered is skipped with a warning, never
 at the policy's expense. The policy and processor modules are found by LeRobot's naming convention.
 """
+# ruff: noqa: I001 (the policy registers before the env types)
 
 from .configuration_llava3d_fusion import Llava3DFusionConfig
 from .processor_llava3d_fusion import make_llava3d_fusion_pre_post_processors
 
-from . import envs  # noqa: E402, F401, I001  (registers the environment types, after the policy)
+from . import envs  # noqa: E402, F401  (registers the environment types, after the policy)
 
 __all__ = ["Llava3DFusionConfig", "make_llava3d_fusion_pre_post_processors"]

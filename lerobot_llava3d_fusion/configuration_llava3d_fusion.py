@@ -3,8 +3,9 @@
 import math
 from dataclasses import dataclass, field
 
-from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
+from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
+from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
 from .optim import FusedAdamWConfig
 from .robot_depth import check_depth_features, is_depth_map, robot_depth_key
@@ -20,6 +21,8 @@ GEOMETRY_TARGETS = ("prefix", "expert")
 # "llava3d_mlp": LLaVA-3D's learned MLP on xyz added to the vision tower's features before the projector.
 GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
 GEOMETRY_PATCH_POINTS = ("nearest", "mean")
+# Cameras added by `empty_cameras` (pi0's naming): absent from datasets and robots, masked out.
+EMPTY_CAMERA_PREFIX = "observation.images.empty_camera_"
 # Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
 # observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
 # observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
@@ -135,6 +138,20 @@ class Llava3DFusionConfig(PreTrainedConfig):
     freeze_vision_encoder: bool = True
     train_expert_only: bool = False
 
+    # LeRobot VLA features, as pi0 / pi05 / smolvla name them.
+    # Real-time chunking (`lerobot-rollout --inference.type=rtc` sets it; None: plain chunking).
+    rtc_config: RTCConfig | None = None
+    # Recompute each fused layer's activations in the backward pass instead of storing them.
+    gradient_checkpointing: bool = False
+    # Extra cameras `observation.images.empty_camera_<i>` that no dataset or robot provides: their
+    # image tokens are masked out, so a checkpoint with more cameras serves a robot with fewer.
+    empty_cameras: int = 0
+    # Train on actions relative to the current state (LeRobot's RelativeActionsProcessorStep) and
+    # return absolute actions; joints named in relative_exclude_joints stay absolute.
+    use_relative_actions: bool = False
+    relative_exclude_joints: list[str] = field(default_factory=lambda: ["gripper"])
+    action_feature_names: list[str] | None = None  # filled in from the dataset by make_policy
+
     # Training presets.
     optimizer_lr: float = 1e-4
     optimizer_betas: tuple[float, float] = (0.9, 0.95)
@@ -217,6 +234,13 @@ class Llava3DFusionConfig(PreTrainedConfig):
                 "training times must lie in [0, 1]: need time_sampling_offset >= 0, time_sampling_scale > 0 "
                 f"and their sum <= 1 (got {self.time_sampling_offset} and {self.time_sampling_scale})."
             )
+        if self.empty_cameras < 0:
+            raise ValueError(f"empty_cameras must be >= 0 (got {self.empty_cameras}).")
+        if self.rtc_config is not None and self.rtc_config.execution_horizon > self.chunk_size:
+            raise ValueError(
+                f"rtc_config.execution_horizon ({self.rtc_config.execution_horizon}) cannot exceed "
+                f"chunk_size ({self.chunk_size})."
+            )
         if self.train_expert_only and self.expert_mode == "shared":
             raise ValueError(
                 "train_expert_only=True with expert_mode='shared' would freeze the layers the expert runs "
@@ -253,6 +277,15 @@ class Llava3DFusionConfig(PreTrainedConfig):
             )
 
     def validate_features(self) -> None:
+        # pi0's empty cameras; their size is irrelevant (the model resizes, and masks their tokens).
+        image_shape = next(
+            (ft.shape for key, ft in (self.input_features or {}).items() if key in self.camera_keys),
+            (3, 224, 224),
+        )
+        for index in range(self.empty_cameras):
+            self.input_features[f"{EMPTY_CAMERA_PREFIX}{index}"] = PolicyFeature(
+                type=FeatureType.VISUAL, shape=image_shape
+            )
         if not self.camera_keys:
             raise ValueError(
                 "llava3d_fusion needs at least one camera: no VISUAL feature (observation.images.*) in "
@@ -307,7 +340,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
         if self.geometry == "none":
             return []
         if self.geometry == "estimator":
-            return self.camera_keys
+            return [key for key in self.camera_keys if not key.startswith(EMPTY_CAMERA_PREFIX)]
         features = self.input_features or {}
         return [
             key for key in self.camera_keys if depth_key(key) in features or robot_depth_key(key) in features

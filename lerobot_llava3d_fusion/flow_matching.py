@@ -12,12 +12,16 @@ target, so the expert never sees them: they are zero in x_t at every step of tra
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lerobot.policies.common.flow_matching import sample_time_beta
+from lerobot.policies.common.flow_matching import euler_integrate, sample_time_beta
 from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 
 # Maps suffix embeddings (B, Ls, W) to the expert's final hidden states (B, Ls, W).
 SuffixTransformer = Callable[[Tensor], Tensor]
@@ -100,13 +104,44 @@ class FlowMatchingActionExpert(nn.Module):
         return F.mse_loss(self.velocity(transformer, state, x_t, time), target, reduction="none")
 
     def sample_actions(
-        self, transformer: SuffixTransformer, state: Tensor, noise: Tensor, num_steps: int
+        self,
+        transformer: SuffixTransformer,
+        state: Tensor,
+        noise: Tensor,
+        num_steps: int,
+        *,
+        rtc_processor: RTCProcessor | None = None,
+        rtc_enabled: bool = False,
+        inference_delay: int | None = None,
+        prev_chunk_left_over: Tensor | None = None,
+        execution_horizon: int | None = None,
     ) -> Tensor:
         """Euler integration from x_1 = noise (B, H, A_max) at t = 1 to actions at t = 0.
 
-        The time grid is built on the device once: unlike a Python float turned into a tensor at
-        every step, indexing it never copies from the host, so the GPU runs the steps unsynchronised.
+        With an `rtc_processor` (real-time chunking, or its debug tracking) the loop is LeRobot's
+        `euler_integrate`, whose RTC hook guides each velocity towards `prev_chunk_left_over`
+        (B or none, T_prev, A <= A_max) over the first actions. Otherwise the time grid is built on the
+        device once: unlike a Python float turned into a tensor at every step, indexing it never
+        copies from the host, so the GPU runs the steps unsynchronised (and a CUDA graph can replay them).
         """
+        if rtc_processor is not None:
+
+            def denoise(x_t: Tensor, time: Tensor) -> Tensor:
+                # LeRobot's RTC guidance differentiates x1 = x_t - t * v only with respect to x_t, taking
+                # v as given (it evaluates v before x_t requires grad): no graph through the model.
+                with torch.no_grad():
+                    return self.velocity(transformer, state, x_t, time)
+
+            return euler_integrate(
+                denoise,
+                noise,
+                num_steps,
+                rtc_processor=rtc_processor,
+                rtc_enabled=rtc_enabled,
+                inference_delay=inference_delay,
+                prev_chunk_left_over=prev_chunk_left_over,
+                execution_horizon=execution_horizon,
+            )
         batch = noise.shape[0]
         times = torch.linspace(1.0, 0.0, num_steps + 1, device=noise.device)[:-1]  # (num_steps,)
         dt = -1.0 / num_steps

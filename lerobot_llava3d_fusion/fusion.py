@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
@@ -150,6 +151,9 @@ class LLaVA3DWithActionExpertModel(nn.Module):
         self.vlm_norm = llm.norm
         self.rotary_emb = llm.rotary_emb
         self.expert_mode = expert_mode
+        # Training (joint mode) recomputes each fused layer in the backward pass instead of keeping
+        # its activations: memory of one layer's activations instead of all of them, one more forward.
+        self.gradient_checkpointing = False
         if expert_mode == "separate":
             self.separate_expert_layers, self.separate_expert_norm = build_expert_layers(
                 llm, expert_width_multiplier, expert_mlp_multiplier
@@ -195,20 +199,22 @@ class LLaVA3DWithActionExpertModel(nn.Module):
         is_prefix_key = ~is_suffix_query
         mask = key_valid[:, None, None, :] & (is_prefix_key[None, :] | is_suffix_query[:, None])[None, None]
 
-        streams = [prefix_embeds, suffix_embeds]
         rotations = [self.rotary_emb(prefix_embeds, prefix_pos), self.rotary_emb(suffix_embeds, suffix_pos)]
+        use_checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.vlm_layers) - 1
         for index, (vlm_layer, expert_layer) in enumerate(
             zip(self.vlm_layers, self.expert_layers, strict=True)
         ):
-            q, k, v = _project_streams([vlm_layer, expert_layer], streams, rotations)
-            if index == last and not output_prefix:
-                suffix_out = _attend_and_finish(
-                    [expert_layer], streams[1:], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:]
-                )[0]
-                return self.expert_norm(suffix_out)
-            streams = _attend_and_finish([vlm_layer, expert_layer], streams, q, k, v, mask)
-        return self.vlm_norm(streams[0]), self.expert_norm(streams[1])
+            suffix_only = index == last and not output_prefix
+            args = (vlm_layer, expert_layer, prefix_embeds, suffix_embeds, rotations, mask, suffix_only)
+            if use_checkpointing:
+                outputs = checkpoint(_fused_layer, *args, use_reentrant=False)
+            else:
+                outputs = _fused_layer(*args)
+            if suffix_only:
+                return self.expert_norm(outputs[0])
+            prefix_embeds, suffix_embeds = outputs
+        return self.vlm_norm(prefix_embeds), self.expert_norm(suffix_embeds)
 
     def forward_prefix(
         self, prefix_embeds: Tensor, prefix_pad_mask: Tensor, suffix_length: int
@@ -261,6 +267,26 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             value_buffer[:, :, start:] = v
             hidden = _attend_and_finish([layer], hidden, q, key_buffer, value_buffer, cache.suffix_mask)
         return self.expert_norm(hidden[0])
+
+
+def _fused_layer(
+    vlm_layer: nn.Module,
+    expert_layer: nn.Module,
+    prefix: Tensor,
+    suffix: Tensor,
+    rotations: list[tuple[Tensor, Tensor]],
+    mask: Tensor,
+    suffix_only: bool,
+) -> list[Tensor]:
+    """One joint layer: [prefix_out, suffix_out], or [suffix_out] when the prefix output feeds nothing
+    (the last layer in training: its prefix queries, o_proj and MLP are skipped)."""
+    q, k, v = _project_streams([vlm_layer, expert_layer], [prefix, suffix], rotations)
+    if suffix_only:
+        prefix_len = prefix.shape[1]
+        return _attend_and_finish(
+            [expert_layer], [suffix], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:]
+        )
+    return _attend_and_finish([vlm_layer, expert_layer], [prefix, suffix], q, k, v, mask)
 
 
 def _position_ids(prefix_pad_mask: Tensor, suffix_len: int) -> tuple[Tensor, Tensor]:

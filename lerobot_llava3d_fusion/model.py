@@ -209,21 +209,35 @@ class Llava3DFusionModel(nn.Module):
         geometry: list[CameraGeometry | None],
         lang_tokens: Tensor,
         lang_mask: Tensor,
+        camera_present: list[Tensor | None] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """-> prefix tokens (B, Lp, D) = [image patches][task tokens], pad mask (B, Lp) bool, and the
         3D-aware patch tokens for the expert (B, Lg, D_expert) when geometry_target="expert".
 
         With voxel pooling the image part is [patches of cameras without 3D][voxel tokens of all
         cameras with 3D, padded to the batch's longest]; the pad mask hides the padding.
+        `camera_present`: per camera None (present) or (B,) bool, False where the camera is missing
+        (`empty_cameras`): that camera's patch tokens are then masked out like padding.
         """
+        camera_present = camera_present or [None] * len(images)
         features = self.image_features(images)  # per camera (B, P_tower, C)
         llava3d = self.geometry_encoder == "llava3d_mlp"
         voxel_size = self.config.geometry_voxel_size
-        image_tokens, expert_tokens, voxel_inputs = [], [], []
+        image_tokens, token_masks, expert_tokens, voxel_inputs = [], [], [], []
+
+        def add_camera_tokens(index: int, tokens: Tensor) -> None:
+            present = camera_present[index]
+            image_tokens.append(tokens)
+            token_masks.append(
+                lang_mask.new_ones(tokens.shape[:2], dtype=torch.bool)
+                if present is None
+                else present.bool()[:, None].expand(tokens.shape[:2])
+            )
+
         for index, camera_geometry in enumerate(geometry):
             camera_features = features[index]
             if camera_geometry is None:
-                image_tokens.append(self.image_encoder.project(camera_features))
+                add_camera_tokens(index, self.image_encoder.project(camera_features))
                 continue
             points, valid = self.camera_patch_points(images[index], camera_geometry)
             if llava3d:  # LLaVA-3D: tower features + MLP(xyz), then the projector
@@ -233,9 +247,9 @@ class Llava3DFusionModel(nn.Module):
                 if voxel_size is not None:
                     voxel_inputs.append((features_3d, points, valid))
                 elif self.config.geometry_target == "prefix":
-                    image_tokens.append(self.image_encoder.project(features_3d))
+                    add_camera_tokens(index, self.image_encoder.project(features_3d))
                 else:
-                    image_tokens.append(self.image_encoder.project(camera_features))
+                    add_camera_tokens(index, self.image_encoder.project(camera_features))
                     expert_tokens.append(
                         self.expert_patch_proj(self._pool_patches(self.image_encoder.project(features_3d)))
                     )
@@ -245,21 +259,20 @@ class Llava3DFusionModel(nn.Module):
                 tokens = self.image_encoder.project(camera_features)
                 embedding = self.patch_geometry.encoder(points, valid)
                 if self.config.geometry_target == "prefix":
-                    image_tokens.append(tokens + embedding)
+                    add_camera_tokens(index, tokens + embedding)
                 else:
-                    image_tokens.append(tokens)
+                    add_camera_tokens(index, tokens)
                     expert_tokens.append(self.expert_patch_proj(self._pool_patches(tokens)) + embedding)
-        image_masks = [lang_mask.new_ones(tokens.shape[:2], dtype=torch.bool) for tokens in image_tokens]
         if voxel_inputs:
             voxels = voxel_pool(*(torch.cat(parts, dim=1) for parts in zip(*voxel_inputs)), voxel_size)
             tokens = self.image_encoder.projector(voxels.features)  # (B, V, D); image_pooling is 1
             if not llava3d:
                 tokens = tokens + self.patch_geometry.encoder(voxels.points, voxels.valid)
             image_tokens.append(tokens)
-            image_masks.append(voxels.mask)
+            token_masks.append(voxels.mask)
         text_tokens = self.embed_tokens(lang_tokens)
         prefix = torch.cat([*image_tokens, text_tokens], dim=1)
-        prefix_mask = torch.cat([*image_masks, lang_mask.bool()], dim=1)
+        prefix_mask = torch.cat([*token_masks, lang_mask.bool()], dim=1)
         return prefix, prefix_mask, torch.cat(expert_tokens, dim=1) if expert_tokens else None
 
     def _pool_patches(self, tokens: Tensor) -> Tensor:
@@ -271,13 +284,18 @@ class Llava3DFusionModel(nn.Module):
     # ------------------------------------------------------------------------------- training
 
     def forward(
-        self, images, geometry, lang_tokens, lang_mask, state, actions, noise=None, time=None
+        self,
+        images,
+        geometry,
+        lang_tokens,
+        lang_mask,
+        state,
+        actions,
+        noise=None,
+        time=None,
+        camera_present=None,
     ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
-        with self.compute_precision():
-            return self._loss(images, geometry, lang_tokens, lang_mask, state, actions, noise, time)
-
-    def _loss(self, images, geometry, lang_tokens, lang_mask, state, actions, noise, time) -> Tensor:
         cfg = self.config
         if noise is None:
             noise = torch.randn_like(actions)
@@ -291,43 +309,59 @@ class Llava3DFusionModel(nn.Module):
                 cfg.time_sampling_scale,
                 cfg.time_sampling_offset,
             )
-        prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
+        with self.compute_precision():
+            prefix = self.embed_prefix(images, geometry, lang_tokens, lang_mask, camera_present)
+            return self.action_expert.compute_loss(
+                self._joint_transformer(*prefix), state, actions, noise, time
+            )
+
+    # ------------------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        images,
+        geometry,
+        lang_tokens,
+        lang_mask,
+        state,
+        noise: Tensor,
+        camera_present=None,
+        **rtc_kwargs,
+    ) -> Tensor:
+        """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps.
+
+        `rtc_kwargs` (rtc_processor, rtc_enabled, inference_delay, prev_chunk_left_over,
+        execution_horizon) go to the sampler's real-time-chunking guidance."""
+        with self.compute_precision():
+            prefix, prefix_mask, expert_context = self.embed_prefix(
+                images, geometry, lang_tokens, lang_mask, camera_present
+            )
+            if self.config.use_cache:
+                context_length = 0 if expert_context is None else expert_context.shape[1]
+                cache = self.fusion.forward_prefix(
+                    prefix, prefix_mask, context_length + self.action_expert.suffix_length
+                )
+
+                def transformer(suffix: Tensor) -> Tensor:
+                    return _without_context(
+                        self.denoise_step(_with_context(expert_context, suffix), cache), expert_context
+                    )
+            else:
+                transformer = self._joint_transformer(prefix, prefix_mask, expert_context)
+            return self.action_expert.sample_actions(
+                transformer, state, noise, self.config.num_steps, **rtc_kwargs
+            )
+
+    def _joint_transformer(self, prefix: Tensor, prefix_mask: Tensor, expert_context: Tensor | None):
+        """The suffix transformer that runs prefix and suffix jointly (training, uncached sampling)."""
 
         def transformer(suffix: Tensor) -> Tensor:
             return _without_context(
                 self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
             )
 
-        return self.action_expert.compute_loss(transformer, state, actions, noise, time)
-
-    # ------------------------------------------------------------------------------ inference
-
-    @torch.no_grad()
-    def sample_actions(self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor) -> Tensor:
-        """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps."""
-        with self.compute_precision():
-            return self._sample(images, geometry, lang_tokens, lang_mask, state, noise)
-
-    def _sample(self, images, geometry, lang_tokens, lang_mask, state, noise: Tensor) -> Tensor:
-        prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
-        context_length = 0 if expert_context is None else expert_context.shape[1]
-        if self.config.use_cache:
-            cache = self.fusion.forward_prefix(
-                prefix, prefix_mask, context_length + self.action_expert.suffix_length
-            )
-
-            def transformer(suffix: Tensor) -> Tensor:
-                return _without_context(
-                    self.denoise_step(_with_context(expert_context, suffix), cache), expert_context
-                )
-        else:
-
-            def transformer(suffix: Tensor) -> Tensor:
-                return _without_context(
-                    self.fusion(prefix, prefix_mask, _with_context(expert_context, suffix)), expert_context
-                )
-
-        return self.action_expert.sample_actions(transformer, state, noise, self.config.num_steps)
+        return transformer
 
 
 def _load_llava3d_position_encoder(encoder: nn.Module, backbone, config: Llava3DFusionConfig) -> None:

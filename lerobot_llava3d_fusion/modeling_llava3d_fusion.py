@@ -14,12 +14,14 @@ import torch
 from lerobot.configs import PreTrainedConfig
 from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
 from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
 from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from .configuration_llava3d_fusion import (
+    EMPTY_CAMERA_PREFIX,
     Llava3DFusionConfig,
     camera_name,
     depth_key,
@@ -35,6 +37,7 @@ class ModelInputs(NamedTuple):
     lang_tokens: Tensor  # (B, L)
     lang_mask: Tensor  # (B, L) bool
     state: Tensor  # (B, max_state_dim)
+    camera_present: list[Tensor | None]  # per camera None (present) or (B,) bool, False = empty camera
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -50,8 +53,10 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         config.validate_features()
         self.config = config
         self.model = Llava3DFusionModel(config, backbone_source)
+        self.model.fusion.gradient_checkpointing = config.gradient_checkpointing
         self._apply_freeze_flags()
         self._set_storage_dtypes()
+        self.init_rtc_processor()
         self.reset()
 
     @classmethod
@@ -97,6 +102,62 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     def get_optim_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    # --------------------------------------------------------------- LeRobot VLA features
+
+    def supports_rtc(self) -> bool:
+        return True
+
+    def init_rtc_processor(self) -> None:
+        """(Re)build the RTC processor from `config.rtc_config` (lerobot-rollout sets it, then calls this)."""
+        self.rtc_processor = (
+            RTCProcessor(self.config.rtc_config) if self.config.rtc_config is not None else None
+        )
+
+    def _rtc_enabled(self) -> bool:
+        return self.config.rtc_config is not None and self.config.rtc_config.enabled
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.config.gradient_checkpointing = True
+        self.model.fusion.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.config.gradient_checkpointing = False
+        self.model.fusion.gradient_checkpointing = False
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """FSDP units (Accelerate's transformer-based auto wrap reads this): the decoder layers' MLP
+        blocks of both streams, the modules of a fused layer that run through their own forward (the
+        fused layer calls its attention projections one by one). The rest shards with the root unit."""
+        fusion = self.model.fusion
+        return sorted({type(layer.mlp).__name__ for layer in (*fusion.vlm_layers, *fusion.expert_layers)})
+
+    def _get_default_peft_targets(self) -> dict:
+        """LoRA (or any PEFT method) on the attention and MLP projections of both streams' fused
+        layers; the flow-matching head and the geometry encoder (small, robot-specific) train in full."""
+        target_modules = (
+            r".*\.fusion\.(vlm_layers|separate_expert_layers)\.\d+\."
+            r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+        )
+        full = [
+            name
+            for name in ("action_expert", "patch_geometry", "expert_patch_proj")
+            if getattr(self.model, name, None) is not None
+        ]
+        return {"target_modules": target_modules, "modules_to_save": full}
+
+    def _validate_peft_config(self, peft_config) -> None:
+        if not self.config.pretrained_path:
+            # LeRobot saves an adapter on top of `pretrained_path` and reloads it from there: without a
+            # policy checkpoint underneath, lerobot-eval could not load the result.
+            raise ValueError(
+                "PEFT adapts a trained llava3d_fusion checkpoint: pass --policy.path=<checkpoint>. To "
+                "LoRA-tune a pretrained backbone, first train the new parts with the VLM frozen "
+                "(--policy.type=llava3d_fusion --policy.vlm_model_name=<backbone> "
+                "--policy.train_expert_only=true), then run --policy.path=<that checkpoint> "
+                "--peft.method_type=LORA."
+            )
+
     def reset(self) -> None:
         """Empty the action queue (call at every environment reset)."""
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
@@ -105,17 +166,6 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     def _prepare_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
         cfg = self.config
-        images = []
-        for key in cfg.camera_keys:
-            if key not in batch:
-                present = sorted(k for k in batch if k.startswith("observation."))
-                raise KeyError(f"camera {key!r} missing from the batch; observation keys present: {present}")
-            image = batch[key]
-            if image.ndim != 4 or image.shape[1] != 3:
-                raise ValueError(f"{key}: expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
-            _check_finite(key, image)
-            images.append(image)
-
         for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
             if key not in batch:
                 raise KeyError(
@@ -127,20 +177,38 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 "a sample has an empty task: llava3d_fusion needs a task instruction per sample."
             )
 
-        batch_size = images[0].shape[0]
+        batch_size = lang_tokens.shape[0]
+        images, camera_present = [], []
+        for key in cfg.camera_keys:
+            if key not in batch and key.startswith(EMPTY_CAMERA_PREFIX):
+                # pi0's empty camera: a blank image whose tokens are masked out.
+                size = self.model.image_size
+                images.append(torch.zeros(batch_size, 3, size, size, device=lang_tokens.device))
+                camera_present.append(torch.zeros(batch_size, dtype=torch.bool, device=lang_tokens.device))
+                continue
+            if key not in batch:
+                present = sorted(k for k in batch if k.startswith("observation."))
+                raise KeyError(f"camera {key!r} missing from the batch; observation keys present: {present}")
+            image = batch[key]
+            if image.ndim != 4 or image.shape[1] != 3:
+                raise ValueError(f"{key}: expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
+            _check_finite(key, image)
+            images.append(image)
+            camera_present.append(None)
+
         geometry_cameras = set(cfg.geometry_camera_keys)
         geometry = [
             self._prepare_geometry(batch, key, batch_size) if key in geometry_cameras else None
             for key in cfg.camera_keys
         ]
         state = self._prepare_state(batch, batch_size)
-        return ModelInputs(images, geometry, lang_tokens, lang_mask, state)
+        return ModelInputs(images, geometry, lang_tokens, lang_mask, state, camera_present)
 
     def _prepare_geometry(self, batch: dict[str, Tensor], camera_key: str, batch_size: int) -> CameraGeometry:
         """Depth (unless estimated) and camera matrices of one camera, from the batch or the config."""
         cfg = self.config
         name = camera_name(camera_key)
-        device = batch[camera_key].device
+        device = batch[OBS_LANGUAGE_TOKENS].device
         depth = None
         if cfg.geometry == "depth":
             key = depth_key(camera_key)
@@ -285,7 +353,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         _check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
 
-        losses = self.model(*inputs, padded_actions, noise=noise, time=time)
+        losses = self.model(**inputs._asdict(), actions=padded_actions, noise=noise, time=time)
         losses = losses[:, :, : self.action_dim]  # drop padded action dims
         step_valid = (
             ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
@@ -300,8 +368,21 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     # ------------------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def predict_action_chunk(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """(B, chunk_size, action_dim) actions; `noise` (B, chunk_size, max_action_dim) fixes the sample."""
+    def predict_action_chunk(
+        self,
+        batch: dict[str, Tensor],
+        noise: Tensor | None = None,
+        inference_delay: int | None = None,
+        prev_chunk_left_over: Tensor | None = None,
+        execution_horizon: int | None = None,
+    ) -> Tensor:
+        """(B, chunk_size, action_dim) actions; `noise` (B, chunk_size, max_action_dim) fixes the sample.
+
+        Real-time chunking (with `rtc_config` enabled): `prev_chunk_left_over` ((B,) T_prev, action_dim),
+        the previous chunk's actions not yet executed, in the policy's normalized action space;
+        `inference_delay` (actions that will run while this chunk is computed) and `execution_horizon`
+        (default: rtc_config's) shape the guidance weights, as in LeRobot's pi0.
+        """
         self.eval()
         inputs = self._prepare_inputs(batch)
         shape = (inputs.state.shape[0], self.config.chunk_size, self.config.max_action_dim)
@@ -309,12 +390,45 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             noise = torch.randn(shape, device=inputs.state.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
-        actions = self.model.sample_actions(*inputs, noise.float())
+        rtc_kwargs = self._rtc_kwargs(inference_delay, prev_chunk_left_over, execution_horizon)
+        actions = self.model.sample_actions(**inputs._asdict(), noise=noise.float(), **rtc_kwargs)
         return actions[:, :, : self.action_dim]
+
+    def _rtc_kwargs(
+        self, inference_delay: int | None, prev_chunk_left_over: Tensor | None, execution_horizon: int | None
+    ) -> dict:
+        if self.rtc_processor is None:
+            if prev_chunk_left_over is not None:
+                raise ValueError(
+                    "prev_chunk_left_over was given but real-time chunking is off: set the policy's "
+                    "rtc_config (lerobot-rollout --inference.type=rtc does)."
+                )
+            return {}
+        if prev_chunk_left_over is not None and self._rtc_enabled():
+            if prev_chunk_left_over.ndim not in (2, 3) or prev_chunk_left_over.shape[-1] != self.action_dim:
+                raise ValueError(
+                    f"prev_chunk_left_over: expected shape ([B,] T, {self.action_dim}), "
+                    f"got {tuple(prev_chunk_left_over.shape)}"
+                )
+            if inference_delay is None or inference_delay < 0:
+                raise ValueError(f"inference_delay must be an int >= 0 with RTC, got {inference_delay!r}.")
+            prev_chunk_left_over = prev_chunk_left_over.float().to(self.device_of_model)
+        return {
+            "rtc_processor": self.rtc_processor,
+            "rtc_enabled": self._rtc_enabled(),
+            "inference_delay": inference_delay,
+            "prev_chunk_left_over": prev_chunk_left_over,
+            "execution_horizon": execution_horizon,
+        }
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
         """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out."""
+        if self._rtc_enabled():
+            raise RuntimeError(
+                "select_action does not do real-time chunking: with rtc_config enabled, call "
+                "predict_action_chunk (lerobot-rollout --inference.type=rtc does)."
+            )
         if not self._action_queue:
             chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
             self._action_queue.extend(chunk.transpose(0, 1))  # queue of (B, action_dim)

@@ -1,7 +1,9 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
 Input: rename -> batch dim -> check -> depth to metres (geometry="depth") -> task newline -> tokenize
-(the backbone's tokenizer) -> device -> normalize (state/action only). Output: unnormalize -> cpu. Images stay float [0, 1]; the model
+(the backbone's tokenizer) -> device -> relative actions (when `use_relative_actions`) -> normalize
+(state/action only). Output: unnormalize -> absolute actions (when `use_relative_actions`) -> cpu, in
+pi0's order. Images stay float [0, 1]; the model
 resizes and normalizes them for its vision tower once, on the device.
 """
 
@@ -16,11 +18,13 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.lerobot_types import PolicyAction
 from lerobot.processor import (
+    AbsoluteActionsProcessorStep,
     NewLineTaskProcessorStep,
     NormalizerProcessorStep,
     ObservationProcessorStep,
     PolicyProcessorPipeline,
     ProcessorStepRegistry,
+    RelativeActionsProcessorStep,
     TokenizerProcessorStep,
     make_default_policy_processor_steps,
     make_policy_processor_pipelines,
@@ -173,6 +177,12 @@ def make_llava3d_fusion_pre_post_processors(
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
 ]:
     steps = make_default_policy_processor_steps(config, dataset_stats)
+    # Saved under their registry names, so lerobot-train's relative-action overrides find them.
+    relative_step = RelativeActionsProcessorStep(
+        enabled=config.use_relative_actions,
+        exclude_joints=list(config.relative_exclude_joints),
+        action_names=config.action_feature_names,
+    )
     input_steps = [
         steps.rename_observations,
         steps.add_batch_dim,
@@ -191,6 +201,7 @@ def make_llava3d_fusion_pre_post_processors(
             padding_side="right",
         ),
         steps.to_device,
+        relative_step,
         NormalizerProcessorStep(
             features={**config.input_features, **config.output_features},
             norm_map=config.normalization_mapping,
@@ -198,5 +209,9 @@ def make_llava3d_fusion_pre_post_processors(
             normalize_observation_keys=normalized_observation_keys(config),
         ),
     ]
-    output_steps = [steps.unnormalize, steps.to_cpu]
+    output_steps = [
+        steps.unnormalize,
+        AbsoluteActionsProcessorStep(enabled=config.use_relative_actions, relative_step=relative_step),
+        steps.to_cpu,
+    ]
     return make_policy_processor_pipelines(input_steps=input_steps, output_steps=output_steps)

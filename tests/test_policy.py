@@ -137,7 +137,7 @@ def test_padded_action_dims_of_the_noise_change_neither_actions_nor_loss(policy)
 def test_sampling_keeps_padded_action_dims_at_zero(policy):
     batch = preprocess(policy, raw_batch())
     inputs = policy._prepare_inputs(batch)
-    padded_actions = policy.model.sample_actions(*inputs, fixed_noise(2, policy))
+    padded_actions = policy.model.sample_actions(**inputs._asdict(), noise=fixed_noise(2, policy))
     assert padded_actions[..., :ACTION_DIM].abs().sum() > 0
     assert torch.equal(padded_actions[..., ACTION_DIM:], torch.zeros_like(padded_actions[..., ACTION_DIM:]))
 
