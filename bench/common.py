@@ -284,11 +284,19 @@ def build_ours(
     dtype: str,
     seed: int,
     freeze_vision_encoder: bool = False,
+    extra_inputs: dict | None = None,
     **config_overrides,
 ) -> Llava3DFusionPolicy:
     """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes);
-    `config_overrides` are further Llava3DFusionConfig fields (e.g. gradient_checkpointing=True)."""
+    `extra_inputs` are input features besides pi0's (e.g. depth), `config_overrides` further
+    Llava3DFusionConfig fields (e.g. gradient_checkpointing=True, geometry="depth")."""
     inputs, outputs = _features(geometry)
+    inputs.update(extra_inputs or {})
+    fields = {
+        "geometry": "none",  # a plain 2D VLA like pi0: no 3D points, every patch token kept
+        "image_pooling": 1,
+        **config_overrides,
+    }
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(
             vlm_model_name=write_llava_checkpoint(geometry, Path(directory)).as_posix(),
@@ -302,14 +310,12 @@ def build_ours(
             max_state_dim=geometry.max_state_dim,
             max_action_dim=geometry.max_action_dim,
             tokenizer_max_length=geometry.prompt_length,
-            geometry="none",  # a plain 2D VLA like pi0: no 3D points, every patch token kept
-            image_pooling=1,
             freeze_vision_encoder=freeze_vision_encoder,
             dtype=dtype,
             device=device.type,
             input_features=inputs,
             output_features=outputs,
-            **config_overrides,
+            **fields,
         )
         seed_everything(seed)
         with torch.device(device):  # initialise on the device: minutes less for 4B parameters on a GPU

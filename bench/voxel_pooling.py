@@ -11,14 +11,11 @@ as ratios to the unpooled call.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 from common import (
     PRESETS,
     Geometry,
-    _features,
+    build_ours,
     make_batch,
     make_noise,
     parse_args,
@@ -26,16 +23,13 @@ from common import (
     print_header,
     print_table,
     run_info,
-    seed_everything,
     setup,
     summarize,
     time_interleaved,
     write_json,
-    write_llava_checkpoint,
 )
 from lerobot.configs import FeatureType, PolicyFeature
 
-from lerobot_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
 CAMERA_HEIGHT = 0.8  # metres above the table, looking straight down
@@ -85,36 +79,25 @@ def tabletop_depth(size: int, camera_x: float) -> torch.Tensor:
 
 
 def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
-    inputs, outputs = _features(geometry)
+    """Ours with depth for every camera and LLaVA-3D's position encoder (voxel size set per call)."""
     size = geometry.vision.image_size
-    for key in geometry.camera_keys:
-        name = key.removeprefix("observation.images.")
-        inputs[f"observation.depth.{name}"] = PolicyFeature(FeatureType.STATE, (1, size, size))
-    with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
-        config = Llava3DFusionConfig(
-            vlm_model_name=write_llava_checkpoint(geometry, Path(directory)).as_posix(),
-            load_vlm_weights=False,
-            expert_mode="separate",
-            expert_width_multiplier=geometry.expert.width / geometry.llm.width,
-            expert_mlp_multiplier=geometry.expert.mlp_dim / geometry.llm.mlp_dim,
-            chunk_size=geometry.chunk_size,
-            n_action_steps=geometry.chunk_size,
-            num_steps=geometry.num_steps,
-            max_state_dim=geometry.max_state_dim,
-            max_action_dim=geometry.max_action_dim,
-            tokenizer_max_length=geometry.prompt_length,
-            geometry="depth",
-            geometry_encoder="llava3d_mlp",
-            geometry_gate_init=1.0,
-            dtype=dtype,
-            device=device.type,
-            input_features=inputs,
-            output_features=outputs,
+    depth = {
+        f"observation.depth.{key.removeprefix('observation.images.')}": PolicyFeature(
+            FeatureType.STATE, (1, size, size)
         )
-        seed_everything(seed)
-        with torch.device(device):
-            policy = Llava3DFusionPolicy(config)
-    return policy.to(device)
+        for key in geometry.camera_keys
+    }
+    return build_ours(
+        geometry,
+        device,
+        dtype,
+        seed,
+        freeze_vision_encoder=True,
+        extra_inputs=depth,
+        geometry="depth",
+        geometry_encoder="llava3d_mlp",
+        geometry_gate_init=1.0,
+    )
 
 
 def add_depth(batch: dict, geometry: Geometry, device: torch.device) -> dict:
