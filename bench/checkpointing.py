@@ -41,7 +41,7 @@ from throughput import _receive, _train_group, memory_gib, reset_peak_memory
 
 CHECKPOINTED = "ours_gradient_checkpointing"
 # Module level: the spawned training processes re-import this script and need the builder too.
-BUILDERS[CHECKPOINTED] = functools.partial(build_ours, gradient_checkpointing=True)
+BUILDERS[CHECKPOINTED] = functools.partial(build_ours, config_fields={"gradient_checkpointing": True})
 
 
 def add_arguments(parser) -> None:

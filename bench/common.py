@@ -285,17 +285,17 @@ def build_ours(
     seed: int,
     freeze_vision_encoder: bool = False,
     extra_inputs: dict | None = None,
-    **config_overrides,
+    config_fields: dict | None = None,
 ) -> Llava3DFusionPolicy:
     """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes);
-    `extra_inputs` are input features besides pi0's (e.g. depth), `config_overrides` further
-    Llava3DFusionConfig fields (e.g. gradient_checkpointing=True, geometry="depth")."""
+    `extra_inputs` are input features besides pi0's (e.g. depth), `config_fields` further
+    Llava3DFusionConfig fields (e.g. {"gradient_checkpointing": True}, {"geometry": "depth"})."""
     inputs, outputs = _features(geometry)
     inputs.update(extra_inputs or {})
     fields = {
         "geometry": "none",  # a plain 2D VLA like pi0: no 3D points, every patch token kept
         "image_pooling": 1,
-        **config_overrides,
+        **(config_fields or {}),
     }
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(

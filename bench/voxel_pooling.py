@@ -94,9 +94,7 @@ def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int
         seed,
         freeze_vision_encoder=True,
         extra_inputs=depth,
-        geometry="depth",
-        geometry_encoder="llava3d_mlp",
-        geometry_gate_init=1.0,
+        config_fields={"geometry": "depth", "geometry_encoder": "llava3d_mlp", "geometry_gate_init": 1.0},
     )
 
 
