@@ -1,7 +1,7 @@
 """The random-crop augmentation moves RGB, depth and intrinsics together: 3D stays under its pixel."""
 
 import torch
-from conftest import preprocess, raw_batch
+from helpers import preprocess, raw_batch
 from test_policy_geometry import geometry_policy, noise_for, with_depth
 
 from lerobot_llava3d_fusion.augmentation import crop_and_resize, crop_intrinsics

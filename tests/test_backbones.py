@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config
+from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -8,7 +8,7 @@ key) and the joint RoPE positions, followed by the final norm.
 
 import pytest
 import torch
-from conftest import tiny_policy
+from helpers import tiny_policy
 
 
 def reference_forward(fusion, prefix, prefix_mask, suffix):

@@ -3,7 +3,7 @@ empty cameras, relative actions and FSDP units."""
 
 import pytest
 import torch
-from conftest import ACTION_DIM, CAMERAS, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+from helpers import ACTION_DIM, CAMERAS, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.policies.rtc.action_queue import ActionQueue
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.rollout.inference.rtc import supports_rtc_inference

@@ -175,7 +175,7 @@ def _ddp_rank(rank: int, world_size: int, port: int, results: Path) -> None:
     torch.set_num_threads(1)
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from conftest import preprocess, raw_batch, tiny_policy
+    from helpers import preprocess, raw_batch, tiny_policy
 
     accelerator = Accelerator(
         cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
@@ -228,7 +228,7 @@ def _fsdp_rank(rank: int, world_size: int, port: int, results: Path) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
     from accelerate.utils.dataclasses import get_module_class_from_name
-    from conftest import preprocess, raw_batch, tiny_policy
+    from helpers import preprocess, raw_batch, tiny_policy
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     from torch.distributed.tensor import DTensor
 
@@ -267,7 +267,7 @@ def _fsdp_step_inputs(policy, preprocess, raw_batch):
 
 @pytest.mark.slow
 def test_fsdp_over_the_declared_units_trains_like_one_process(tmp_path):
-    from conftest import preprocess, raw_batch, tiny_policy
+    from helpers import preprocess, raw_batch, tiny_policy
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@
 
 import pytest
 import torch
-from conftest import preprocess, raw_batch, tiny_policy
+from helpers import preprocess, raw_batch, tiny_policy
 
 SMALLEST_DECAYED_LR = 2.5e-6  # the LIBERO presets' `scheduler_decay_lr`
 

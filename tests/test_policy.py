@@ -3,7 +3,7 @@
 import draccus
 import pytest
 import torch
-from conftest import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.optim import OptimizerConfig
 
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy

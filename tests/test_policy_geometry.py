@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CAMERAS, CHUNK, preprocess, raw_batch, tiny_config
+from helpers import CAMERAS, CHUNK, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.utils.feature_utils import dataset_to_policy_features
 

@@ -1,7 +1,7 @@
 """The golden case: a tiny geometry=depth policy with two cameras, and fixed inputs for it."""
 
 import torch
-from conftest import CAMERAS, preprocess, raw_batch, tiny_config
+from helpers import CAMERAS, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy

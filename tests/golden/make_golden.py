@@ -7,7 +7,6 @@ Run only when a change of numbers is intended, and say why in the commit:
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
