@@ -288,8 +288,7 @@ class Llava3DFusionModel(nn.Module):
                 cfg.time_sampling,
                 cfg.time_sampling_beta_alpha,
                 cfg.time_sampling_beta_beta,
-                cfg.time_sampling_scale,
-                cfg.time_sampling_offset,
+                *cfg.time_sampling_range,
             )
         prefix, prefix_mask, expert_context = self.embed_prefix(images, geometry, lang_tokens, lang_mask)
 
