@@ -322,15 +322,18 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
 
 # Camera matrices are metric and must reach the policy as recorded; one that was normalised (or is
-# simply not a camera matrix) fails these checks instead of silently bending the 3D positions.
+# simply not a camera matrix) fails these checks instead of silently bending the 3D positions. A focal
+# length may be negative: a mirrored image (LIBERO's, see envs/libero_rgbd.py) has fx < 0 and
+# back-projects exactly with it.
 def _check_pinhole(key: str, intrinsics: Tensor) -> None:
     last_row = intrinsics.new_tensor([0.0, 0.0, 1.0])
     focal = intrinsics[..., [0, 1], [0, 1]]
     if not (
-        torch.allclose(intrinsics[..., 2, :], last_row.expand_as(intrinsics[..., 2, :])) and (focal > 0).all()
+        torch.allclose(intrinsics[..., 2, :], last_row.expand_as(intrinsics[..., 2, :]))
+        and (focal != 0).all()
     ):
         raise ValueError(
-            f"{key} is not a pinhole matrix [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0 (got "
+            f"{key} is not a pinhole matrix [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy != 0 (got "
             f"{intrinsics.reshape(-1, 3, 3)[0].tolist()}). Camera matrices must reach the policy as recorded: "
             "were they normalised?"
         )

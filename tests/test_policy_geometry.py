@@ -221,6 +221,10 @@ def test_normalised_camera_matrices_are_refused():
     normalised["observation.intrinsics.top"] = torch.zeros(2, 3, 3)  # MEAN_STD of a constant matrix
     with pytest.raises(ValueError, match="observation.intrinsics.top is not a pinhole matrix.*normalised"):
         policy.predict_action_chunk(normalised)
+    mirrored = dict(batch)  # a horizontally mirrored image (LIBERO's): fx < 0 is a real camera
+    flipped = torch.tensor(INTRINSICS) * torch.tensor([[-1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    mirrored["observation.intrinsics.top"] = flipped.expand(2, 3, 3)
+    assert torch.isfinite(policy.predict_action_chunk(mirrored)).all()
     normalised = dict(batch)
     normalised["observation.extrinsics.top"] = torch.eye(4).expand(2, 4, 4) * 0.5
     with pytest.raises(ValueError, match="observation.extrinsics.top is not a rigid"):
