@@ -31,6 +31,9 @@ DEPTH_PREFIX = "observation.depth."
 INTRINSICS_PREFIX = "observation.intrinsics."
 EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
+# (scale, offset) of the training times when the config leaves them None: pi0's for Beta, the original
+# system's whole [0, 1] for uniform.
+DEFAULT_TIME_RANGES = {"beta": (0.999, 0.001), "uniform": (1.0, 0.0)}
 TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
 DTYPES = ("float32", "bfloat16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -121,11 +124,14 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # replays it as a CUDA graph on GPUs. The first call of each shape pays the compilation.
     compile_model: bool = False
     compile_mode: str = "default"
+    # Training times: "beta" (pi0's Beta(alpha, beta) * scale + offset) or "uniform" (U(offset, offset +
+    # scale)). scale / offset None: 0.999 / 0.001 for "beta" (pi0 keeps t away from 0), 1 / 0 for
+    # "uniform" (the whole [0, 1], as the original system samples it).
     time_sampling: str = "beta"
     time_sampling_beta_alpha: float = 1.5
     time_sampling_beta_beta: float = 1.0
-    time_sampling_scale: float = 0.999
-    time_sampling_offset: float = 0.001
+    time_sampling_scale: float | None = None
+    time_sampling_offset: float | None = None
     min_period: float = 4e-3
     max_period: float = 4.0
 
@@ -225,14 +231,11 @@ class Llava3DFusionConfig(PreTrainedConfig):
                 "time_sampling_beta_alpha and time_sampling_beta_beta must be > 0 (got "
                 f"{self.time_sampling_beta_alpha}, {self.time_sampling_beta_beta})."
             )
-        if not (
-            0.0 <= self.time_sampling_offset
-            and 0.0 < self.time_sampling_scale
-            and self.time_sampling_offset + self.time_sampling_scale <= 1.0 + 1e-9
-        ):
+        scale, offset = self.time_sampling_range
+        if not (0.0 <= offset and 0.0 < scale and offset + scale <= 1.0 + 1e-9):
             raise ValueError(
                 "training times must lie in [0, 1]: need time_sampling_offset >= 0, time_sampling_scale > 0 "
-                f"and their sum <= 1 (got {self.time_sampling_offset} and {self.time_sampling_scale})."
+                f"and their sum <= 1 (got {offset} and {scale})."
             )
         if self.empty_cameras < 0:
             raise ValueError(f"empty_cameras must be >= 0 (got {self.empty_cameras}).")
@@ -319,6 +322,15 @@ class Llava3DFusionConfig(PreTrainedConfig):
                 "geometry='depth' needs a depth feature for at least one camera (observation.depth.<cam> "
                 f"next to observation.images.<cam>); input_features are {sorted(self.input_features)}."
             )
+
+    @property
+    def time_sampling_range(self) -> tuple[float, float]:
+        """(scale, offset) of the training times: the fields, or `time_sampling`'s defaults where None."""
+        scale, offset = DEFAULT_TIME_RANGES[self.time_sampling]
+        return (
+            scale if self.time_sampling_scale is None else self.time_sampling_scale,
+            offset if self.time_sampling_offset is None else self.time_sampling_offset,
+        )
 
     @property
     def camera_keys(self) -> list[str]:

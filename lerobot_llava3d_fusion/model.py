@@ -306,8 +306,7 @@ class Llava3DFusionModel(nn.Module):
                 cfg.time_sampling,
                 cfg.time_sampling_beta_alpha,
                 cfg.time_sampling_beta_beta,
-                cfg.time_sampling_scale,
-                cfg.time_sampling_offset,
+                *cfg.time_sampling_range,
             )
         with self.compute_precision():
             prefix = self.embed_prefix(images, geometry, lang_tokens, lang_mask, camera_present)

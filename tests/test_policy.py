@@ -436,3 +436,45 @@ def test_compiled_denoising_step_samples_the_same_actions():
     eager = tiny_policy().predict_action_chunk(batch, noise=noise)
     compiled = tiny_policy(compile_model=True).predict_action_chunk(batch, noise=noise)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- training times
+
+
+@pytest.mark.parametrize("method", ["uniform", "beta"])
+def test_training_times_cover_the_interval_of_their_method(method):
+    """uniform: the whole [0, 1] as the original system draws it; beta: pi0's [0.001, 1]."""
+    from lerobot_llava3d_fusion.flow_matching import sample_time
+
+    config = tiny_config(time_sampling=method)
+    torch.manual_seed(0)
+    times = sample_time(200_000, torch.device("cpu"), method, 1.5, 1.0, *config.time_sampling_range)
+    assert 0.0 <= times.min() and times.max() <= 1.0
+    near_zero = (times < 0.001).float().mean().item()  # the thousandth that [0.001, 1] leaves out
+    if method == "uniform":
+        assert 0.0005 < near_zero < 0.002, near_zero  # about 0.1 % of U(0, 1)
+        assert times.mean().item() == pytest.approx(0.5, abs=0.005)
+        assert times.max() > 0.999
+    else:
+        assert near_zero == 0.0 and times.min() >= 0.001
+
+
+def test_explicit_time_range_reaches_the_loss(monkeypatch):
+    """time_sampling_scale / offset, when set, bound the times the training loss is computed at."""
+    policy = tiny_policy(time_sampling="uniform", time_sampling_offset=0.25, time_sampling_scale=0.5)
+    assert policy.config.time_sampling_range == (0.5, 0.25)
+    expert = policy.model.action_expert
+    seen = []
+    compute_loss = expert.compute_loss
+
+    def recording_compute_loss(transformer, state, actions, noise, time):
+        seen.append(time.detach().clone())
+        return compute_loss(transformer, state, actions, noise, time)
+
+    monkeypatch.setattr(expert, "compute_loss", recording_compute_loss)
+    batch = preprocess(policy, raw_batch(batch_size=2))
+    for _ in range(20):
+        policy.forward(batch)
+    times = torch.cat(seen)
+    assert len(times) == 40 and times.min() >= 0.25 and times.max() <= 0.75
+    assert times.max() - times.min() > 0.25  # drawn over the interval, not a constant
