@@ -674,7 +674,7 @@ CAMERA_NAMES = ("top", "wrist")
 
 
 def depth_config_fields() -> dict:
-    """geometry="depth" for both cameras of conftest's batches, intrinsics from the config."""
+    """geometry="depth" for both cameras of the helpers' batches, intrinsics from the config."""
     features = dict(tiny_config().input_features)
     for name in CAMERA_NAMES:
         features[f"observation.depth.{name}"] = PolicyFeature(FeatureType.STATE, (1, DEPTH_SIZE, DEPTH_SIZE))
