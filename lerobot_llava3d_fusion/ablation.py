@@ -44,10 +44,9 @@ from .demo import (
     EVAL_START_SEED,
     PRESET,
     REFERENCE_POLICIES,
+    prepare_demo_data,
     reference_success,
-    write_demo_backbone,
 )
-from .envs.make_touch_block_dataset import make_touch_block_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -308,19 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     started = time.monotonic()
 
-    data_name = f"{NUM_BLOCKS}_blocks_{args.episodes}_episodes"
-    dataset_root = args.workdir / f"dataset_{data_name}"
+    data_name, dataset_root, backbone = prepare_demo_data(args.workdir, NUM_BLOCKS, args.episodes)
     run_dir = args.workdir / f"{data_name}_{args.train_seconds:g}_s"
     run_dir.mkdir(exist_ok=True)
-    if not dataset_root.exists():
-        make_touch_block_dataset(
-            root=dataset_root,
-            repo_id="local/touch_block",
-            num_episodes=args.episodes,
-            seed=0,
-            num_blocks=NUM_BLOCKS,
-        )
-    backbone = write_demo_backbone(args.workdir / "backbone")
     references = {
         policy: reference_success(policy, args.eval_episodes, NUM_BLOCKS) for policy in REFERENCE_POLICIES
     }

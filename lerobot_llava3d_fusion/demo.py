@@ -173,6 +173,22 @@ def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
     return 100.0 * successes / episodes
 
 
+def prepare_demo_data(workdir: Path, num_blocks: int, episodes: int) -> tuple[str, Path, Path]:
+    """(name of the data settings, dataset root, backbone directory) under `workdir`, written once
+    per setting and reused by later runs with the same settings."""
+    data_name = f"{num_blocks}_blocks_{episodes}_episodes"
+    dataset_root = workdir / f"dataset_{data_name}"
+    if not dataset_root.exists():
+        make_touch_block_dataset(
+            root=dataset_root,
+            repo_id="local/touch_block",
+            num_episodes=episodes,
+            seed=0,
+            num_blocks=num_blocks,
+        )
+    return data_name, dataset_root, write_demo_backbone(workdir / "backbone")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,20 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     # Results of earlier runs are reused only when made with the same settings.
-    data_name = f"{args.num_blocks}_blocks_{args.episodes}_episodes"
-    dataset_root = args.workdir / f"dataset_{data_name}"
+    data_name, dataset_root, backbone = prepare_demo_data(args.workdir, args.num_blocks, args.episodes)
     run_dir = args.workdir / f"{data_name}_{args.steps}_steps"
     run_dir.mkdir(exist_ok=True)
-    if not dataset_root.exists():
-        make_touch_block_dataset(
-            root=dataset_root,
-            repo_id="local/touch_block",
-            num_episodes=args.episodes,
-            seed=0,
-            num_blocks=args.num_blocks,
-        )
-
-    backbone = write_demo_backbone(args.workdir / "backbone")
     results = {
         policy: reference_success(policy, args.eval_episodes, args.num_blocks)
         for policy in REFERENCE_POLICIES
