@@ -146,6 +146,13 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         ]
         return {"target_modules": target_modules, "modules_to_save": full}
 
+    def wrap_with_peft(self, peft_config=None, peft_cli_overrides: dict | None = None) -> PreTrainedPolicy:
+        """LeRobot's PEFT wrapping; afterwards the now-frozen base weights are stored in `config.dtype`
+        and the adapters (and fully trained heads) keep float32 master weights, as everywhere else."""
+        wrapped = super().wrap_with_peft(peft_config=peft_config, peft_cli_overrides=peft_cli_overrides)
+        self._set_storage_dtypes()
+        return wrapped
+
     def _validate_peft_config(self, peft_config) -> None:
         if not self.config.pretrained_path:
             # LeRobot saves an adapter on top of `pretrained_path` and reloads it from there: without a

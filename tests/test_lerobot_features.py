@@ -243,6 +243,25 @@ def test_lora_defaults_adapt_the_fused_layers_and_train_the_head(expert_mode, tm
     ), without_grad
 
 
+def test_lora_in_bf16_stores_the_frozen_base_in_bf16_and_trains_float32_adapters(tmp_path):
+    pytest.importorskip("peft")
+    policy = tiny_policy(dtype="bfloat16")
+    policy.config.pretrained_path = tmp_path
+    wrapped = policy.wrap_with_peft(peft_cli_overrides={"method_type": "LORA", "r": 4})
+    dtypes = {n: (p.requires_grad, p.dtype) for n, p in wrapped.named_parameters()}
+    assert {dtype for trained, dtype in dtypes.values() if trained} == {torch.float32}
+    assert {dtype for trained, dtype in dtypes.values() if not trained} == {torch.bfloat16}
+    batch = preprocess(policy, raw_batch(2))
+    wrapped.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = wrapped.forward(batch)
+    loss.backward()
+    # (the last VLM layer's o_proj and MLP feed no loss: their adapters get no gradient)
+    grads = [p.grad for n, p in wrapped.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert torch.isfinite(loss) and len(grads) > 10
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
 def test_lora_needs_a_policy_checkpoint_and_says_how_to_get_one():
     pytest.importorskip("peft")
     with pytest.raises(ValueError, match="train_expert_only"):
