@@ -1,10 +1,8 @@
 """The llava3d_fusion network: prefix embedding, deep-fusion transformer and flow-matching head.
 
-Inputs are already tensors (the policy turns LeRobot batches into them):
-    images        list over cameras of (B, 3, H, W) float in [0, 1]
-    geometry      list over cameras of CameraGeometry (None for a camera without 3D input)
-    lang_tokens   (B, L) token ids, lang_mask (B, L) bool (right padding)
-    state         (B, max_state_dim), actions / noise (B, chunk_size, max_action_dim)
+Inputs are already tensors, gathered in a `ModelInputs` (the policy turns LeRobot batches into it):
+images per camera, their 3D inputs (`CameraGeometry`), the tokenized task, the padded state and which
+cameras are present; actions and noise are (B, chunk_size, max_action_dim).
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 import logging
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -41,6 +40,17 @@ class CameraGeometry:
     intrinsics: Tensor  # (B, 3, 3) for the depth image's pixel grid
     depth: Tensor | None = None  # (B, 1, H, W) metres; None = estimate it from the image
     extrinsics: Tensor | None = None  # (B, 4, 4) camera-to-world
+
+
+class ModelInputs(NamedTuple):
+    """Everything the network reads of one batch (the policy builds it from a LeRobot batch)."""
+
+    images: list[Tensor]  # per camera (B, 3, H, W) in [0, 1]
+    geometry: list[CameraGeometry | None]  # per camera; None: no 3D input for that camera
+    lang_tokens: Tensor  # (B, L)
+    lang_mask: Tensor  # (B, L) bool, right padding
+    state: Tensor  # (B, max_state_dim)
+    camera_present: list[Tensor | None]  # per camera None (present) or (B,) bool, False = empty camera
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -284,16 +294,7 @@ class Llava3DFusionModel(nn.Module):
     # ------------------------------------------------------------------------------- training
 
     def forward(
-        self,
-        images,
-        geometry,
-        lang_tokens,
-        lang_mask,
-        state,
-        actions,
-        noise=None,
-        time=None,
-        camera_present=None,
+        self, inputs: ModelInputs, actions: Tensor, noise: Tensor | None = None, time: Tensor | None = None
     ) -> Tensor:
         """Element-wise flow-matching loss (B, H, A_max)."""
         cfg = self.config
@@ -309,32 +310,24 @@ class Llava3DFusionModel(nn.Module):
                 *cfg.time_sampling_range,
             )
         with self.compute_precision():
-            prefix = self.embed_prefix(images, geometry, lang_tokens, lang_mask, camera_present)
+            prefix = self.embed_prefix(
+                inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask, inputs.camera_present
+            )
             return self.action_expert.compute_loss(
-                self._joint_transformer(*prefix), state, actions, noise, time
+                self._joint_transformer(*prefix), inputs.state, actions, noise, time
             )
 
     # ------------------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def sample_actions(
-        self,
-        images,
-        geometry,
-        lang_tokens,
-        lang_mask,
-        state,
-        noise: Tensor,
-        camera_present=None,
-        **rtc_kwargs,
-    ) -> Tensor:
+    def sample_actions(self, inputs: ModelInputs, noise: Tensor, **rtc_kwargs) -> Tensor:
         """Actions (B, H, A_max) from noise (B, H, A_max) in `num_steps` Euler steps.
 
         `rtc_kwargs` (rtc_processor, rtc_enabled, inference_delay, prev_chunk_left_over,
         execution_horizon) go to the sampler's real-time-chunking guidance."""
         with self.compute_precision():
             prefix, prefix_mask, expert_context = self.embed_prefix(
-                images, geometry, lang_tokens, lang_mask, camera_present
+                inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask, inputs.camera_present
             )
             if self.config.use_cache:
                 context_length = 0 if expert_context is None else expert_context.shape[1]
@@ -349,7 +342,7 @@ class Llava3DFusionModel(nn.Module):
             else:
                 transformer = self._joint_transformer(prefix, prefix_mask, expert_context)
             return self.action_expert.sample_actions(
-                transformer, state, noise, self.config.num_steps, **rtc_kwargs
+                transformer, inputs.state, noise, self.config.num_steps, **rtc_kwargs
             )
 
     def _joint_transformer(self, prefix: Tensor, prefix_mask: Tensor, expert_context: Tensor | None):

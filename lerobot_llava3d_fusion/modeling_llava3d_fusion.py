@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections import deque
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from lerobot.configs import PreTrainedConfig
@@ -28,16 +27,7 @@ from .configuration_llava3d_fusion import (
     extrinsics_key,
     intrinsics_key,
 )
-from .model import DTYPES, CameraGeometry, Llava3DFusionModel
-
-
-class ModelInputs(NamedTuple):
-    images: list[Tensor]  # per camera (B, 3, H, W) in [0, 1]
-    geometry: list[CameraGeometry | None]  # per camera
-    lang_tokens: Tensor  # (B, L)
-    lang_mask: Tensor  # (B, L) bool
-    state: Tensor  # (B, max_state_dim)
-    camera_present: list[Tensor | None]  # per camera None (present) or (B,) bool, False = empty camera
+from .model import DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -360,7 +350,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         _check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
 
-        losses = self.model(**inputs._asdict(), actions=padded_actions, noise=noise, time=time)
+        losses = self.model(inputs, padded_actions, noise=noise, time=time)
         losses = losses[:, :, : self.action_dim]  # drop padded action dims
         step_valid = (
             ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
@@ -398,7 +388,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         rtc_kwargs = self._rtc_kwargs(inference_delay, prev_chunk_left_over, execution_horizon)
-        actions = self.model.sample_actions(**inputs._asdict(), noise=noise.float(), **rtc_kwargs)
+        actions = self.model.sample_actions(inputs, noise.float(), **rtc_kwargs)
         return actions[:, :, : self.action_dim]
 
     def _rtc_kwargs(

@@ -6,6 +6,7 @@ import torch
 from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.optim import OptimizerConfig
 
+from lerobot_llava3d_fusion.model import ModelInputs
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig
 
@@ -137,7 +138,7 @@ def test_padded_action_dims_of_the_noise_change_neither_actions_nor_loss(policy)
 def test_sampling_keeps_padded_action_dims_at_zero(policy):
     batch = preprocess(policy, raw_batch())
     inputs = policy._prepare_inputs(batch)
-    padded_actions = policy.model.sample_actions(**inputs._asdict(), noise=fixed_noise(2, policy))
+    padded_actions = policy.model.sample_actions(inputs, fixed_noise(2, policy))
     assert padded_actions[..., :ACTION_DIM].abs().sum() > 0
     assert torch.equal(padded_actions[..., ACTION_DIM:], torch.zeros_like(padded_actions[..., ACTION_DIM:]))
 
@@ -192,16 +193,15 @@ def test_loss_averages_only_real_action_steps_and_dims(policy):
     images = [batch[key] for key in policy.config.camera_keys]
     state = torch.nn.functional.pad(batch["observation.state"], (0, policy.config.max_state_dim - 5))
     actions = torch.nn.functional.pad(batch["action"], (0, policy.config.max_action_dim - ACTION_DIM))
-    elements = policy.model(
+    inputs = ModelInputs(
         images,
         [None, None],
         batch["observation.language.tokens"],
         batch["observation.language.attention_mask"],
         state,
-        actions,
-        noise=noise,
-        time=time,
+        camera_present=[None, None],
     )
+    elements = policy.model(inputs, actions, noise=noise, time=time)
     expected = elements[:, :, :ACTION_DIM][~is_pad].mean()  # padded steps and padded dims excluded
     torch.testing.assert_close(loss, expected)
     assert info["loss"] == pytest.approx(expected.item())
