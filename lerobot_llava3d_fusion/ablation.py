@@ -360,8 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         results_path.write_text(json.dumps(summary, indent=2))
 
     table = format_table(rows, references, args.eval_episodes)
-    print(table)
-    print(f"total time: {summary['minutes']} min; results in {results_path}")
+    logger.info("\n%s", table)
+    logger.info("total time: %s min; results in %s", summary["minutes"], results_path)
 
 
 if __name__ == "__main__":

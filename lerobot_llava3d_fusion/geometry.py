@@ -31,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "PATCH_POINT_METHODS",
     "backproject_depth",
+    "check_patch_points",
     "pool_points_to_patches",
     "nearest_points_to_patches",
     "points_to_patches",
@@ -270,6 +271,17 @@ def sinusoidal_3d_encoding(
     return encoding.flatten(-2)
 
 
+def check_patch_points(patch_points: Tensor, patch_valid: Tensor) -> None:
+    """Per-patch points must be ``(B, N, 3)`` with a ``(B, N)`` validity mask."""
+    if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
+        raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
+    if patch_valid.shape != patch_points.shape[:-1]:
+        raise ValueError(
+            f"patch_valid must have shape {tuple(patch_points.shape[:-1])} (B, N), "
+            f"got {tuple(patch_valid.shape)}"
+        )
+
+
 class GeometryEncoder(nn.Module):
     """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
 
@@ -312,13 +324,7 @@ class GeometryEncoder(nn.Module):
 
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
         """``(B, N, 3)`` points, ``(B, N)`` validity -> ``(B, N, hidden_size)`` in the parameters' dtype."""
-        if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
-            raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
-        if patch_valid.shape != patch_points.shape[:-1]:
-            raise ValueError(
-                f"patch_valid must have shape {tuple(patch_points.shape[:-1])} (B, N), "
-                f"got {tuple(patch_valid.shape)}"
-            )
+        check_patch_points(patch_points, patch_valid)
         dtype = self.mlp[0].weight.dtype
         encoding = sinusoidal_3d_encoding(
             patch_points, self.num_frequencies, self.max_wavelength, self.min_wavelength

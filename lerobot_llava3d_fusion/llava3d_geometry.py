@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .geometry import PATCH_POINT_METHODS, _check_grid_size, backproject_depth, points_to_patches
+from .geometry import (
+    PATCH_POINT_METHODS,
+    _check_grid_size,
+    backproject_depth,
+    check_patch_points,
+    points_to_patches,
+)
 
 __all__ = ["Llava3DPatchGeometry", "Llava3DPositionEncoder", "VoxelTokens", "voxel_pool"]
 
@@ -48,13 +54,7 @@ class Llava3DPositionEncoder(nn.Module):
 
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
         """``(B, N, 3)`` metres, ``(B, N)`` validity -> ``(B, N, C)`` in the parameters' dtype, 0 where invalid."""
-        if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
-            raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
-        if patch_valid.shape != patch_points.shape[:-1]:
-            raise ValueError(
-                f"patch_valid must have shape {tuple(patch_points.shape[:-1])} (B, N), "
-                f"got {tuple(patch_valid.shape)}"
-            )
+        check_patch_points(patch_points, patch_valid)
         dtype = self.position_embedding_head[0].weight.dtype
         embedding = self.position_embedding_head(patch_points.to(dtype))
         if self.gate is not None:
