@@ -3,7 +3,11 @@
 1. write a LeRobotDataset of scripted-expert touch_block episodes (RGB, depth, camera matrices);
 2. train llava3d_fusion on it with `lerobot-train` (preset `configs/touch_block_demo.json`);
 3. evaluate the checkpoint in closed loop with `lerobot-eval --env.type=touch_block`;
-4. print its success rate next to scripted references on the same seeds: the expert, the expert
+4. with several blocks per scene, evaluate it twice more with the instruction swapped for another
+   block's (`--env.instruction_perturbation=other_task`), success judged at the original block
+   (`--env.success_target=original`) and at the newly named one (`--env.success_target=instruction`):
+   a policy that follows its instruction scores high on the second and low on the first;
+5. print its success rates next to scripted references on the same seeds: the expert, the expert
    without depth (it assumes mid-range heights), the expert without language (it picks a block at
    random) and uniform random actions.
 
@@ -113,23 +117,67 @@ def train(workdir: Path, dataset_root: Path, backbone: Path, geometry: str, step
     return checkpoint
 
 
-def evaluate(workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int) -> float:
-    output_dir = workdir / f"eval_{geometry}"
+# The instruction-swapped evaluations of a policy trained on scenes with several blocks: result
+# label -> `--env.success_target` (the block the original instruction named / the one now named).
+INSTRUCTION_SWAP_EVALS = {
+    "instruction swapped, original target": "original",
+    "instruction swapped, new target": "instruction",
+}
+
+
+def eval_args(
+    checkpoint: Path, output_dir: Path, episodes: int, num_blocks: int, env_options: dict[str, str]
+) -> list[str]:
+    """`lerobot-eval` arguments of one evaluation; `env_options` become `--env.<name>=<value>`."""
+    return [
+        f"--policy.path={checkpoint}",
+        "--env.type=touch_block",
+        f"--env.num_blocks={num_blocks}",
+        *(f"--env.{name}={value}" for name, value in env_options.items()),
+        f"--eval.n_episodes={episodes}",
+        "--eval.batch_size=10",
+        f"--seed={EVAL_START_SEED}",
+        f"--output_dir={output_dir}",
+    ]
+
+
+def evaluate(
+    workdir: Path,
+    checkpoint: Path,
+    name: str,
+    episodes: int,
+    num_blocks: int,
+    env_options: dict[str, str] | None = None,
+) -> float:
+    """Success rate (%) of `lerobot-eval` run into `<workdir>/eval_<name>`."""
+    output_dir = workdir / f"eval_{name}"
     run_lerobot(
         "lerobot_eval",
-        [
-            f"--policy.path={checkpoint}",
-            "--env.type=touch_block",
-            f"--env.num_blocks={num_blocks}",
-            f"--eval.n_episodes={episodes}",
-            "--eval.batch_size=10",
-            f"--seed={EVAL_START_SEED}",
-            f"--output_dir={output_dir}",
-        ],
-        workdir / f"eval_{geometry}.log",
+        eval_args(checkpoint, output_dir, episodes, num_blocks, env_options or {}),
+        workdir / f"eval_{name}.log",
     )
     info = json.loads((output_dir / "eval_info.json").read_text())
     return info["overall"]["pc_success"]
+
+
+def evaluate_policy(
+    workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int
+) -> dict[str, float]:
+    """Success rates (%) of a trained policy by result name: the normal evaluation and, with several
+    blocks per scene, the `INSTRUCTION_SWAP_EVALS`."""
+    policy = f"llava3d_fusion (geometry={geometry})"
+    rates = {policy: evaluate(workdir, checkpoint, geometry, episodes, num_blocks)}
+    if num_blocks >= 2:
+        for label, success_target in INSTRUCTION_SWAP_EVALS.items():
+            rates[f"{policy}, {label}"] = evaluate(
+                workdir,
+                checkpoint,
+                f"{geometry}_instruction_swapped_{success_target}_target",
+                episodes,
+                num_blocks,
+                {"instruction_perturbation": "other_task", "success_target": success_target},
+            )
+    return rates
 
 
 REFERENCE_POLICIES = ("expert", "expert without depth", "expert without language", "random")
@@ -221,9 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps)
-        results[f"llava3d_fusion (geometry={geometry})"] = evaluate(
-            run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks
-        )
+        results.update(evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks))
 
     summary = {
         "success_rate_pc": results,
@@ -234,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    table = "\n".join(f"  {name:<36} {rate:5.1f} %" for name, rate in results.items())
+    width = max(len(name) for name in results)
+    table = "\n".join(f"  {name:<{width}} {rate:5.1f} %" for name, rate in results.items())
     logger.info(
         "touch_block (%d block(s) per scene) success over %d episodes (seeds %d+):\n%s\n"
         "total time: %s min; results in %s",

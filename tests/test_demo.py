@@ -1,9 +1,18 @@
-"""The demo's own pieces: its backbone checkpoint and the reference success rates."""
+"""The demo's own pieces: its backbone checkpoint, the reference success rates and the evaluations
+it asks of lerobot-eval (with lerobot-eval stubbed: no training, no policy)."""
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import draccus
 import pytest
 import torch
+from lerobot.envs.configs import EnvConfig
 
-from lerobot_llava3d_fusion.demo import reference_success, write_demo_backbone
+from lerobot_llava3d_fusion import demo
+from lerobot_llava3d_fusion.demo import evaluate_policy, reference_success, write_demo_backbone
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
 from lerobot_llava3d_fusion.vlm import load_backbone
 
@@ -37,3 +46,103 @@ def test_the_task_needs_depth_and_language():
     assert reference_success("expert without language", 40) <= 50.0
     with pytest.raises(ValueError, match="policy must be one of"):
         reference_success("oracle", 1)
+
+
+# Success rates the stubbed lerobot-eval reports, by `--env.success_target` (absent: the normal run).
+STUB_RATES = {None: 40.0, "original": 10.0, "instruction": 70.0}
+
+
+@pytest.fixture
+def eval_calls(monkeypatch) -> list[list[str]]:
+    """Replaces the demo's lerobot-eval runs by a stub; returns the argument lists it was given."""
+    calls = []
+
+    def run_lerobot(script, args, log_path):
+        assert script == "lerobot_eval"
+        calls.append(args)
+        options = dict(arg.removeprefix("--").split("=", 1) for arg in args)
+        output_dir = Path(options["output_dir"])
+        output_dir.mkdir(parents=True)
+        rate = STUB_RATES[options.get("env.success_target")]
+        (output_dir / "eval_info.json").write_text(json.dumps({"overall": {"pc_success": rate}}))
+
+    monkeypatch.setattr(demo, "run_lerobot", run_lerobot)
+    return calls
+
+
+@dataclass
+class EvalCommandLine:
+    env: EnvConfig
+
+
+def env_config(args: list[str]) -> TouchBlockEnvConfig:
+    """The env config lerobot-eval builds from the `--env.*` arguments."""
+    return draccus.parse(EvalCommandLine, args=[arg for arg in args if arg.startswith("--env.")]).env
+
+
+def test_one_block_policies_get_the_normal_evaluation_only(tmp_path, eval_calls):
+    rates = evaluate_policy(tmp_path, Path("ckpt"), "depth", episodes=7, num_blocks=1)
+    assert rates == {"llava3d_fusion (geometry=depth)": 40.0}
+    assert eval_calls == [
+        [
+            "--policy.path=ckpt",
+            "--env.type=touch_block",
+            "--env.num_blocks=1",
+            "--eval.n_episodes=7",
+            "--eval.batch_size=10",
+            f"--seed={demo.EVAL_START_SEED}",
+            f"--output_dir={tmp_path / 'eval_depth'}",
+        ]
+    ]
+
+
+def test_several_block_policies_are_also_evaluated_with_the_instruction_swapped(tmp_path, eval_calls):
+    rates = evaluate_policy(tmp_path, Path("ckpt"), "none", episodes=7, num_blocks=3)
+    assert rates == {
+        "llava3d_fusion (geometry=none)": 40.0,
+        "llava3d_fusion (geometry=none), instruction swapped, original target": 10.0,
+        "llava3d_fusion (geometry=none), instruction swapped, new target": 70.0,
+    }
+    configs = [env_config(args) for args in eval_calls]
+    assert [(c.num_blocks, c.instruction_perturbation, c.success_target) for c in configs] == [
+        (3, "none", "original"),
+        (3, "other_task", "original"),
+        (3, "other_task", "instruction"),
+    ]
+    # Same policy, episodes and seeds; each run writes to its own folder.
+    for args in eval_calls:
+        assert {"--policy.path=ckpt", "--eval.n_episodes=7", f"--seed={demo.EVAL_START_SEED}"} <= set(args)
+    assert len({args[-1] for args in eval_calls}) == 3
+
+
+def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_calls, monkeypatch, capsys):
+    monkeypatch.setattr(
+        demo,
+        "prepare_demo_data",
+        lambda workdir, blocks, episodes: ("data", tmp_path / "ds", tmp_path / "bb"),
+    )
+    monkeypatch.setattr(demo, "train", lambda run_dir, dataset, backbone, geometry, steps: Path(geometry))
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    demo.main(
+        ["--workdir", str(tmp_path), "--num-blocks", "2", "--steps", "3", "--geometry", "depth", "none"]
+    )
+
+    results = json.loads((tmp_path / "data_3_steps" / "results.json").read_text())
+    assert results["num_blocks"] == 2
+    swapped = ", instruction swapped, "
+    assert list(results["success_rate_pc"].items()) == [
+        *((policy, 50.0) for policy in demo.REFERENCE_POLICIES),
+        *(
+            item
+            for geometry in ("depth", "none")
+            for item in (
+                (f"llava3d_fusion (geometry={geometry})", 40.0),
+                (f"llava3d_fusion (geometry={geometry}){swapped}original target", 10.0),
+                (f"llava3d_fusion (geometry={geometry}){swapped}new target", 70.0),
+            )
+        ),
+    ]
+    table = [line.split() for line in capsys.readouterr().err.splitlines() if line.endswith(" %")]
+    assert [(" ".join(words[:-2]), float(words[-2])) for words in table] == list(
+        results["success_rate_pc"].items()
+    )

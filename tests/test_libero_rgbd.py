@@ -133,6 +133,40 @@ def test_processor_rotates_depth_and_intrinsics_consistently():
     }
 
 
+def test_instruction_perturbation_option_reaches_the_env_constructor():
+    cfg = make_env_config("libero_rgbd", task=SUITE, instruction_perturbation="other_task")
+    assert cfg.gym_kwargs["instruction_perturbation"] == "other_task"
+    assert make_env_config("libero_rgbd", task=SUITE).gym_kwargs["instruction_perturbation"] == "none"
+    with pytest.raises(ValueError, match="instruction_perturbation must be one of"):
+        make_env_config("libero_rgbd", task=SUITE, instruction_perturbation="reversed")
+
+
+@pytest.mark.parametrize("perturbation", ["other_task", "shuffled", "empty"])
+def test_envs_built_by_lerobot_give_the_perturbed_instruction(perturbation):
+    """The instruction is set when the env is built: no simulator reset (no rendering) is needed."""
+    from libero.libero import benchmark
+
+    ensure_libero_ready()
+    languages = [task.language for task in benchmark.get_benchmark_dict()[SUITE]().tasks]
+    cfg = make_env_config("libero_rgbd", task=SUITE, task_ids=[0, 1], instruction_perturbation=perturbation)
+    envs = make_env(cfg, n_envs=2)[SUITE]
+    try:
+        for task_id, vec_env in envs.items():
+            original = languages[task_id]
+            instructions = set(vec_env.call("task_description"))
+            assert len(instructions) == 1  # the same for every episode of the task
+            instruction = instructions.pop()
+            if perturbation == "other_task":
+                assert instruction in languages and instruction != original
+            elif perturbation == "shuffled":
+                assert instruction != original and sorted(instruction.split()) == sorted(original.split())
+            else:
+                assert instruction == ""
+    finally:
+        for vec_env in envs.values():
+            vec_env.close()
+
+
 # ---- Simulator -------------------------------------------------------------------------------------
 
 

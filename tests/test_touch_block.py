@@ -3,8 +3,11 @@
 CPU only and offline (tests/conftest.py sets HF_HUB_OFFLINE=1 before LeRobot is imported).
 """
 
-from dataclasses import replace
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
 
+import draccus
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from torch import nn
 
 from lerobot_llava3d_fusion.envs import touch_block as tb
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
+from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
 from lerobot_llava3d_fusion.envs.make_touch_block_dataset import HOLD_FRAMES, dataset_features, main
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
@@ -324,6 +328,141 @@ def test_lerobot_rollout_with_policy_using_only_the_contract():
         vec.close()
     assert data["success"].any(dim=1).all()
     assert data["action"].shape[-1] == 3
+
+
+# --- instruction perturbation --------------------------------------------------------------------
+
+
+def named_block(scene, instruction):
+    """Index of the scene's block whose colour `instruction` names (ValueError if none)."""
+    return scene.colours.index(instruction.removeprefix("touch the top of the ").removesuffix(" block"))
+
+
+def assert_same_episode(env, reference):
+    """Same scene, start and target block as the reference env after a reset with the same seed."""
+    assert (env.scene.colours, env.scene.target) == (reference.scene.colours, reference.scene.target)
+    np.testing.assert_array_equal(env.scene.footprint_centres, reference.scene.footprint_centres)
+    np.testing.assert_array_equal(env.scene.heights, reference.scene.heights)
+    np.testing.assert_array_equal(env.ee_position, reference.ee_position)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_perturbed_instructions_name_what_they_say_in_the_same_episode(seed):
+    reference = tb.TouchBlockEnv()
+    reference.reset(seed=seed)
+    original = reference.task_description
+    instructions = {}
+    for perturbation in PERTURBATIONS:
+        env = tb.TouchBlockEnv(instruction_perturbation=perturbation)
+        env.reset(seed=seed)
+        assert_same_episode(env, reference)
+        np.testing.assert_array_equal(env.target_position, reference.target_position)  # success: original
+        instructions[perturbation] = env.task_description
+    assert instructions["none"] == original
+    assert instructions["empty"] == ""
+    # Another colour present in the scene.
+    assert named_block(reference.scene, instructions["other_task"]) != reference.scene.target
+    assert instructions["shuffled"] != original
+    assert Counter(instructions["shuffled"].split()) == Counter(original.split())
+
+
+@pytest.mark.parametrize("success_target", ["original", "instruction"])
+def test_success_is_judged_at_the_chosen_target(success_target):
+    """The expert driven to either block: only the chosen success target's block succeeds."""
+    env = tb.TouchBlockEnv(instruction_perturbation="other_task", success_target=success_target)
+    for seed in range(4):
+        outcomes = {}
+        for goal in ("original", "instruction"):
+            env.reset(seed=seed)
+            block = env.scene.target if goal == "original" else named_block(env.scene, env.task_description)
+            top = env.renderer.block_top_centres(env.scene)[block]
+            truncated = False
+            while not truncated:
+                _, _, _, truncated, info = env.step(tb.expert_action(env.ee_position, top, env.max_step))
+            outcomes[goal] = info["is_success"]
+        assert outcomes == {
+            "original": success_target == "original",
+            "instruction": success_target == "instruction",
+        }
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"instruction_perturbation": "reversed"}, "instruction_perturbation must be one of"),
+        ({"success_target": "nearest"}, "success_target must be one of"),
+        ({"success_target": "instruction"}, "success_target='instruction' needs instruction_perturbation="),
+        ({"success_target": "instruction", "instruction_perturbation": "shuffled"}, "needs instruction_pert"),
+        ({"instruction_perturbation": "other_task", "num_blocks": 1}, "needs num_blocks >= 2"),
+    ],
+)
+def test_meaningless_instruction_options_raise(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tb.TouchBlockEnv(**options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TouchBlockEnvConfig(**options)
+
+
+@dataclass
+class EvalCommandLine:
+    """The `--env.*` part of lerobot-eval's command line."""
+
+    env: EnvConfig
+
+
+def test_instruction_flags_reach_the_envs_lerobot_makes():
+    default = TouchBlockEnvConfig()
+    assert (default.gym_kwargs["instruction_perturbation"], default.gym_kwargs["success_target"]) == (
+        "none",
+        "original",
+    )
+    flags = [
+        "--env.type=touch_block",
+        "--env.instruction_perturbation=other_task",
+        "--env.success_target=instruction",
+    ]
+    cfg = draccus.parse(config_class=EvalCommandLine, args=flags).env
+    assert isinstance(cfg, TouchBlockEnvConfig)
+    perturbed = make_env(cfg, n_envs=2)["touch_block"][0]
+    reference = make_env(default, n_envs=2)["touch_block"][0]
+    try:
+        perturbed.reset(seed=[0, 1])
+        reference.reset(seed=[0, 1])
+        for env, ref, instruction, original in zip(
+            perturbed.envs,
+            reference.envs,
+            perturbed.call("task_description"),
+            reference.call("task_description"),
+            strict=True,
+        ):
+            sim = env.unwrapped
+            assert_same_episode(sim, ref.unwrapped)
+            assert instruction != original
+            assert sim.target_block == named_block(sim.scene, instruction) != sim.scene.target
+    finally:
+        perturbed.close()
+        reference.close()
+
+
+@pytest.mark.parametrize("success_target", ["original", "instruction"])
+def test_lerobot_rollout_of_a_policy_that_follows_the_swapped_instruction(success_target):
+    """A policy that does what it is told succeeds only when judged at the instruction's block."""
+    cfg = TouchBlockEnvConfig(instruction_perturbation="other_task", success_target=success_target)
+    vec = make_env(cfg, n_envs=2)["touch_block"][0]
+    env_pre, env_post = cfg.get_env_processors()
+    try:
+        data = rollout(
+            env=vec,
+            policy=GeometricOraclePolicy(),
+            env_preprocessor=env_pre,
+            env_postprocessor=env_post,
+            preprocessor=lambda batch: batch,
+            postprocessor=lambda action: action,
+            seeds=[0, 1],
+        )
+    finally:
+        vec.close()
+    assert data["success"].any(dim=1).tolist() == [success_target == "instruction"] * 2
 
 
 # --- dataset -------------------------------------------------------------------------------------

@@ -79,6 +79,11 @@ class TouchBlockEnvConfig(EnvConfig):
     `features` are keyed by env observation names and `features_map` gives the policy keys, as for
     LeRobot's own envs. Depth is a VISUAL feature (the dataset stores it as a LeRobot depth-map
     image) and the camera matrices are STATE features, as `dataset_to_policy_features` types them.
+
+    `instruction_perturbation` (``none``, ``other_task``, ``shuffled``, ``empty``) replaces the
+    instruction the policy receives; with ``other_task`` (another block of the scene)
+    `success_target` judges success at the block the original instruction named (``original``) or
+    at the one the policy was told (``instruction``). See `touch_block.TouchBlockEnv`.
     """
 
     task: str | None = "TouchBlock-v0"
@@ -90,6 +95,8 @@ class TouchBlockEnvConfig(EnvConfig):
     max_step: float = 0.02
     success_radius: float = 0.015
     render_mode: str = "rgb_array"
+    instruction_perturbation: str = "none"
+    success_target: str = "original"
     features: dict[str, PolicyFeature] = field(
         default_factory=lambda: {
             ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(3,)),
@@ -114,6 +121,9 @@ class TouchBlockEnvConfig(EnvConfig):
             raise ValueError(f"touch_block runs at {touch_block.FPS} fps, got {self.fps}")
         if self.episode_length < 1:
             raise ValueError(f"episode_length must be positive, got {self.episode_length}")
+        touch_block.check_instruction_options(
+            self.instruction_perturbation, self.success_target, self.num_blocks
+        )
         h, w = self.observation_height, self.observation_width
         self.features[f"pixels/{touch_block.CAMERA_NAME}"] = PolicyFeature(
             type=FeatureType.VISUAL, shape=(h, w, 3)
@@ -139,6 +149,8 @@ class TouchBlockEnvConfig(EnvConfig):
             "success_radius": self.success_radius,
             "render_mode": self.render_mode,
             "episode_length": self.episode_length,
+            "instruction_perturbation": self.instruction_perturbation,
+            "success_target": self.success_target,
             "max_episode_steps": self.episode_length,
         }
 

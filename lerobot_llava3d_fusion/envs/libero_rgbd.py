@@ -66,6 +66,7 @@ from lerobot.processor import LiberoProcessorStep, PolicyProcessorPipeline
 from lerobot.processor.pipeline import ObservationProcessorStep
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE, OBS_STR
 
+from .instruction_perturbation import check_perturbation
 from .registration import env_type, processor_step
 
 if TYPE_CHECKING:
@@ -178,10 +179,17 @@ class LiberoRGBDProcessorStep(ObservationProcessorStep):
 @env_type("libero_rgbd")
 @dataclass
 class LiberoRGBDEnvConfig(LiberoEnv):
-    """LeRobot's ``libero`` env config (same options) whose envs also deliver depth and cameras."""
+    """LeRobot's ``libero`` env config (same options) whose envs also deliver depth and cameras.
+
+    `instruction_perturbation` (``none``, ``other_task``: another task of the suite, ``shuffled``,
+    ``empty``) replaces the instruction the policy receives; success stays the task's own.
+    """
+
+    instruction_perturbation: str = "none"
 
     def __post_init__(self):
         super().__post_init__()
+        check_perturbation(self.instruction_perturbation)
         h, w = self.observation_height, self.observation_width
         for camera in self.camera_names():
             # Typed as `dataset_to_policy_features` types a recording: the depth map VISUAL (it is
@@ -198,6 +206,10 @@ class LiberoRGBDEnvConfig(LiberoEnv):
         """Mapped camera names (``image``, ``image2`` by default) in ``camera_name`` order."""
         mapping = self.camera_name_mapping or _DEFAULT_CAMERA_NAME_MAPPING
         return [mapping[camera] for camera in parse_camera_names(self.camera_name)]
+
+    @property
+    def gym_kwargs(self) -> dict:
+        return {**super().gym_kwargs, "instruction_perturbation": self.instruction_perturbation}
 
     def create_envs(self, n_envs: int, use_async_envs: bool = False):
         # Imported here: the simulator module imports LIBERO, which needs its config written first.

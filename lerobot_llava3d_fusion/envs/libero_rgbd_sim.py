@@ -42,6 +42,7 @@ from robosuite.utils.camera_utils import (  # noqa: E402
     get_real_depth_map,
 )
 
+from lerobot_llava3d_fusion.envs.instruction_perturbation import perturb_instruction  # noqa: E402
 from lerobot_llava3d_fusion.envs.libero_rgbd import (  # noqa: E402
     RAW_DEPTH_PREFIX,
     RAW_EXTRINSICS_PREFIX,
@@ -61,12 +62,20 @@ def _robosuite_camera(obs_camera_name: str) -> str:
 class LiberoRGBDEnv(LiberoEnv):
     """LeRobot's LIBERO gym env, rendering depth too and reporting each camera's geometry.
 
-    Same constructor arguments as ``lerobot.envs.libero.LiberoEnv``. Costs about 3 ms more per step
-    than the RGB-only env (MuJoCo reads the depth buffer of the render it already does).
+    Same constructor arguments as ``lerobot.envs.libero.LiberoEnv``, plus `instruction_perturbation`
+    (see :mod:`.instruction_perturbation`; ``other_task`` draws from the suite's other tasks), applied
+    to ``task_description`` once, with a generator seeded by the task id. Costs about 3 ms more per
+    step than the RGB-only env (MuJoCo reads the depth buffer of the render it already does).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, task_suite: Any, *args: Any, instruction_perturbation: str = "none", **kwargs: Any):
+        super().__init__(task_suite, *args, **kwargs)
+        self.task_description = perturb_instruction(
+            self.task_description,
+            instruction_perturbation,
+            np.random.default_rng(self.task_id),
+            other_instructions=[task.language for task in task_suite.tasks],
+        )
         h, w = self.observation_height, self.observation_width
         geometry_spaces = {}
         for camera in self.camera_name:

@@ -30,6 +30,11 @@ One pinhole camera looks straight down from ``(0, 0, camera_height)``. It yields
 The end-effector is rendered (RGB and depth, z-buffered against the scene) as a small white
 sphere; the episode's ground truth is its centre, which is also the state.
 
+For language-sensitivity evaluations the instruction the policy receives can be replaced
+(`instruction_perturbation`, see :mod:`.instruction_perturbation`): with ``other_task`` it names
+another block of the scene, and `success_target` says whether success is then judged at the block
+the original instruction named or at the one the policy was told.
+
 Rendering is a handful of vectorised numpy operations: block membership is a per-pixel test of
 where the pixel's ray meets the table (exact for frustum blocks) and the end-effector is an
 analytic ray/sphere intersection. Static blocks are rendered once per episode.
@@ -45,6 +50,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+
+from .instruction_perturbation import check_perturbation, perturb_instruction
 
 GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
 CAMERA_NAME = "top"
@@ -62,6 +69,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 TABLE_RGB = (128, 128, 128)
 END_EFFECTOR_RGB = (255, 255, 255)
 INSTRUCTION_TEMPLATE = "touch the top of the {colour} block"
+SUCCESS_TARGETS = ("original", "instruction")
 
 BLOCK_HALF_SIZE = 0.025  # half side of a block's square table footprint (m)
 BLOCK_HEIGHT_RANGE = (0.02, 0.12)  # (m)
@@ -92,7 +100,11 @@ class Scene:
 
     @property
     def instruction(self) -> str:
-        return INSTRUCTION_TEMPLATE.format(colour=self.colours[self.target])
+        return self.instruction_for(self.target)
+
+    def instruction_for(self, block: int) -> str:
+        """The instruction naming block `block`."""
+        return INSTRUCTION_TEMPLATE.format(colour=self.colours[block])
 
 
 def sample_scene(rng: np.random.Generator, num_blocks: int) -> Scene:
@@ -235,6 +247,23 @@ def expert_action(
     return np.clip((waypoint - ee_position) / max_step, -1.0, 1.0).astype(np.float32)
 
 
+def check_instruction_options(instruction_perturbation: str, success_target: str, num_blocks: int) -> None:
+    """Raises a ValueError for an unknown or meaningless combination of the instruction options."""
+    check_perturbation(instruction_perturbation)
+    if success_target not in SUCCESS_TARGETS:
+        raise ValueError(f"success_target must be one of {SUCCESS_TARGETS}, got {success_target!r}")
+    if success_target == "instruction" and instruction_perturbation != "other_task":
+        raise ValueError(
+            "success_target='instruction' needs instruction_perturbation='other_task' (only then does the "
+            f"instruction name another block), got instruction_perturbation={instruction_perturbation!r}"
+        )
+    if instruction_perturbation == "other_task" and num_blocks < 2:
+        raise ValueError(
+            "instruction_perturbation='other_task' needs num_blocks >= 2 (another block to name), "
+            f"got {num_blocks}"
+        )
+
+
 def _matrix_space(matrix: np.ndarray) -> spaces.Box:
     return spaces.Box(float(matrix.min()), float(matrix.max()), matrix.shape, np.float32)
 
@@ -256,8 +285,16 @@ class TouchBlockEnv(gym.Env):
     Action: (3,) float32 in [-1, 1], scaled by `max_step` into an end-effector displacement; the
     position is clipped to the workspace box. The episode never terminates early; it is truncated
     after `episode_length` steps, and succeeds (`info["is_success"]`, reward 1, both only at that
-    last step) iff the end-effector is then within `success_radius` of the named block's
-    top-centre. `info["at_target"]` says whether it is within that radius at the current step.
+    last step) iff the end-effector is then within `success_radius` of the target block's
+    top-centre. `info["at_target"]` says whether it is within that radius at the current step and
+    `info["distance"]` how far it is.
+
+    The instruction (`task_description`) names the target block, unless `instruction_perturbation`
+    (one of `instruction_perturbation.PERTURBATIONS`) replaces it at each reset, drawing from the
+    env's seeded generator after the scene and the start position (which are therefore those of the
+    unperturbed env). With ``other_task`` it names another block of the scene, and the target is the
+    block the original instruction named (`success_target="original"`) or the one the perturbed
+    instruction names (``"instruction"``, only with ``other_task``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
@@ -272,6 +309,8 @@ class TouchBlockEnv(gym.Env):
         success_radius: float = 0.015,
         render_mode: str | None = "rgb_array",
         episode_length: int = DEFAULT_EPISODE_LENGTH,
+        instruction_perturbation: str = "none",
+        success_target: str = "original",
     ):
         super().__init__()
         if episode_length < 1:
@@ -286,6 +325,8 @@ class TouchBlockEnv(gym.Env):
             raise ValueError(f"success_radius must be positive, got {success_radius}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        check_instruction_options(instruction_perturbation, success_target, num_blocks)
+        self.instruction_perturbation, self.success_target = instruction_perturbation, success_target
         self.num_blocks, self.max_step, self.success_radius = num_blocks, max_step, success_radius
         self.render_mode = render_mode
         self.renderer = TouchBlockRenderer(observation_height, observation_width)
@@ -306,6 +347,8 @@ class TouchBlockEnv(gym.Env):
         self.action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
 
         self.scene: Scene | None = None
+        self._instruction = ""
+        self.target_block = 0  # index of the block success is judged at
         self.ee_position = np.zeros(3)
         self._blocks_rgb: np.ndarray | None = None
         self._blocks_depth: np.ndarray | None = None
@@ -314,13 +357,13 @@ class TouchBlockEnv(gym.Env):
     @property
     def task_description(self) -> str:
         """The current episode's instruction; LeRobot's eval passes it to the policy as the task."""
-        return self._require_scene().instruction
+        self._require_scene()
+        return self._instruction
 
     @property
     def target_position(self) -> np.ndarray:
-        """(3,) world top-centre of the named block (privileged; for the expert and metrics)."""
-        scene = self._require_scene()
-        return self.renderer.block_top_centres(scene)[scene.target]
+        """(3,) world top-centre of the target block (privileged; for the expert and metrics)."""
+        return self.renderer.block_top_centres(self._require_scene())[self.target_block]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         # `options` is accepted for API compatibility (LeRobot passes a rollout marker) and unused.
@@ -328,6 +371,7 @@ class TouchBlockEnv(gym.Env):
         self.scene = sample_scene(self.np_random, self.num_blocks)
         xy = self.np_random.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
         self.ee_position = np.array([*xy, self.np_random.uniform(*END_EFFECTOR_START_Z)])
+        self._instruction, self.target_block = self._instruction_and_target(self.scene)
         self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
         self._elapsed_steps = 0
         distance = self._distance()
@@ -371,6 +415,16 @@ class TouchBlockEnv(gym.Env):
             "intrinsics": self.renderer.intrinsics.copy(),
             "extrinsics": self.renderer.extrinsics.copy(),
         }
+
+    def _instruction_and_target(self, scene: Scene) -> tuple[str, int]:
+        """The instruction given to the policy and the index of the block success is judged at."""
+        block_instructions = [scene.instruction_for(block) for block in range(len(scene.colours))]
+        instruction = perturb_instruction(
+            scene.instruction, self.instruction_perturbation, self.np_random, block_instructions
+        )
+        if self.success_target == "instruction":
+            return instruction, block_instructions.index(instruction)
+        return instruction, scene.target
 
     def _distance(self) -> float:
         return float(np.linalg.norm(self.ee_position - self.target_position))
