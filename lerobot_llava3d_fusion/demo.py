@@ -37,18 +37,20 @@ from tqdm import tqdm
 
 from .envs import touch_block
 from .envs.make_touch_block_dataset import make_touch_block_dataset
+from .envs.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
 from .vlm import build_tiny_llava, build_word_tokenizer
+from .vlm_pretraining import pretrain_vlm
 
 logger = logging.getLogger(__name__)
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "touch_block_demo.json"
+VLM_PRETRAINING_LR = 1e-3
 EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 .. episodes - 1
 
 
 def demo_vocabulary() -> list[str]:
-    """Every word of every touch_block instruction."""
-    instructions = (touch_block.INSTRUCTION_TEMPLATE.format(colour=colour) for colour in touch_block.PALETTE)
-    return sorted({word for instruction in instructions for word in instruction.split()})
+    """Every word of every touch_block instruction and image-text pair (`touch_block_captions`)."""
+    return caption_vocabulary()
 
 
 def write_demo_backbone(directory: Path) -> Path:
@@ -95,7 +97,9 @@ def run_lerobot(script: str, args: list[str], log_path: Path) -> None:
             raise RuntimeError(f"{script} failed (exit {process.returncode}); see {log_path}")
 
 
-def train(workdir: Path, dataset_root: Path, backbone: Path, geometry: str, steps: int) -> Path:
+def train(
+    workdir: Path, dataset_root: Path, backbone: Path, geometry: str, steps: int, pretrained_backbone: bool
+) -> Path:
     output_dir = workdir / f"train_{geometry}"
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
     if checkpoint.exists():
@@ -107,6 +111,7 @@ def train(workdir: Path, dataset_root: Path, backbone: Path, geometry: str, step
             f"--config_path={PRESET}",
             f"--dataset.root={dataset_root}",
             f"--policy.vlm_model_name={backbone.resolve()}",
+            f"--policy.load_vlm_weights={str(pretrained_backbone).lower()}",
             f"--policy.geometry={geometry}",
             f"--steps={steps}",
             f"--save_freq={steps}",
@@ -237,6 +242,21 @@ def prepare_demo_data(workdir: Path, num_blocks: int, episodes: int) -> tuple[st
     return data_name, dataset_root, write_demo_backbone(workdir / "backbone")
 
 
+def pretrain_demo_backbone(workdir: Path, backbone: Path, steps: int, images: int) -> Path:
+    """The demo backbone after `steps` of VLM pretraining on `images` rendered scenes' image-text
+    pairs (written once per setting under `workdir`)."""
+    output = workdir / f"backbone_pretrained_{images}_images_{steps}_steps"
+    if (output / "config.json").exists():
+        logger.info("Reusing %s", output)
+        return output
+    pairs = touch_block_image_text_pairs(images, seed=0)
+    summary = pretrain_vlm(backbone, pairs, output, steps=steps, lr=VLM_PRETRAINING_LR)
+    (output / "pretraining.json").write_text(
+        json.dumps({"images": images, "pairs": len(pairs), **summary}, indent=2)
+    )
+    return output
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -252,6 +272,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4000, help="training steps per policy")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
+    parser.add_argument(
+        "--vlm-pretraining-steps",
+        type=int,
+        default=0,
+        help="steps of VLM pretraining on rendered image-text pairs before lerobot-train (0: none)",
+    )
+    parser.add_argument(
+        "--vlm-pretraining-images", type=int, default=5000, help="rendered scenes for VLM pretraining"
+    )
     args = parser.parse_args(argv)
     # force: an imported library may have configured the root logger already (it hid this output).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
@@ -261,14 +290,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # Results of earlier runs are reused only when made with the same settings.
     data_name, dataset_root, backbone = prepare_demo_data(args.workdir, args.num_blocks, args.episodes)
-    run_dir = args.workdir / f"{data_name}_{args.steps}_steps"
+    pretraining = args.vlm_pretraining_steps > 0
+    run_name = f"{data_name}_{args.steps}_steps"
+    if pretraining:
+        backbone = pretrain_demo_backbone(
+            args.workdir, backbone, args.vlm_pretraining_steps, args.vlm_pretraining_images
+        )
+        run_name += f"_{backbone.name}"
+    run_dir = args.workdir / run_name
     run_dir.mkdir(exist_ok=True)
     results = {
         policy: reference_success(policy, args.eval_episodes, args.num_blocks)
         for policy in REFERENCE_POLICIES
     }
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
-        checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps)
+        checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps, pretraining)
         results.update(evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks))
 
     summary = {
@@ -277,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         "train_steps": args.steps,
         "train_episodes": args.episodes,
         "num_blocks": args.num_blocks,
+        "vlm_pretraining_steps": args.vlm_pretraining_steps,
+        "vlm_pretraining_images": args.vlm_pretraining_images if pretraining else 0,
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))

@@ -14,7 +14,7 @@ from lerobot_llava3d_fusion import demo
 from lerobot_llava3d_fusion.demo import evaluate_policy, reference_success, write_demo_backbone
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
-from lerobot_llava3d_fusion.vlm import load_backbone
+from lerobot_llava3d_fusion.vlm import build_word_tokenizer, load_backbone
 
 
 def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):
@@ -121,7 +121,9 @@ def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_cal
         "prepare_demo_data",
         lambda workdir, blocks, episodes: ("data", tmp_path / "ds", tmp_path / "bb"),
     )
-    monkeypatch.setattr(demo, "train", lambda run_dir, dataset, backbone, geometry, steps: Path(geometry))
+    monkeypatch.setattr(
+        demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
+    )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
     demo.main(
         ["--workdir", str(tmp_path), "--num-blocks", "2", "--steps", "3", "--geometry", "depth", "none"]
@@ -146,3 +148,60 @@ def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_cal
     assert [(" ".join(words[:-2]), float(words[-2])) for words in table] == list(
         results["success_rate_pc"].items()
     )
+
+
+def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        demo,
+        "prepare_demo_data",
+        lambda workdir, blocks, episodes: ("data", tmp_path / "ds", tmp_path / "bb"),
+    )
+    pretrained = tmp_path / "backbone_pretrained"
+    pretraining_calls, train_calls = [], []
+    monkeypatch.setattr(
+        demo,
+        "pretrain_demo_backbone",
+        lambda workdir, backbone, steps, images: (
+            pretraining_calls.append((backbone, steps, images)) or pretrained
+        ),
+    )
+    monkeypatch.setattr(
+        demo,
+        "train",
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained: (
+            train_calls.append((backbone, pretrained)) or Path(geometry)
+        ),
+    )
+    monkeypatch.setattr(demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks: {})
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    demo.main(
+        [
+            "--workdir",
+            str(tmp_path),
+            "--steps",
+            "3",
+            "--vlm-pretraining-steps",
+            "7",
+            "--vlm-pretraining-images",
+            "9",
+        ]
+    )
+
+    assert pretraining_calls == [(tmp_path / "bb", 7, 9)]
+    assert train_calls == [(pretrained, True)]
+    results = json.loads((tmp_path / "data_3_steps_backbone_pretrained" / "results.json").read_text())
+    assert (results["vlm_pretraining_steps"], results["vlm_pretraining_images"]) == (7, 9)
+
+
+def test_pretrained_demo_backbone_is_written_once_and_loads(tmp_path):
+    backbone = demo.write_demo_backbone(tmp_path / "backbone")
+    output = demo.pretrain_demo_backbone(tmp_path, backbone, steps=2, images=3)
+    record = json.loads((output / "pretraining.json").read_text())
+    assert record["images"] == 3 and record["pairs"] >= 3 * 4  # >= 1 block: 2 per block + 2 per image
+    loaded = load_backbone(str(output), load_weights=True)
+    assert len(loaded.tokenizer) == len(build_word_tokenizer(demo.demo_vocabulary()))
+    (output / "model.safetensors").unlink()
+    assert (
+        demo.pretrain_demo_backbone(tmp_path, backbone, steps=2, images=3) == output
+    )  # reused, not retrained
+    assert not (output / "model.safetensors").exists()
