@@ -250,7 +250,14 @@ def pretrain_demo_backbone(workdir: Path, backbone: Path, steps: int, images: in
         logger.info("Reusing %s", output)
         return output
     pairs = touch_block_image_text_pairs(images, seed=0)
-    summary = pretrain_vlm(backbone, pairs, output, steps=steps, lr=VLM_PRETRAINING_LR)
+    summary = pretrain_vlm(
+        backbone,
+        pairs,
+        output,
+        steps=steps,
+        lr=VLM_PRETRAINING_LR,
+        validation_pairs=min(512, len(pairs) // 10),
+    )
     (output / "pretraining.json").write_text(
         json.dumps({"images": images, "pairs": len(pairs), **summary}, indent=2)
     )

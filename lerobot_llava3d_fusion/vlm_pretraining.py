@@ -181,16 +181,18 @@ def pretrain_vlm(
     batch_size: int = 64,
     lr: float = 1e-3,
     warmup_steps: int = 100,
-    validation_fraction: float = 0.05,
+    validation_pairs: int = 512,
     seed: int = 0,
 ) -> dict[str, float]:
     """Train the LLaVA checkpoint in `backbone` on `pairs` for `steps` AdamW steps (cosine schedule
     after a linear warmup), save it to `output`, and return the first and last training losses and
-    the held-out exact-answer accuracy before and after."""
+    the exact-answer accuracy on `validation_pairs` held-out pairs before and after."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive (got {steps}, {batch_size})")
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1) (got {validation_fraction})")
+    if not 0 <= validation_pairs < len(pairs):
+        raise ValueError(
+            f"validation_pairs must be in [0, {len(pairs)}) for {len(pairs)} pairs (got {validation_pairs})"
+        )
     backbone, output = str(backbone), Path(output)
     torch.manual_seed(seed)
     llava = _load_llava(backbone)
@@ -199,10 +201,7 @@ def pretrain_vlm(
 
     batcher = PairBatcher(tokenizer, pairs)
     order = np.random.default_rng(seed).permutation(len(batcher))
-    num_validation = int(len(order) * validation_fraction)
-    validation, training = order[:num_validation].tolist(), order[num_validation:]
-    if len(training) == 0:
-        raise ValueError("no pairs left for training after the validation split")
+    validation, training = order[:validation_pairs].tolist(), order[validation_pairs:]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

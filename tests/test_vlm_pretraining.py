@@ -130,7 +130,7 @@ def test_pretraining_learns_the_pairs_and_saves_a_loadable_backbone(caption_back
         batch_size=32,
         lr=3e-3,
         warmup_steps=5,
-        validation_fraction=0.1,
+        validation_pairs=20,
     )
     assert summary["last_loss"] < 0.5 * summary["first_loss"]
 
