@@ -114,7 +114,7 @@ def prefix_tokens(policy: Llava3DFusionPolicy, batch: dict, voxel_size: float | 
     inputs = policy._prepare_inputs(batch)
     with torch.inference_mode():
         _, mask, _ = policy.model.embed_prefix(
-            inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask
+            inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
         )
     image_mask = mask[:, : mask.shape[1] - inputs.lang_tokens.shape[1]]
     return {"image_tokens": image_mask.sum(dim=1).tolist(), "prefix_length": mask.shape[1]}
