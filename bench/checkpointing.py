@@ -60,9 +60,9 @@ def forward_memory_worker(name: str, args, conn) -> None:
     """Memory the training forward pass leaves alive for the backward pass (the activations, GiB),
     and the peak during that forward, both above the memory before it."""
     device = setup(args)
-    geometry = PRESETS[args.preset]
-    policy = BUILDERS[name](geometry, device, args.dtype, args.seed, args.freeze_vision_encoder)
-    batch = make_batch(geometry, args.batch_size, device, args.seed)
+    sizes = PRESETS[args.preset]
+    policy = BUILDERS[name](sizes, device, args.dtype, args.seed, args.freeze_vision_encoder)
+    batch = make_batch(sizes, args.batch_size, device, args.seed)
     policy.train()
     before = memory_gib(device)["current"]
     reset_peak_memory(device)

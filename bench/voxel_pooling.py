@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from common import (
     PRESETS,
-    Geometry,
+    MatchedSizes,
     build_ours,
     make_batch,
     make_noise,
@@ -78,17 +78,17 @@ def tabletop_depth(size: int, camera_x: float) -> torch.Tensor:
     return depth[None]
 
 
-def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
+def build_policy(sizes: MatchedSizes, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
     """Ours with depth for every camera and LLaVA-3D's position encoder (voxel size set per call)."""
-    size = geometry.vision.image_size
+    size = sizes.vision.image_size
     depth = {
         f"observation.depth.{key.removeprefix('observation.images.')}": PolicyFeature(
             FeatureType.STATE, (1, size, size)
         )
-        for key in geometry.camera_keys
+        for key in sizes.camera_keys
     }
     return build_ours(
-        geometry,
+        sizes,
         device,
         dtype,
         seed,
@@ -98,9 +98,9 @@ def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int
     )
 
 
-def add_depth(batch: dict, geometry: Geometry, device: torch.device) -> dict:
-    size, batch_size = geometry.vision.image_size, batch["observation.state"].shape[0]
-    for key, camera_x in zip(geometry.camera_keys, CAMERA_OFFSETS, strict=True):
+def add_depth(batch: dict, sizes: MatchedSizes, device: torch.device) -> dict:
+    size, batch_size = sizes.vision.image_size, batch["observation.state"].shape[0]
+    for key, camera_x in zip(sizes.camera_keys, CAMERA_OFFSETS, strict=True):
         name = key.removeprefix("observation.images.")
         batch[f"observation.depth.{name}"] = tabletop_depth(size, camera_x).expand(batch_size, 1, size, size)
         batch[f"observation.intrinsics.{name}"] = intrinsics(size).expand(batch_size, 3, 3)
@@ -114,7 +114,7 @@ def prefix_tokens(policy: Llava3DFusionPolicy, batch: dict, voxel_size: float | 
     inputs = policy._prepare_inputs(batch)
     with torch.inference_mode():
         _, mask, _ = policy.model.embed_prefix(
-            inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask
+            inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
         )
     image_mask = mask[:, : mask.shape[1] - inputs.lang_tokens.shape[1]]
     return {"image_tokens": image_mask.sum(dim=1).tolist(), "prefix_length": mask.shape[1]}
@@ -127,14 +127,14 @@ def main() -> None:
             f"the scene has {len(CAMERA_OFFSETS)} cameras, the preset {PRESETS[args.preset].cameras}"
         )
     device = setup(args)
-    geometry = PRESETS[args.preset]
+    sizes = PRESETS[args.preset]
     info = run_info(args)
     info["scene"] = {"camera_height_m": CAMERA_HEIGHT, "camera_x_m": CAMERA_OFFSETS, "blocks": BLOCKS}
     print_header("voxel_pooling", info)
 
-    policy = build_policy(geometry, device, args.dtype, args.seed)
-    batch = add_depth(make_batch(geometry, args.batch_size, device, args.seed), geometry, device)
-    noise = make_noise(geometry, args.batch_size, device, args.seed)
+    policy = build_policy(sizes, device, args.dtype, args.seed)
+    batch = add_depth(make_batch(sizes, args.batch_size, device, args.seed), sizes, device)
+    noise = make_noise(sizes, args.batch_size, device, args.seed)
     variants = {"no voxel pooling": None} | {f"voxel {size:g} m": size for size in args.voxel_sizes}
     tokens = {name: prefix_tokens(policy, batch, size) for name, size in variants.items()}
     calls = {
@@ -159,10 +159,10 @@ def main() -> None:
         for name, r in results.items()
     ]
     print_table(
-        f"prefix tokens and predict_action_chunk seconds ({geometry.cameras} RGB-D cameras at "
-        f"{geometry.vision.image_size} px, {geometry.vision.image_size // geometry.vision.patch_size}^2 "
-        f"patches each, {geometry.prompt_length} prompt tokens, chunk {geometry.chunk_size}, "
-        f"{geometry.num_steps} Euler steps, batch {args.batch_size})",
+        f"prefix tokens and predict_action_chunk seconds ({sizes.cameras} RGB-D cameras at "
+        f"{sizes.vision.image_size} px, {sizes.vision.image_size // sizes.vision.patch_size}^2 "
+        f"patches each, {sizes.prompt_length} prompt tokens, chunk {sizes.chunk_size}, "
+        f"{sizes.num_steps} Euler steps, batch {args.batch_size})",
         ["variant", "image tokens", "prefix length", "median s", "latency / no pooling", "n"],
         rows,
     )

@@ -120,19 +120,19 @@ def build_expert_layers(
     return layers, norm
 
 
-def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
+def check_head_shapes(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
     """Both streams must project into the same attention space, layer by layer."""
     if len(vlm_layers) != len(expert_layers):
         raise ValueError(
             f"expert has {len(expert_layers)} layers, the VLM {len(vlm_layers)}: they must match."
         )
     vlm_attn, expert_attn = vlm_layers[0].self_attn, expert_layers[0].self_attn
-    vlm_geometry = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
-    expert_geometry = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
-    if vlm_geometry != expert_geometry:
+    vlm_heads = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
+    expert_heads = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
+    if vlm_heads != expert_heads:
         raise ValueError(
-            "expert and VLM attention geometry differ (q width, kv width, head_dim): "
-            f"VLM {vlm_geometry}, expert {expert_geometry}; expected them equal."
+            "expert and VLM attention head shapes differ (q width, kv width, head_dim): "
+            f"VLM {vlm_heads}, expert {expert_heads}; expected them equal."
         )
 
 
@@ -158,7 +158,7 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             self.separate_expert_layers, self.separate_expert_norm = build_expert_layers(
                 llm, expert_width_multiplier, expert_mlp_multiplier
             )
-            check_head_geometry(self.vlm_layers, self.separate_expert_layers)
+            check_head_shapes(self.vlm_layers, self.separate_expert_layers)
         elif expert_mode != "shared":
             raise ValueError(f"expert_mode must be 'shared' or 'separate', got {expert_mode!r}.")
 

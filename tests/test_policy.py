@@ -400,15 +400,15 @@ def test_dataset_without_camera_or_action_is_rejected():
         config.validate_features()
 
 
-def test_head_geometry_mismatch_is_rejected(policy):
-    from lerobot_llava3d_fusion.fusion import check_head_geometry
+def test_head_shape_mismatch_is_rejected(policy):
+    from lerobot_llava3d_fusion.fusion import check_head_shapes
 
     vlm_layers = policy.model.fusion.vlm_layers
     wrong = torch.nn.ModuleList(
         [type(vlm_layers[0])(_narrow_heads(vlm_layers), layer_idx=0)] * len(vlm_layers)
     )
     with pytest.raises(ValueError, match="head_dim"):
-        check_head_geometry(vlm_layers, wrong)
+        check_head_shapes(vlm_layers, wrong)
 
 
 def _narrow_heads(vlm_layers):
