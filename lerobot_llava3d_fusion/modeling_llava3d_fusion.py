@@ -158,6 +158,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     def reset(self) -> None:
         """Empty the action queue (call at every environment reset)."""
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+        self._unexecuted_actions: Tensor | None = None  # (B, T, action_dim) planned, not executed
 
     # ------------------------------------------------------------------------ batch -> inputs
 
@@ -403,15 +404,29 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out."""
-        if self._rtc_enabled():
-            raise RuntimeError(
-                "select_action does not do real-time chunking: with rtc_config enabled, call "
-                "predict_action_chunk (lerobot-rollout --inference.type=rtc does)."
+        """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out.
+
+        With `rtc_config` enabled (e.g. `lerobot-eval --policy.rtc_config.enabled=true`) each new chunk
+        is guided towards the previous chunk's actions that were predicted but not executed (its last
+        chunk_size - n_action_steps), with no inference delay: re-plans continue the plan under way
+        instead of switching between equally likely ones (e.g. two blocks) from chunk to chunk.
+        """
+        if self._rtc_enabled() and self.config.use_relative_actions:
+            raise ValueError(
+                "select_action with rtc_config enabled guides each chunk by the previous one's actions, "
+                "which use_relative_actions expresses relative to an older state: disable one of them."
             )
         if not self._action_queue:
-            chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
-            self._action_queue.extend(chunk.transpose(0, 1))  # queue of (B, action_dim)
+            leftover = self._unexecuted_actions if self._rtc_enabled() else None
+            chunk = self.predict_action_chunk(
+                batch,
+                noise=noise,
+                inference_delay=None if leftover is None else 0,
+                prev_chunk_left_over=leftover,
+            )
+            n_steps = self.config.n_action_steps
+            self._unexecuted_actions = chunk[:, n_steps:] if n_steps < chunk.shape[1] else None
+            self._action_queue.extend(chunk[:, :n_steps].transpose(0, 1))  # queue of (B, action_dim)
         return self._action_queue.popleft()
 
 
