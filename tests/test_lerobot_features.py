@@ -85,6 +85,10 @@ def test_rtc_inputs_are_checked(policy):
         )
     with pytest.raises(ValueError, match="inference_delay"):
         policy.predict_action_chunk(batch, prev_chunk_left_over=torch.zeros(4, ACTION_DIM))
+    relative = tiny_policy(use_relative_actions=True)
+    enable_rtc_like_lerobot_rollout(relative)
+    with pytest.raises(ValueError, match="use_relative_actions"):
+        relative.select_action(batch)
 
 
 def test_select_action_with_rtc_continues_the_unexecuted_actions(monkeypatch):
