@@ -7,8 +7,9 @@ from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTr
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
+from .observation_keys import camera_name, depth_key, robot_depth_key
 from .optim import FusedAdamWConfig
-from .robot_depth import check_depth_features, is_depth_map, robot_depth_key
+from .robot_depth import check_depth_features, is_depth_map
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.
@@ -23,13 +24,6 @@ GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
 GEOMETRY_PATCH_POINTS = ("nearest", "mean")
 # Cameras added by `empty_cameras` (pi0's naming): absent from datasets and robots, masked out.
 EMPTY_CAMERA_PREFIX = "observation.images.empty_camera_"
-# Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
-# observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
-# observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
-IMAGE_PREFIX = "observation.images."
-DEPTH_PREFIX = "observation.depth."
-INTRINSICS_PREFIX = "observation.intrinsics."
-EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
 # (scale, offset) of the training times when the config leaves them None: pi0's for Beta, the original
 # system's whole [0, 1] for uniform.
@@ -392,19 +386,3 @@ class Llava3DFusionConfig(PreTrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def camera_name(camera_key: str) -> str:
-    return camera_key.removeprefix(IMAGE_PREFIX)
-
-
-def depth_key(camera_key: str) -> str:
-    return DEPTH_PREFIX + camera_name(camera_key)
-
-
-def intrinsics_key(camera_key: str) -> str:
-    return INTRINSICS_PREFIX + camera_name(camera_key)
-
-
-def extrinsics_key(camera_key: str) -> str:
-    return EXTRINSICS_PREFIX + camera_name(camera_key)
