@@ -31,6 +31,7 @@ from common import (
 from lerobot.configs import FeatureType, PolicyFeature
 
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.observation_keys import depth_key, extrinsics_key, intrinsics_key
 
 CAMERA_HEIGHT = 0.8  # metres above the table, looking straight down
 CAMERA_OFFSETS = (0.0, 0.15)  # x of each camera: their views overlap by most of their width
@@ -82,10 +83,7 @@ def build_policy(sizes: MatchedSizes, device: torch.device, dtype: str, seed: in
     """Ours with depth for every camera and LLaVA-3D's position encoder (voxel size set per call)."""
     size = sizes.vision.image_size
     depth = {
-        f"observation.depth.{key.removeprefix('observation.images.')}": PolicyFeature(
-            FeatureType.STATE, (1, size, size)
-        )
-        for key in sizes.camera_keys
+        depth_key(key): PolicyFeature(FeatureType.STATE, (1, size, size)) for key in sizes.camera_keys
     }
     return build_ours(
         sizes,
@@ -101,10 +99,9 @@ def build_policy(sizes: MatchedSizes, device: torch.device, dtype: str, seed: in
 def add_depth(batch: dict, sizes: MatchedSizes, device: torch.device) -> dict:
     size, batch_size = sizes.vision.image_size, batch["observation.state"].shape[0]
     for key, camera_x in zip(sizes.camera_keys, CAMERA_OFFSETS, strict=True):
-        name = key.removeprefix("observation.images.")
-        batch[f"observation.depth.{name}"] = tabletop_depth(size, camera_x).expand(batch_size, 1, size, size)
-        batch[f"observation.intrinsics.{name}"] = intrinsics(size).expand(batch_size, 3, 3)
-        batch[f"observation.extrinsics.{name}"] = camera_to_world(camera_x).expand(batch_size, 4, 4)
+        batch[depth_key(key)] = tabletop_depth(size, camera_x).expand(batch_size, 1, size, size)
+        batch[intrinsics_key(key)] = intrinsics(size).expand(batch_size, 3, 3)
+        batch[extrinsics_key(key)] = camera_to_world(camera_x).expand(batch_size, 4, 4)
     return {key: value.to(device) for key, value in batch.items()}
 
 

@@ -8,6 +8,7 @@ from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
 from .geometry_sources import GEOMETRY_SOURCES, GeometrySource
+from .observation_keys import camera_name
 from .optim import FusedAdamWConfig
 from .robot_depth import check_depth_features, is_depth_map
 
@@ -23,13 +24,6 @@ GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
 GEOMETRY_PATCH_POINTS = ("nearest", "mean")
 # Cameras added by `empty_cameras` (pi0's naming): absent from datasets and robots, masked out.
 EMPTY_CAMERA_PREFIX = "observation.images.empty_camera_"
-# Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
-# observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
-# observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
-IMAGE_PREFIX = "observation.images."
-DEPTH_PREFIX = "observation.depth."
-INTRINSICS_PREFIX = "observation.intrinsics."
-EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
 # (scale, offset) of the training times when the config leaves them None: pi0's for Beta, the original
 # system's whole [0, 1] for uniform.
@@ -387,19 +381,3 @@ class Llava3DFusionConfig(PreTrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def camera_name(camera_key: str) -> str:
-    return camera_key.removeprefix(IMAGE_PREFIX)
-
-
-def depth_key(camera_key: str) -> str:
-    return DEPTH_PREFIX + camera_name(camera_key)
-
-
-def intrinsics_key(camera_key: str) -> str:
-    return INTRINSICS_PREFIX + camera_name(camera_key)
-
-
-def extrinsics_key(camera_key: str) -> str:
-    return EXTRINSICS_PREFIX + camera_name(camera_key)

@@ -34,6 +34,7 @@ __all__ = [
     "SinusoidalPatchEncoder",
     "SinusoidalPointEncoder",
     "backproject_depth",
+    "flip_intrinsics",
     "check_patch_points",
     "nearest_points_to_patches",
     "points_to_patches",
@@ -143,6 +144,27 @@ def backproject_depth(
         points = points * valid.unsqueeze(-1).to(dtype)
 
     return points, valid
+
+
+def flip_intrinsics(intrinsics: Tensor, height: int, width: int, flip_rows: bool, flip_cols: bool) -> Tensor:
+    """Intrinsics of an image whose rows and/or columns were reversed.
+
+    Reversing columns maps ``u -> W - 1 - u``, i.e. ``K' = F @ K`` with ``F = [[-1, 0, W-1], [0, 1, 0],
+    [0, 0, 1]]`` (so ``fx`` and skew change sign, ``cx -> W - 1 - cx``); rows likewise with ``H``.
+    The camera frame (and so the extrinsics) does not change.
+
+    Args:
+        intrinsics: (..., 3, 3) pixel-centre-at-integer ``K``.
+        height, width: image size in pixels.
+    Returns:
+        (..., 3, 3) tensor, same dtype.
+    """
+    flip = torch.eye(3, dtype=intrinsics.dtype, device=intrinsics.device)
+    if flip_cols:
+        flip[0, 0], flip[0, 2] = -1.0, width - 1.0
+    if flip_rows:
+        flip[1, 1], flip[1, 2] = -1.0, height - 1.0
+    return flip @ intrinsics
 
 
 def pool_points_to_patches(

@@ -24,7 +24,8 @@ from lerobot.processor import ProcessorStep
 from torch import Tensor, nn
 
 from .depth_estimation import MonocularDepthEstimator
-from .robot_depth import DepthToMetresStep, depth_sources, policy_depth_key, robot_depth_key
+from .observation_keys import depth_key, robot_depth_key
+from .robot_depth import DepthToMetresStep, depth_sources
 
 if TYPE_CHECKING:
     from .configuration_llava3d_fusion import Llava3DFusionConfig
@@ -100,7 +101,7 @@ class RecordedDepth(GeometrySource):
         return [
             key
             for key in camera_keys
-            if policy_depth_key(key) in features or robot_depth_key(key) in features
+            if depth_key(key) in features or robot_depth_key(key) in features
         ]
 
     def check_features(self, camera_keys: list[str], features: dict[str, PolicyFeature]) -> None:
@@ -119,7 +120,7 @@ class RecordedDepth(GeometrySource):
     def batch_depth(
         self, batch: dict[str, Tensor], camera_key: str, batch_size: int, max_depth: float
     ) -> Tensor:
-        key = policy_depth_key(camera_key)
+        key = depth_key(camera_key)
         if key not in batch:
             raise KeyError(
                 f"{key!r} missing from the batch (geometry={self.name!r} uses it for {camera_key})."

@@ -19,15 +19,9 @@ from torch import Tensor
 
 from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
 from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
-from .configuration_llava3d_fusion import (
-    EMPTY_CAMERA_PREFIX,
-    Llava3DFusionConfig,
-    camera_name,
-    depth_key,
-    extrinsics_key,
-    intrinsics_key,
-)
+from .configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
 from .model import DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
+from .observation_keys import camera_name, depth_key, extrinsics_key, intrinsics_key
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):

@@ -31,16 +31,9 @@ from lerobot.processor import (
 )
 from transformers import AutoTokenizer
 
-from .configuration_llava3d_fusion import (
-    DEPTH_PREFIX,
-    EXTRINSICS_PREFIX,
-    INTRINSICS_PREFIX,
-    Llava3DFusionConfig,
-)
+from .configuration_llava3d_fusion import Llava3DFusionConfig
+from .observation_keys import DEPTH_PREFIX, GEOMETRY_PREFIXES
 from .vlm import load_tokenizer
-
-# Depth and camera matrices are metric and must reach the model untouched, whatever their feature type.
-UNNORMALIZED_PREFIXES = (DEPTH_PREFIX, INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_check_observation")
@@ -164,7 +157,7 @@ def normalized_observation_keys(config: Llava3DFusionConfig) -> set[str]:
     return {
         key
         for key, feature in config.input_features.items()
-        if feature.type is not FeatureType.VISUAL and not key.startswith(UNNORMALIZED_PREFIXES)
+        if feature.type is not FeatureType.VISUAL and not key.startswith(GEOMETRY_PREFIXES)
     }
 
 
