@@ -44,12 +44,23 @@ def module_names() -> dict[str, Path]:
 def imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """Package modules that ``name`` imports, at module level or inside functions alike.
 
-    Its own parent packages are left out: Python initialises them before the module anyway.
+    Its own parent packages are left out: Python initialises them before the module anyway; so are
+    imports under ``if TYPE_CHECKING:``, which never run.
     """
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    tree = ast.parse(path.read_text())
+    type_checking_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     targets = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in type_checking_only:
+            continue
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
