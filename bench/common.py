@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmarks: matched geometry, policy builders, inputs, timing and output.
+"""Shared pieces of the benchmarks: matched sizes, policy builders, inputs, timing and output.
 
-Both policies are built with random weights (nothing is downloaded) at the SAME geometry: cameras,
+Both policies are built with random weights (nothing is downloaded) at the SAME sizes: cameras,
 image size, prompt length, chunk size, Euler steps, vision tower, LLM and expert sizes. pi0's sizes
 come from LeRobot's own `get_gemma_config`; ours are written into a local LLaVA checkpoint directory
 (config + tokenizer + image processor, no weights) that `Llava3DFusionConfig(vlm_model_name=dir,
@@ -54,10 +54,15 @@ TARGETS = {
     "ours_over_pi0_train_samples_per_s": ("ours / pi0 training samples/s", ">=", 1.2),
     "ours_over_pi0_peak_memory": ("ours / pi0 peak training memory", "<=", 1.0),
     "sampling_fraction_of_matmul_peak": ("cached sampling FLOP/s / dense matmul FLOP/s", ">=", 0.4),
+    "checkpointed_over_plain_peak_memory": (
+        "gradient checkpointing / without: peak training memory",
+        "<=",
+        0.6,
+    ),
 }
 
 
-# ------------------------------------------------------------------------------------------ geometry
+# ------------------------------------------------------------------------------------- matched sizes
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class VisionSize:
 
 
 @dataclass(frozen=True)
-class Geometry:
+class MatchedSizes:
     """Everything the two policies are matched on."""
 
     vision: VisionSize
@@ -119,7 +124,7 @@ def _pi0_size(variant: str) -> DecoderSize:
 _SIGLIP_SO400M_224 = VisionSize(
     width=1152, depth=27, mlp_dim=4304, num_heads=16, patch_size=14, image_size=224
 )
-_FULL = Geometry(vision=_SIGLIP_SO400M_224, llm=_pi0_size("gemma_2b"), expert=_pi0_size("gemma_300m"))
+_FULL = MatchedSizes(vision=_SIGLIP_SO400M_224, llm=_pi0_size("gemma_2b"), expert=_pi0_size("gemma_300m"))
 # "small": the same token counts (2 cameras x 256 patches, 48 prompt tokens, 52/51 suffix tokens,
 # 10 steps), 1/9 of every depth, half of every decoder width and head dim (pi0 needs 8 heads), a
 # SigLIP-B-wide tower and a 16k vocabulary (embeddings stay ~15% of our parameters, as at "full"),
@@ -225,31 +230,31 @@ def run_info(args: argparse.Namespace) -> dict:
             "lerobot": lerobot.__version__,
             "python": platform.python_version(),
         },
-        "geometry": dataclasses.asdict(PRESETS[args.preset]),
+        "sizes": dataclasses.asdict(PRESETS[args.preset]),
     }
 
 
 # --------------------------------------------------------------------------------------- builders
 
 
-def _features(geometry: Geometry) -> tuple[dict, dict]:
-    size = geometry.vision.image_size
-    inputs = {key: PolicyFeature(FeatureType.VISUAL, (3, size, size)) for key in geometry.camera_keys}
-    inputs[OBS_STATE] = PolicyFeature(FeatureType.STATE, (geometry.state_dim,))
-    outputs = {ACTION: PolicyFeature(FeatureType.ACTION, (geometry.action_dim,))}
+def _features(sizes: MatchedSizes) -> tuple[dict, dict]:
+    size = sizes.vision.image_size
+    inputs = {key: PolicyFeature(FeatureType.VISUAL, (3, size, size)) for key in sizes.camera_keys}
+    inputs[OBS_STATE] = PolicyFeature(FeatureType.STATE, (sizes.state_dim,))
+    outputs = {ACTION: PolicyFeature(FeatureType.ACTION, (sizes.action_dim,))}
     return inputs, outputs
 
 
-def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
+def write_llava_checkpoint(sizes: MatchedSizes, directory: Path) -> Path:
     """A LLaVA checkpoint directory without weights: SigLIP tower + Llama LLM at the Gemma sizes.
 
     Llama, like Gemma, has no q/k/v bias and takes an explicit head_dim, so the attention and MLP
     matrices have exactly the Gemma shapes; only the MLP activation (SiLU vs GELU-tanh) differs.
     """
     tokenizer = build_tiny_tokenizer()
-    llm, vision = geometry.llm, geometry.vision
+    llm, vision = sizes.llm, sizes.vision
     text_config = LlamaConfig(
-        vocab_size=geometry.vocab_size,
+        vocab_size=sizes.vocab_size,
         hidden_size=llm.width,
         intermediate_size=llm.mlp_dim,
         num_hidden_layers=llm.depth,
@@ -279,7 +284,7 @@ def write_llava_checkpoint(geometry: Geometry, directory: Path) -> Path:
 
 
 def build_ours(
-    geometry: Geometry,
+    sizes: MatchedSizes,
     device: torch.device,
     dtype: str,
     seed: int,
@@ -287,10 +292,10 @@ def build_ours(
     extra_inputs: dict | None = None,
     config_fields: dict | None = None,
 ) -> Llava3DFusionPolicy:
-    """Our policy with random weights at `geometry` (a separate expert of the pi0 expert's sizes);
+    """Our policy with random weights at `sizes` (a separate expert of the pi0 expert's sizes);
     `extra_inputs` are input features besides pi0's (e.g. depth), `config_fields` further
     Llava3DFusionConfig fields (e.g. {"gradient_checkpointing": True}, {"geometry": "depth"})."""
-    inputs, outputs = _features(geometry)
+    inputs, outputs = _features(sizes)
     inputs.update(extra_inputs or {})
     fields = {
         "geometry": "none",  # a plain 2D VLA like pi0: no 3D points, every patch token kept
@@ -299,17 +304,17 @@ def build_ours(
     }
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(
-            vlm_model_name=write_llava_checkpoint(geometry, Path(directory)).as_posix(),
+            vlm_model_name=write_llava_checkpoint(sizes, Path(directory)).as_posix(),
             load_vlm_weights=False,
             expert_mode="separate",
-            expert_width_multiplier=geometry.expert.width / geometry.llm.width,
-            expert_mlp_multiplier=geometry.expert.mlp_dim / geometry.llm.mlp_dim,
-            chunk_size=geometry.chunk_size,
-            n_action_steps=geometry.chunk_size,
-            num_steps=geometry.num_steps,
-            max_state_dim=geometry.max_state_dim,
-            max_action_dim=geometry.max_action_dim,
-            tokenizer_max_length=geometry.prompt_length,
+            expert_width_multiplier=sizes.expert.width / sizes.llm.width,
+            expert_mlp_multiplier=sizes.expert.mlp_dim / sizes.llm.mlp_dim,
+            chunk_size=sizes.chunk_size,
+            n_action_steps=sizes.chunk_size,
+            num_steps=sizes.num_steps,
+            max_state_dim=sizes.max_state_dim,
+            max_action_dim=sizes.max_action_dim,
+            tokenizer_max_length=sizes.prompt_length,
             freeze_vision_encoder=freeze_vision_encoder,
             dtype=dtype,
             device=device.type,
@@ -324,32 +329,32 @@ def build_ours(
 
 
 @contextlib.contextmanager
-def pi0_sized(geometry: Geometry) -> Iterator[None]:
-    """Make pi0 build its Gemma variants, SigLIP tower and vocabulary at `geometry`'s sizes.
+def pi0_sized(sizes: MatchedSizes) -> Iterator[None]:
+    """Make pi0 build its Gemma variants, SigLIP tower and vocabulary at `sizes`.
 
     At "full" every patched value equals pi0's own, so the patches change nothing. They live inside
     LeRobot's pi0 module only, only while building: `get_gemma_config` (openpi's variant table), and
     the PaliGemma and Gemma-expert classes, whose SigLIP depth and vocabulary pi0 hard-codes.
     """
-    sizes = {"gemma_2b": geometry.llm, "gemma_300m": geometry.expert}
+    gemma_sizes = {"gemma_2b": sizes.llm, "gemma_300m": sizes.expert}
     paligemma_cls = modeling_pi0.PaliGemmaForConditionalGenerationWithPiGemma
     expert_cls = modeling_pi0.PiGemmaForCausalLM
 
     def get_gemma_config(variant: str) -> modeling_pi0.GemmaConfig:
-        return modeling_pi0.GemmaConfig(**dataclasses.asdict(sizes[variant]))
+        return modeling_pi0.GemmaConfig(**dataclasses.asdict(gemma_sizes[variant]))
 
     def build_paligemma(config):
-        config.vision_config.num_hidden_layers = geometry.vision.depth
-        config.vision_config.hidden_size = geometry.vision.width
-        config.vision_config.intermediate_size = geometry.vision.mlp_dim
-        config.vision_config.num_attention_heads = geometry.vision.num_heads
-        config.vision_config.patch_size = geometry.vision.patch_size
-        config.vision_config.projection_dim = geometry.llm.width
-        config.text_config.vocab_size = geometry.vocab_size
+        config.vision_config.num_hidden_layers = sizes.vision.depth
+        config.vision_config.hidden_size = sizes.vision.width
+        config.vision_config.intermediate_size = sizes.vision.mlp_dim
+        config.vision_config.num_attention_heads = sizes.vision.num_heads
+        config.vision_config.patch_size = sizes.vision.patch_size
+        config.vision_config.projection_dim = sizes.llm.width
+        config.text_config.vocab_size = sizes.vocab_size
         return paligemma_cls(config)
 
     def build_expert(config):
-        config.vocab_size = geometry.vocab_size
+        config.vocab_size = sizes.vocab_size
         return expert_cls(config)
 
     with (
@@ -361,28 +366,28 @@ def pi0_sized(geometry: Geometry) -> Iterator[None]:
 
 
 def build_pi0(
-    geometry: Geometry, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
+    sizes: MatchedSizes, device: torch.device, dtype: str, seed: int, freeze_vision_encoder: bool = False
 ) -> PI0Policy:
-    """LeRobot's pi0 (gemma_2b VLM + gemma_300m expert) with random weights at `geometry`."""
-    inputs, outputs = _features(geometry)
+    """LeRobot's pi0 (gemma_2b VLM + gemma_300m expert) with random weights at `sizes`."""
+    inputs, outputs = _features(sizes)
     config = PI0Config(
         paligemma_variant="gemma_2b",
         action_expert_variant="gemma_300m",
         dtype=dtype,
-        chunk_size=geometry.chunk_size,
-        n_action_steps=geometry.chunk_size,
-        num_inference_steps=geometry.num_steps,
-        max_state_dim=geometry.max_state_dim,
-        max_action_dim=geometry.max_action_dim,
-        tokenizer_max_length=geometry.prompt_length,
-        image_resolution=(geometry.vision.image_size, geometry.vision.image_size),
+        chunk_size=sizes.chunk_size,
+        n_action_steps=sizes.chunk_size,
+        num_inference_steps=sizes.num_steps,
+        max_state_dim=sizes.max_state_dim,
+        max_action_dim=sizes.max_action_dim,
+        tokenizer_max_length=sizes.prompt_length,
+        image_resolution=(sizes.vision.image_size, sizes.vision.image_size),
         freeze_vision_encoder=freeze_vision_encoder,
         device=device.type,
         input_features=inputs,
         output_features=outputs,
     )
     seed_everything(seed)
-    with pi0_sized(geometry), torch.device(device):
+    with pi0_sized(sizes), torch.device(device):
         return PI0Policy(config)
 
 
@@ -487,7 +492,7 @@ def print_comparison(descriptions: dict[str, dict]) -> None:
         rows.append([key, *values, "same" if values[0] == values[1] else "DIFFERS"])
     for part in descriptions["ours"]["params_m"]:
         rows.append([f"params (M) {part}", *[descriptions[m]["params_m"][part] for m in MODELS], ""])
-    print_table("matched geometry (read off the built models)", ["", *MODELS, ""], rows)
+    print_table("matched sizes (read off the built models)", ["", *MODELS, ""], rows)
     print("other differences:")
     for line in KNOWN_DIFFERENCES:
         print(f"  - {line}")
@@ -496,28 +501,28 @@ def print_comparison(descriptions: dict[str, dict]) -> None:
 # ----------------------------------------------------------------------------------------- inputs
 
 
-def make_batch(geometry: Geometry, batch_size: int, device: torch.device, seed: int) -> dict:
+def make_batch(sizes: MatchedSizes, batch_size: int, device: torch.device, seed: int) -> dict:
     """One batch, as both policies get it after their preprocessors (token ids, not text).
 
     Images are float [0, 1] at the model's size (each policy maps them to SigLIP's [-1, 1]); the
     prompt is `prompt_length` real token ids below 256, valid in both vocabularies.
     """
     generator = torch.Generator().manual_seed(seed)
-    size, horizon = geometry.vision.image_size, geometry.chunk_size
-    batch = {key: torch.rand(batch_size, 3, size, size, generator=generator) for key in geometry.camera_keys}
-    batch[OBS_STATE] = torch.randn(batch_size, geometry.state_dim, generator=generator)
-    prompt = (batch_size, geometry.prompt_length)
+    size, horizon = sizes.vision.image_size, sizes.chunk_size
+    batch = {key: torch.rand(batch_size, 3, size, size, generator=generator) for key in sizes.camera_keys}
+    batch[OBS_STATE] = torch.randn(batch_size, sizes.state_dim, generator=generator)
+    prompt = (batch_size, sizes.prompt_length)
     batch[OBS_LANGUAGE_TOKENS] = torch.randint(0, 256, prompt, generator=generator)
     batch[OBS_LANGUAGE_ATTENTION_MASK] = torch.ones(prompt, dtype=torch.bool)
-    batch[ACTION] = torch.rand(batch_size, horizon, geometry.action_dim, generator=generator) * 2 - 1
+    batch[ACTION] = torch.rand(batch_size, horizon, sizes.action_dim, generator=generator) * 2 - 1
     batch["action_is_pad"] = torch.zeros(batch_size, horizon, dtype=torch.bool)
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def make_noise(geometry: Geometry, batch_size: int, device: torch.device, seed: int) -> torch.Tensor:
+def make_noise(sizes: MatchedSizes, batch_size: int, device: torch.device, seed: int) -> torch.Tensor:
     """x_1 (B, chunk_size, max_action_dim), the same for both policies."""
     generator = torch.Generator().manual_seed(seed + 1)
-    shape = (batch_size, geometry.chunk_size, geometry.max_action_dim)
+    shape = (batch_size, sizes.chunk_size, sizes.max_action_dim)
     return torch.randn(shape, generator=generator).to(device)
 
 

@@ -75,16 +75,16 @@ def with_denoise_step(policy, step, call):
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "latency", add_arguments)
     device = setup(args)
-    geometry = PRESETS[args.preset]
+    sizes = PRESETS[args.preset]
     info = run_info(args)
     print_header("latency", info)
 
-    policies = {name: build(geometry, device, args.dtype, args.seed) for name, build in BUILDERS.items()}
+    policies = {name: build(sizes, device, args.dtype, args.seed) for name, build in BUILDERS.items()}
     descriptions = {name: describe(policy, name) for name, policy in policies.items()}
     print_comparison(descriptions)
 
-    batch = make_batch(geometry, args.batch_size, device, args.seed)
-    noise = make_noise(geometry, args.batch_size, device, args.seed)
+    batch = make_batch(sizes, args.batch_size, device, args.seed)
+    noise = make_noise(sizes, args.batch_size, device, args.seed)
     ours = policies["ours"]
     calls = {
         "ours use_cache=true": predictor(ours, batch, noise, use_cache=True),
@@ -110,9 +110,9 @@ def main() -> None:
     }
     rows = [[name, r["median"], r["p10"], r["p90"], r["n"]] for name, r in results.items()]
     print_table(
-        f"predict_action_chunk seconds (batch {args.batch_size}, {geometry.cameras} cameras, "
-        f"{geometry.prompt_length} prompt tokens, chunk {geometry.chunk_size}, "
-        f"{geometry.num_steps} Euler steps)",
+        f"predict_action_chunk seconds (batch {args.batch_size}, {sizes.cameras} cameras, "
+        f"{sizes.prompt_length} prompt tokens, chunk {sizes.chunk_size}, "
+        f"{sizes.num_steps} Euler steps)",
         ["variant", "median", "p10", "p90", "n"],
         rows,
     )

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from common import (
     PRESETS,
-    Geometry,
+    MatchedSizes,
     build_ours,
     check_target,
     describe,
@@ -96,24 +96,24 @@ def layer(n: int, n_keys: int, dims: dict) -> int:
 
 
 def sampling_flops(
-    geometry: Geometry, model: dict, suffix_length: int, num_steps: int, batch_size: int
+    sizes: MatchedSizes, model: dict, suffix_length: int, num_steps: int, batch_size: int
 ) -> dict:
     """Per-part FLOPs (see the module docstring) of one predict_action_chunk call, cached and not."""
     vision, llm, expert = model["vision"], model["llm"], model["expert"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    prefix_len = geometry.cameras * patches + geometry.prompt_length
+    prefix_len = sizes.cameras * patches + sizes.prompt_length
     total_len = prefix_len + suffix_length
-    horizon, depth = geometry.chunk_size, llm["depth"]
+    horizon, depth = sizes.chunk_size, llm["depth"]
     wv, w, we = vision["width"], llm["width"], expert["width"]
 
     vision_layer = 4 * lin(patches, wv, wv) + 4 * patches**2 * wv + 2 * lin(patches, wv, vision["mlp_dim"])
     patch_embedding = lin(patches, 3 * vision["patch_size"] ** 2, wv)
     parts = {
-        "vision": geometry.cameras * (patch_embedding + vision["depth"] * vision_layer),
-        "projector": geometry.cameras * (lin(patches, wv, w) + lin(patches, w, w)),
+        "vision": sizes.cameras * (patch_embedding + vision["depth"] * vision_layer),
+        "projector": sizes.cameras * (lin(patches, wv, w) + lin(patches, w, w)),
         "llm prefix (cache)": (depth - 1) * layer(prefix_len, prefix_len, llm) + kv_only(prefix_len, llm),
     }
-    state, action = geometry.max_state_dim, geometry.max_action_dim
+    state, action = sizes.max_state_dim, sizes.max_action_dim
     heads = lin(1, state, we) + lin(horizon, action, we) + 2 * lin(1, we, we) + lin(horizon, we, action)
     parts["expert step (cache)"] = depth * layer(suffix_length, total_len, expert) + heads
     parts["joint step (no cache)"] = (
@@ -157,19 +157,19 @@ def matmul_reference(size: int, dtype: torch.dtype, device: torch.device):
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "roofline", add_arguments)
     device = setup(args)
-    geometry = PRESETS[args.preset]
+    sizes = PRESETS[args.preset]
     info = run_info(args)
     print_header("roofline", info)
 
-    policy = build_ours(geometry, device, args.dtype, args.seed)
+    policy = build_ours(sizes, device, args.dtype, args.seed)
     model = describe(policy, "ours")
-    steps = geometry.num_steps
+    steps = sizes.num_steps
     # [state] [H actions] [time]
     suffix_length = int(policy.config.use_state_token) + policy.config.chunk_size + 1
-    flops = sampling_flops(geometry, model, suffix_length, steps, args.batch_size)
+    flops = sampling_flops(sizes, model, suffix_length, steps, args.batch_size)
 
-    batch = make_batch(geometry, args.batch_size, device, args.seed)
-    noise = make_noise(geometry, args.batch_size, device, args.seed)
+    batch = make_batch(sizes, args.batch_size, device, args.seed)
+    noise = make_noise(sizes, args.batch_size, device, args.seed)
     matmul_size = args.matmul_size or (2048 if device.type == "cpu" else 8192)
     matmul_call, matmul_flops = matmul_reference(matmul_size, DTYPES[args.dtype], device)
     calls = {

@@ -96,13 +96,13 @@ def memory_gib(device: torch.device) -> dict:
 def train_worker(name: str, args, conn: Connection) -> None:
     """Build one policy; take a training step per "step" message; answer "done" with the results."""
     device = setup(args)
-    geometry = PRESETS[args.preset]
+    sizes = PRESETS[args.preset]
     runtime_memory = memory_gib(device)["current"]
-    policy = BUILDERS[name](geometry, device, args.dtype, args.seed, args.freeze_vision_encoder)
+    policy = BUILDERS[name](sizes, device, args.dtype, args.seed, args.freeze_vision_encoder)
     preset = policy.config.get_optimizer_preset()
     params = [p for p in policy.get_optim_params() if p.requires_grad]
     optimizer = preset.build(params)
-    batch = make_batch(geometry, args.batch_size, device, args.seed)
+    batch = make_batch(sizes, args.batch_size, device, args.seed)
     synchronize(device)
     after_build = memory_gib(device)["current"]
     reset_peak_memory(device)

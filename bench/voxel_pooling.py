@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from common import (
     PRESETS,
-    Geometry,
+    MatchedSizes,
     build_ours,
     make_batch,
     make_noise,
@@ -31,6 +31,7 @@ from common import (
 from lerobot.configs import FeatureType, PolicyFeature
 
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.observation_keys import depth_key, extrinsics_key, intrinsics_key
 
 CAMERA_HEIGHT = 0.8  # metres above the table, looking straight down
 CAMERA_OFFSETS = (0.0, 0.15)  # x of each camera: their views overlap by most of their width
@@ -78,17 +79,14 @@ def tabletop_depth(size: int, camera_x: float) -> torch.Tensor:
     return depth[None]
 
 
-def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
+def build_policy(sizes: MatchedSizes, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
     """Ours with depth for every camera and LLaVA-3D's position encoder (voxel size set per call)."""
-    size = geometry.vision.image_size
+    size = sizes.vision.image_size
     depth = {
-        f"observation.depth.{key.removeprefix('observation.images.')}": PolicyFeature(
-            FeatureType.STATE, (1, size, size)
-        )
-        for key in geometry.camera_keys
+        depth_key(key): PolicyFeature(FeatureType.STATE, (1, size, size)) for key in sizes.camera_keys
     }
     return build_ours(
-        geometry,
+        sizes,
         device,
         dtype,
         seed,
@@ -98,13 +96,12 @@ def build_policy(geometry: Geometry, device: torch.device, dtype: str, seed: int
     )
 
 
-def add_depth(batch: dict, geometry: Geometry, device: torch.device) -> dict:
-    size, batch_size = geometry.vision.image_size, batch["observation.state"].shape[0]
-    for key, camera_x in zip(geometry.camera_keys, CAMERA_OFFSETS, strict=True):
-        name = key.removeprefix("observation.images.")
-        batch[f"observation.depth.{name}"] = tabletop_depth(size, camera_x).expand(batch_size, 1, size, size)
-        batch[f"observation.intrinsics.{name}"] = intrinsics(size).expand(batch_size, 3, 3)
-        batch[f"observation.extrinsics.{name}"] = camera_to_world(camera_x).expand(batch_size, 4, 4)
+def add_depth(batch: dict, sizes: MatchedSizes, device: torch.device) -> dict:
+    size, batch_size = sizes.vision.image_size, batch["observation.state"].shape[0]
+    for key, camera_x in zip(sizes.camera_keys, CAMERA_OFFSETS, strict=True):
+        batch[depth_key(key)] = tabletop_depth(size, camera_x).expand(batch_size, 1, size, size)
+        batch[intrinsics_key(key)] = intrinsics(size).expand(batch_size, 3, 3)
+        batch[extrinsics_key(key)] = camera_to_world(camera_x).expand(batch_size, 4, 4)
     return {key: value.to(device) for key, value in batch.items()}
 
 
@@ -114,7 +111,7 @@ def prefix_tokens(policy: Llava3DFusionPolicy, batch: dict, voxel_size: float | 
     inputs = policy._prepare_inputs(batch)
     with torch.inference_mode():
         _, mask, _ = policy.model.embed_prefix(
-            inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask
+            inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
         )
     image_mask = mask[:, : mask.shape[1] - inputs.lang_tokens.shape[1]]
     return {"image_tokens": image_mask.sum(dim=1).tolist(), "prefix_length": mask.shape[1]}
@@ -127,14 +124,14 @@ def main() -> None:
             f"the scene has {len(CAMERA_OFFSETS)} cameras, the preset {PRESETS[args.preset].cameras}"
         )
     device = setup(args)
-    geometry = PRESETS[args.preset]
+    sizes = PRESETS[args.preset]
     info = run_info(args)
     info["scene"] = {"camera_height_m": CAMERA_HEIGHT, "camera_x_m": CAMERA_OFFSETS, "blocks": BLOCKS}
     print_header("voxel_pooling", info)
 
-    policy = build_policy(geometry, device, args.dtype, args.seed)
-    batch = add_depth(make_batch(geometry, args.batch_size, device, args.seed), geometry, device)
-    noise = make_noise(geometry, args.batch_size, device, args.seed)
+    policy = build_policy(sizes, device, args.dtype, args.seed)
+    batch = add_depth(make_batch(sizes, args.batch_size, device, args.seed), sizes, device)
+    noise = make_noise(sizes, args.batch_size, device, args.seed)
     variants = {"no voxel pooling": None} | {f"voxel {size:g} m": size for size in args.voxel_sizes}
     tokens = {name: prefix_tokens(policy, batch, size) for name, size in variants.items()}
     calls = {
@@ -159,10 +156,10 @@ def main() -> None:
         for name, r in results.items()
     ]
     print_table(
-        f"prefix tokens and predict_action_chunk seconds ({geometry.cameras} RGB-D cameras at "
-        f"{geometry.vision.image_size} px, {geometry.vision.image_size // geometry.vision.patch_size}^2 "
-        f"patches each, {geometry.prompt_length} prompt tokens, chunk {geometry.chunk_size}, "
-        f"{geometry.num_steps} Euler steps, batch {args.batch_size})",
+        f"prefix tokens and predict_action_chunk seconds ({sizes.cameras} RGB-D cameras at "
+        f"{sizes.vision.image_size} px, {sizes.vision.image_size // sizes.vision.patch_size}^2 "
+        f"patches each, {sizes.prompt_length} prompt tokens, chunk {sizes.chunk_size}, "
+        f"{sizes.num_steps} Euler steps, batch {args.batch_size})",
         ["variant", "image tokens", "prefix length", "median s", "latency / no pooling", "n"],
         rows,
     )

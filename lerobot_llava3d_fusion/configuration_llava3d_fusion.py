@@ -7,15 +7,16 @@ from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTr
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
+from .geometry_sources import GEOMETRY_SOURCES, GeometrySource
+from .observation_keys import camera_name
 from .optim import FusedAdamWConfig
-from .robot_depth import check_depth_features, is_depth_map, robot_depth_key
+from .robot_depth import check_depth_features, is_depth_map
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.
 TINY_VLM_NAME = "tiny"
 
 EXPERT_MODES = ("shared", "separate")
-GEOMETRY_SOURCES = ("none", "depth", "estimator")
 GEOMETRY_TARGETS = ("prefix", "expert")
 # "sinusoidal": sinusoidal 3D encoding + MLP added to the projected patch tokens through a gate;
 # "llava3d_mlp": LLaVA-3D's learned MLP on xyz added to the vision tower's features before the projector.
@@ -23,13 +24,6 @@ GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
 GEOMETRY_PATCH_POINTS = ("nearest", "mean")
 # Cameras added by `empty_cameras` (pi0's naming): absent from datasets and robots, masked out.
 EMPTY_CAMERA_PREFIX = "observation.images.empty_camera_"
-# Per-camera geometry inputs follow the camera's name: observation.images.<cam> ->
-# observation.depth.<cam> (B, 1, H, W) metres, observation.intrinsics.<cam> (B, 3, 3),
-# observation.extrinsics.<cam> (B, 4, 4) camera-to-world.
-IMAGE_PREFIX = "observation.images."
-DEPTH_PREFIX = "observation.depth."
-INTRINSICS_PREFIX = "observation.intrinsics."
-EXTRINSICS_PREFIX = "observation.extrinsics."
 TIME_SAMPLINGS = ("beta", "uniform")
 # (scale, offset) of the training times when the config leaves them None: pi0's for Beta, the original
 # system's whole [0, 1] for uniform.
@@ -185,13 +179,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)
         _check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         _check_choice("tiny_llm_type", self.tiny_llm_type, TINY_LLM_TYPES)
-        _check_choice("geometry", self.geometry, GEOMETRY_SOURCES)
+        _check_choice("geometry", self.geometry, tuple(GEOMETRY_SOURCES))
         _check_choice("geometry_target", self.geometry_target, GEOMETRY_TARGETS)
         self._validate_3d_patches()
-        if self.geometry == "estimator" and not self.depth_estimator_name:
-            raise ValueError(
-                "geometry='estimator' needs depth_estimator_name (a depth-estimation checkpoint)."
-            )
+        self.geometry_source.check_config(self)
         _check_choice("dtype", self.dtype, DTYPES)
         if not 0.0 < self.expert_width_multiplier <= 1.0:
             raise ValueError(
@@ -267,8 +258,11 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"geometry_voxel_size must be a positive number of metres or None (got {voxel!r})."
             )
-        if self.geometry == "none":
-            raise ValueError("geometry_voxel_size needs 3D points: set geometry to 'depth' or 'estimator'.")
+        if not self.geometry_source.needs_3d_encoder:
+            with_points = " or ".join(
+                repr(name) for name, source in GEOMETRY_SOURCES.items() if source.needs_3d_encoder
+            )
+            raise ValueError(f"geometry_voxel_size needs 3D points: set geometry to {with_points}.")
         if self.geometry_target != "prefix":
             raise ValueError(
                 "geometry_voxel_size pools the VLM's image tokens: it needs geometry_target='prefix' "
@@ -317,11 +311,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
                 raise ValueError(
                     f"{name} names cameras {unknown} the policy does not have; its cameras: {sorted(cameras)}."
                 )
-        if self.geometry == "depth" and not self.geometry_camera_keys:
-            raise ValueError(
-                "geometry='depth' needs a depth feature for at least one camera (observation.depth.<cam> "
-                f"next to observation.images.<cam>); input_features are {sorted(self.input_features)}."
-            )
+        self.geometry_source.check_features(self.geometry_camera_keys, self.input_features)
 
     @property
     def time_sampling_range(self) -> tuple[float, float]:
@@ -347,16 +337,15 @@ class Llava3DFusionConfig(PreTrainedConfig):
         ]
 
     @property
+    def geometry_source(self) -> GeometrySource:
+        """Where cameras' depth comes from, by `geometry` (`geometry_sources.py`)."""
+        return GEOMETRY_SOURCES[self.geometry]
+
+    @property
     def geometry_camera_keys(self) -> list[str]:
-        """Cameras that get 3D positions: all of them with an estimator, those with depth otherwise."""
-        if self.geometry == "none":
-            return []
-        if self.geometry == "estimator":
-            return [key for key in self.camera_keys if not key.startswith(EMPTY_CAMERA_PREFIX)]
-        features = self.input_features or {}
-        return [
-            key for key in self.camera_keys if depth_key(key) in features or robot_depth_key(key) in features
-        ]
+        """Cameras that get 3D points, as the geometry source decides (empty cameras never do)."""
+        cameras = [key for key in self.camera_keys if not key.startswith(EMPTY_CAMERA_PREFIX)]
+        return self.geometry_source.camera_keys(cameras, self.input_features or {})
 
     def get_optimizer_preset(self) -> FusedAdamWConfig:
         return FusedAdamWConfig(
@@ -392,19 +381,3 @@ class Llava3DFusionConfig(PreTrainedConfig):
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def camera_name(camera_key: str) -> str:
-    return camera_key.removeprefix(IMAGE_PREFIX)
-
-
-def depth_key(camera_key: str) -> str:
-    return DEPTH_PREFIX + camera_name(camera_key)
-
-
-def intrinsics_key(camera_key: str) -> str:
-    return INTRINSICS_PREFIX + camera_name(camera_key)
-
-
-def extrinsics_key(camera_key: str) -> str:
-    return EXTRINSICS_PREFIX + camera_name(camera_key)

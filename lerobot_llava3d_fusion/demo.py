@@ -131,11 +131,18 @@ INSTRUCTION_SWAP_EVALS = {
 
 
 def eval_args(
-    checkpoint: Path, output_dir: Path, episodes: int, num_blocks: int, env_options: dict[str, str]
+    checkpoint: Path,
+    output_dir: Path,
+    episodes: int,
+    num_blocks: int,
+    env_options: dict[str, str],
+    policy_options: dict[str, str] | None = None,
 ) -> list[str]:
-    """`lerobot-eval` arguments of one evaluation; `env_options` become `--env.<name>=<value>`."""
+    """`lerobot-eval` arguments of one evaluation; `env_options` become `--env.<name>=<value>` and
+    `policy_options` `--policy.<name>=<value>`."""
     return [
         f"--policy.path={checkpoint}",
+        *(f"--policy.{name}={value}" for name, value in (policy_options or {}).items()),
         "--env.type=touch_block",
         f"--env.num_blocks={num_blocks}",
         *(f"--env.{name}={value}" for name, value in env_options.items()),
@@ -153,12 +160,13 @@ def evaluate(
     episodes: int,
     num_blocks: int,
     env_options: dict[str, str] | None = None,
+    policy_options: dict[str, str] | None = None,
 ) -> float:
     """Success rate (%) of `lerobot-eval` run into `<workdir>/eval_<name>`."""
     output_dir = workdir / f"eval_{name}"
     run_lerobot(
         "lerobot_eval",
-        eval_args(checkpoint, output_dir, episodes, num_blocks, env_options or {}),
+        eval_args(checkpoint, output_dir, episodes, num_blocks, env_options or {}, policy_options),
         workdir / f"eval_{name}.log",
     )
     info = json.loads((output_dir / "eval_info.json").read_text())
@@ -166,21 +174,33 @@ def evaluate(
 
 
 def evaluate_policy(
-    workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int
+    workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int, rtc: bool = False
 ) -> dict[str, float]:
     """Success rates (%) of a trained policy by result name: the normal evaluation and, with several
-    blocks per scene, the `INSTRUCTION_SWAP_EVALS`."""
-    policy = f"llava3d_fusion (geometry={geometry})"
-    rates = {policy: evaluate(workdir, checkpoint, geometry, episodes, num_blocks)}
+    blocks per scene, the `INSTRUCTION_SWAP_EVALS`; with `rtc`, each of them again with real-time
+    chunking in `select_action` (re-plans guided by the previous chunk's unexecuted actions)."""
+    evaluations = {"": {}}
     if num_blocks >= 2:
         for label, success_target in INSTRUCTION_SWAP_EVALS.items():
-            rates[f"{policy}, {label}"] = evaluate(
-                workdir,
-                checkpoint,
-                f"{geometry}_instruction_swapped_{success_target}_target",
-                episodes,
-                num_blocks,
-                {"instruction_perturbation": "other_task", "success_target": success_target},
+            evaluations[label] = {"instruction_perturbation": "other_task", "success_target": success_target}
+    samplings = {"": None, "RTC": {"rtc_config.enabled": "true"}} if rtc else {"": None}
+    rates = {}
+    for sampling, policy_options in samplings.items():
+        for label, env_options in evaluations.items():
+            name = ", ".join(
+                part for part in (f"llava3d_fusion (geometry={geometry})", sampling, label) if part
+            )
+            run_name = "_".join(
+                part
+                for part in (
+                    geometry,
+                    sampling.lower(),
+                    env_options and f"instruction_swapped_{env_options['success_target']}_target",
+                )
+                if part
+            )
+            rates[name] = evaluate(
+                workdir, checkpoint, run_name, episodes, num_blocks, env_options, policy_options
             )
     return rates
 
@@ -280,6 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     parser.add_argument(
+        "--rtc",
+        action="store_true",
+        help="also evaluate each policy with real-time chunking (--policy.rtc_config.enabled=true)",
+    )
+    parser.add_argument(
         "--vlm-pretraining-steps",
         type=int,
         default=0,
@@ -312,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps, pretraining)
-        results.update(evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks))
+        results.update(
+            evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks, args.rtc)
+        )
 
     summary = {
         "success_rate_pc": results,

@@ -81,11 +81,10 @@ def check_decoder_contract(llm: nn.Module, name: str) -> None:
         expected = llm(inputs_embeds=hidden, position_ids=positions).last_hidden_state
         causal = torch.ones(4, 4, dtype=torch.bool, device=parameter.device).tril()[None, None]
         rotation = [llm.rotary_emb(hidden, positions)]
-        streams = [hidden]
         for layer in llm.layers:
-            q, k, v = _project_streams([layer], streams, rotation)
-            streams = _attend_and_finish([layer], streams, q, k, v, causal)
-        ours = llm.norm(streams[0])
+            q, k, v = _project_streams([layer], [hidden], rotation)
+            hidden = _attend_and_finish(layer, hidden, q, k, v, causal)
+        ours = llm.norm(hidden)
     tolerance = 1e-3 if parameter.dtype == torch.float32 else 3e-2
     error = ((ours - expected).abs().max() / expected.abs().max().clamp(min=1e-6)).item()
     if not error <= tolerance:
@@ -120,19 +119,19 @@ def build_expert_layers(
     return layers, norm
 
 
-def check_head_geometry(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
+def check_head_shapes(vlm_layers: nn.ModuleList, expert_layers: nn.ModuleList) -> None:
     """Both streams must project into the same attention space, layer by layer."""
     if len(vlm_layers) != len(expert_layers):
         raise ValueError(
             f"expert has {len(expert_layers)} layers, the VLM {len(vlm_layers)}: they must match."
         )
     vlm_attn, expert_attn = vlm_layers[0].self_attn, expert_layers[0].self_attn
-    vlm_geometry = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
-    expert_geometry = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
-    if vlm_geometry != expert_geometry:
+    vlm_heads = (vlm_attn.q_proj.out_features, vlm_attn.k_proj.out_features, vlm_attn.head_dim)
+    expert_heads = (expert_attn.q_proj.out_features, expert_attn.k_proj.out_features, expert_attn.head_dim)
+    if vlm_heads != expert_heads:
         raise ValueError(
-            "expert and VLM attention geometry differ (q width, kv width, head_dim): "
-            f"VLM {vlm_geometry}, expert {expert_geometry}; expected them equal."
+            "expert and VLM attention head shapes differ (q width, kv width, head_dim): "
+            f"VLM {vlm_heads}, expert {expert_heads}; expected them equal."
         )
 
 
@@ -158,7 +157,7 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             self.separate_expert_layers, self.separate_expert_norm = build_expert_layers(
                 llm, expert_width_multiplier, expert_mlp_multiplier
             )
-            check_head_geometry(self.vlm_layers, self.separate_expert_layers)
+            check_head_shapes(self.vlm_layers, self.separate_expert_layers)
         elif expert_mode != "shared":
             raise ValueError(f"expert_mode must be 'shared' or 'separate', got {expert_mode!r}.")
 
@@ -236,10 +235,10 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             suffix_mask = key_valid[:, None, None, :]
         rotation = [self.rotary_emb(prefix_embeds, prefix_pos)]
         keys, values = [], []
-        hidden = [prefix_embeds]
+        hidden = prefix_embeds
         last = len(self.vlm_layers) - 1
         for index, layer in enumerate(self.vlm_layers):
-            q, k, v = _project_streams([layer], hidden, rotation)
+            q, k, v = _project_streams([layer], [hidden], rotation)
             key_buffer = k.new_empty(batch, k.shape[1], prefix_len + suffix_length, k.shape[3])
             value_buffer = torch.empty_like(key_buffer)
             key_buffer[:, :, :prefix_len] = k
@@ -247,7 +246,7 @@ class LLaVA3DWithActionExpertModel(nn.Module):
             keys.append(key_buffer)
             values.append(value_buffer)
             if index < last:
-                hidden = _attend_and_finish([layer], hidden, q, k, v, mask)
+                hidden = _attend_and_finish(layer, hidden, q, k, v, mask)
         suffix_rotation = self.rotary_emb(prefix_embeds, suffix_pos)
         return PrefixKVCache(keys, values, prefix_len, suffix_rotation, suffix_mask)
 
@@ -260,13 +259,13 @@ class LLaVA3DWithActionExpertModel(nn.Module):
                 f"cache was built for a suffix of {cache.keys[0].shape[2] - start} tokens, got {suffix_len}."
             )
         rotation = [cache.suffix_rotation]
-        hidden = [suffix_embeds]
+        hidden = suffix_embeds
         for layer, key_buffer, value_buffer in zip(self.expert_layers, cache.keys, cache.values, strict=True):
-            q, k, v = _project_streams([layer], hidden, rotation)
+            q, k, v = _project_streams([layer], [hidden], rotation)
             key_buffer[:, :, start:] = k
             value_buffer[:, :, start:] = v
-            hidden = _attend_and_finish([layer], hidden, q, key_buffer, value_buffer, cache.suffix_mask)
-        return self.expert_norm(hidden[0])
+            hidden = _attend_and_finish(layer, hidden, q, key_buffer, value_buffer, cache.suffix_mask)
+        return self.expert_norm(hidden)
 
 
 def _fused_layer(
@@ -279,14 +278,25 @@ def _fused_layer(
     suffix_only: bool,
 ) -> list[Tensor]:
     """One joint layer: [prefix_out, suffix_out], or [suffix_out] when the prefix output feeds nothing
-    (the last layer in training: its prefix queries, o_proj and MLP are skipped)."""
+    (the last layer in training: its prefix queries, o_proj and MLP are skipped).
+
+    The suffix finishes first: when the prefix stream stores nothing for the backward pass, a
+    checkpointed layer's recomputation (which stops once every stored tensor is back) then never
+    reruns the prefix's o_proj and MLP."""
     q, k, v = _project_streams([vlm_layer, expert_layer], [prefix, suffix], rotations)
+    prefix_len = prefix.shape[1]
     if suffix_only:
-        prefix_len = prefix.shape[1]
-        return _attend_and_finish(
-            [expert_layer], [suffix], q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:]
-        )
-    return _attend_and_finish([vlm_layer, expert_layer], [prefix, suffix], q, k, v, mask)
+        attention = _attend(expert_layer, q[:, :, prefix_len:], k, v, mask[:, :, prefix_len:])
+        return [_finish(expert_layer, suffix, attention)]
+    attention = _attend(vlm_layer, q, k, v, mask)  # (B, Lp + Ls, H * D)
+    suffix_out = _finish(expert_layer, suffix, attention[:, prefix_len:])
+    prefix_attention = attention[:, :prefix_len]
+    if not prefix.requires_grad and not any(p.requires_grad for p in vlm_layer.parameters()):
+        # A frozen VLM stream (train_expert_only): prefix queries see prefix keys only (the mask), so
+        # these rows depend on the suffix in autograd's view alone (their gradient into it is exactly
+        # zero). Detached, the prefix's o_proj and MLP store no activations and get no backward pass.
+        prefix_attention = prefix_attention.detach()
+    return [_finish(vlm_layer, prefix, prefix_attention), suffix_out]
 
 
 def _position_ids(prefix_pad_mask: Tensor, suffix_len: int) -> tuple[Tensor, Tensor]:
@@ -316,17 +326,21 @@ def _project_streams(layers, streams, rotations) -> tuple[Tensor, Tensor, Tensor
     return torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
 
 
-def _attend_and_finish(layers, streams, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> list[Tensor]:
-    """One SDPA call over all streams, then per-stream o_proj, residual, post-norm, MLP, residual."""
-    scale = layers[0].self_attn.scaling
-    attn_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    attn_out = attn_out.transpose(1, 2)  # (B, L, H, D)
-    outputs, start = [], 0
-    for layer, hidden in zip(layers, streams, strict=True):
-        length = hidden.shape[1]
-        part = attn_out[:, start : start + length].reshape(*hidden.shape[:-1], -1)
-        start += length
-        hidden = hidden + layer.self_attn.o_proj(part)
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        outputs.append(hidden)
-    return outputs
+def _attend(layer: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One SDPA call over (B, H, Lq, D) queries and (B, H_kv, Lk, D) keys/values -> (B, Lq, H * D)."""
+    scale = layer.self_attn.scaling
+    attention = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return attention.transpose(1, 2).flatten(2)
+
+
+def _finish(layer: nn.Module, hidden: Tensor, attention: Tensor) -> Tensor:
+    """One stream's o_proj, residual, post-attention norm, MLP and residual: (B, L, D) -> (B, L, D)."""
+    hidden = hidden + layer.self_attn.o_proj(attention)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _attend_and_finish(
+    layer: nn.Module, hidden: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
+) -> Tensor:
+    """A single stream's attention over `k`/`v` and the rest of its layer."""
+    return _finish(layer, hidden, _attend(layer, q, k, v, mask))

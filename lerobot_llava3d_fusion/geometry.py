@@ -5,11 +5,11 @@ A metric depth image and pinhole intrinsics (optionally camera-to-world extrinsi
 point from that map, either the mean of its valid pixels (``"mean"``) or the pixel a nearest-neighbour resize
 of the map to the patch grid picks (``"nearest"``, what LLaVA-3D does), see :func:`points_to_patches`.
 
-This module's encoder turns the per-patch point into a ``hidden_size`` vector (sinusoidal 3D encoding followed
-by an MLP) that is meant to be ADDED to the projected patch token. It is scaled by a learnable gate initialised
-at zero, so a pretrained vision-language model starts out unchanged and only learns to use geometry as the
-gate opens. LLaVA-3D's own encoder (a learned MLP on xyz, added before the projector) is in
-``llava3d_geometry.py``.
+:class:`DepthToPatchPoints` does both steps for one camera. This module's point encoder turns a per-patch
+point into a ``hidden_size`` vector (sinusoidal 3D encoding followed by an MLP) that is meant to be ADDED to the
+projected patch token. It is scaled by a learnable gate initialised at zero, so a pretrained vision-language
+model starts out unchanged and only learns to use the 3D points as the gate opens. LLaVA-3D's own encoder (a
+learned MLP on xyz, added before the projector) is in ``llava3d_geometry.py``.
 
 Conventions (OpenCV):
     * camera frame: x right, y down, z forward; depth is the metric z coordinate (not the ray length);
@@ -30,14 +30,16 @@ from torch import Tensor, nn
 
 __all__ = [
     "PATCH_POINT_METHODS",
+    "DepthToPatchPoints",
+    "SinusoidalPatchEncoder",
+    "SinusoidalPointEncoder",
     "backproject_depth",
+    "flip_intrinsics",
     "check_patch_points",
-    "pool_points_to_patches",
     "nearest_points_to_patches",
     "points_to_patches",
+    "pool_points_to_patches",
     "sinusoidal_3d_encoding",
-    "GeometryEncoder",
-    "DepthToPatchGeometry",
 ]
 
 # Smallest wavelength of the sinusoidal encoding, in metres. One centimetre is about the precision that
@@ -106,7 +108,7 @@ def backproject_depth(
         raise ValueError(f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
 
     batch_size, height, width = depth.shape
-    # Half-precision depth loses centimetres at a few metres, so compute geometry in at least float32.
+    # Half-precision depth loses centimetres at a few metres, so compute the points in at least float32.
     dtype = torch.promote_types(depth.dtype, torch.float32)
     depth = depth.to(dtype)
     intrinsics = _batched_matrix(intrinsics, 3, batch_size, "intrinsics").to(device=depth.device, dtype=dtype)
@@ -142,6 +144,27 @@ def backproject_depth(
         points = points * valid.unsqueeze(-1).to(dtype)
 
     return points, valid
+
+
+def flip_intrinsics(intrinsics: Tensor, height: int, width: int, flip_rows: bool, flip_cols: bool) -> Tensor:
+    """Intrinsics of an image whose rows and/or columns were reversed.
+
+    Reversing columns maps ``u -> W - 1 - u``, i.e. ``K' = F @ K`` with ``F = [[-1, 0, W-1], [0, 1, 0],
+    [0, 0, 1]]`` (so ``fx`` and skew change sign, ``cx -> W - 1 - cx``); rows likewise with ``H``.
+    The camera frame (and so the extrinsics) does not change.
+
+    Args:
+        intrinsics: (..., 3, 3) pixel-centre-at-integer ``K``.
+        height, width: image size in pixels.
+    Returns:
+        (..., 3, 3) tensor, same dtype.
+    """
+    flip = torch.eye(3, dtype=intrinsics.dtype, device=intrinsics.device)
+    if flip_cols:
+        flip[0, 0], flip[0, 2] = -1.0, width - 1.0
+    if flip_rows:
+        flip[1, 1], flip[1, 2] = -1.0, height - 1.0
+    return flip @ intrinsics
 
 
 def pool_points_to_patches(
@@ -282,13 +305,55 @@ def check_patch_points(patch_points: Tensor, patch_valid: Tensor) -> None:
         )
 
 
-class GeometryEncoder(nn.Module):
+class DepthToPatchPoints(nn.Module):
+    """One camera's depth image + camera matrices -> one 3D point per patch of a ``(gh, gw)`` grid.
+
+    The base of the patch encoders: they add an ``encoder`` that turns these points into vectors.
+    """
+
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        patch_point_method: str = "mean",
+        min_depth: float = 1e-3,
+        max_depth: float = 100.0,
+    ):
+        super().__init__()
+        if patch_point_method not in PATCH_POINT_METHODS:
+            raise ValueError(
+                f"patch_point_method must be one of {PATCH_POINT_METHODS}, got {patch_point_method!r}"
+            )
+        if not 0.0 <= min_depth < max_depth:
+            raise ValueError(
+                f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}"
+            )
+        self.grid_size = _check_grid_size(grid_size)
+        self.patch_point_method = patch_point_method
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+
+    def patch_points_of(
+        self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera.
+
+        See :func:`backproject_depth` for the input shapes and frames.
+        """
+        points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
+        return points_to_patches(points, valid, self.grid_size, self.patch_point_method)
+
+    def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
+        """``(B, gh * gw, width)`` encoder vectors of one camera's patches."""
+        return self.encoder(*self.patch_points_of(depth, intrinsics, extrinsics))
+
+
+class SinusoidalPointEncoder(nn.Module):
     """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
 
     ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied channel-wise by
     ``gate`` and zeroed on patches without valid depth. The gate has one entry per channel: each
     entry gets its own gradient from the start, whereas a single scalar only gets the projection of
-    the gradient on the random initial features, which stays near zero and kept geometry switched
+    the gradient on the random initial features, which stays near zero and kept the 3D points switched
     off in training. ``gate_init`` 0 (the default) makes the output exactly zero until training
     opens the gate, so a pretrained VLM starts unchanged; a model trained from scratch has nothing
     to preserve and learns faster with the gate open (1).
@@ -333,8 +398,9 @@ class GeometryEncoder(nn.Module):
         return self.gate * features * patch_valid.unsqueeze(-1).to(dtype)
 
 
-class DepthToPatchGeometry(nn.Module):
-    """Depth image + camera -> ``(B, gh * gw, hidden_size)`` geometry features to add to the patch tokens."""
+class SinusoidalPatchEncoder(DepthToPatchPoints):
+    """Depth image + camera -> ``(B, gh * gw, hidden_size)`` gated sinusoidal vectors to add to the patch
+    tokens (after the projector)."""
 
     def __init__(
         self,
@@ -346,30 +412,9 @@ class DepthToPatchGeometry(nn.Module):
         max_depth: float = 100.0,
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
         gate_init: float = 0.0,
-        patch_points: str = "mean",
+        patch_point_method: str = "mean",
     ):
-        super().__init__()
-        if not 0.0 <= min_depth < max_depth:
-            raise ValueError(
-                f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}"
-            )
-        if patch_points not in PATCH_POINT_METHODS:
-            raise ValueError(f"patch_points must be one of {PATCH_POINT_METHODS}, got {patch_points!r}")
-        self.grid_size = _check_grid_size(grid_size)
-        self.min_depth = min_depth
-        self.max_depth = max_depth
-        self.patch_points = patch_points
-        self.encoder = GeometryEncoder(
+        super().__init__(grid_size, patch_point_method, min_depth, max_depth)
+        self.encoder = SinusoidalPointEncoder(
             hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init
         )
-
-    def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
-        """See :func:`backproject_depth` for the input shapes; returns ``(B, gh * gw, hidden_size)``."""
-        return self.encoder(*self.patch_points_of(depth, intrinsics, extrinsics))
-
-    def patch_points_of(
-        self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera."""
-        points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
-        return points_to_patches(points, valid, self.grid_size, self.patch_points)

@@ -6,7 +6,7 @@ vision tower's patch grid; a learned MLP, ``Linear(3, C) -> LayerNorm(C) -> ReLU
 vision width C, turns each patch's xyz into a vector that is ADDED to the tower's patch feature; the patches
 of all views are averaged per voxel; and only then does the projector map them into the LLM.
 
-Here the same steps run on the policy's inputs: :class:`Llava3DPatchGeometry` gives each camera's patches
+Here the same steps run on the policy's inputs: :class:`Llava3DPatchEncoder` gives each camera's patches
 their points (:func:`~.geometry.backproject_depth` + :func:`~.geometry.points_to_patches`, world frame with
 extrinsics, camera frame without, metres) and :class:`Llava3DPositionEncoder` their position vectors;
 :func:`voxel_pool` merges the patches of all cameras that share a voxel. Patches without valid depth get
@@ -20,15 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .geometry import (
-    PATCH_POINT_METHODS,
-    _check_grid_size,
-    backproject_depth,
-    check_patch_points,
-    points_to_patches,
-)
+from .geometry import DepthToPatchPoints, check_patch_points
 
-__all__ = ["Llava3DPatchGeometry", "Llava3DPositionEncoder", "VoxelTokens", "voxel_pool"]
+__all__ = ["Llava3DPatchEncoder", "Llava3DPositionEncoder", "VoxelTokens", "voxel_pool"]
 
 
 class Llava3DPositionEncoder(nn.Module):
@@ -62,7 +56,7 @@ class Llava3DPositionEncoder(nn.Module):
         return embedding * patch_valid.unsqueeze(-1).to(dtype)
 
 
-class Llava3DPatchGeometry(nn.Module):
+class Llava3DPatchEncoder(DepthToPatchPoints):
     """Depth + camera -> per-patch points on the tower's feature grid, and their LLaVA-3D position vectors."""
 
     def __init__(
@@ -71,33 +65,12 @@ class Llava3DPatchGeometry(nn.Module):
         grid_size: tuple[int, int],
         gated: bool,
         gate_init: float = 0.0,
-        patch_points: str = "nearest",
+        patch_point_method: str = "nearest",
         min_depth: float = 1e-3,
         max_depth: float = 100.0,
     ):
-        super().__init__()
-        if patch_points not in PATCH_POINT_METHODS:
-            raise ValueError(f"patch_points must be one of {PATCH_POINT_METHODS}, got {patch_points!r}")
-        if not 0.0 <= min_depth < max_depth:
-            raise ValueError(
-                f"need 0 <= min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}"
-            )
-        self.grid_size = _check_grid_size(grid_size)
-        self.patch_points = patch_points
-        self.min_depth = min_depth
-        self.max_depth = max_depth
+        super().__init__(grid_size, patch_point_method, min_depth, max_depth)
         self.encoder = Llava3DPositionEncoder(width, gated, gate_init)
-
-    def patch_points_of(
-        self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera."""
-        points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
-        return points_to_patches(points, valid, self.grid_size, self.patch_points)
-
-    def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
-        """``(B, gh * gw, C)`` position vectors of one camera's patches."""
-        return self.encoder(*self.patch_points_of(depth, intrinsics, extrinsics))
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """The llava3d_fusion network: prefix embedding, deep-fusion transformer and flow-matching head.
 
 Inputs are already tensors, gathered in a `ModelInputs` (the policy turns LeRobot batches into it):
-images per camera, their 3D inputs (`CameraGeometry`), the tokenized task, the padded state and which
-cameras are present; actions and noise are (B, chunk_size, max_action_dim).
+images per camera, their depth and camera matrices (`CameraGeometry`), the tokenized task, the padded
+state and which cameras are present; actions and noise are (B, chunk_size, max_action_dim).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -16,26 +17,25 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .backbone import ImageEncoder
+from .backbone import Backbone, ImageEncoder
 from .backbone_files import BackboneSource
 from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .depth_estimation import MonocularDepthEstimator
 from .flow_matching import FlowMatchingActionExpert, sample_time
 from .fusion import LLaVA3DWithActionExpertModel
-from .geometry import DepthToPatchGeometry
+from .geometry import DepthToPatchPoints, SinusoidalPatchEncoder
 from .llava3d_checkpoint import LLAVA3D_POSITION_PREFIX
-from .llava3d_geometry import Llava3DPatchGeometry, voxel_pool
+from .llava3d_geometry import Llava3DPatchEncoder, voxel_pool
 from .vlm import load_backbone
 
 logger = logging.getLogger(__name__)
 
 # Patch grid side of the 3D-aware tokens handed to the expert (geometry_target="expert").
-EXPERT_GEOMETRY_GRID = (4, 4)
+EXPERT_3D_TOKEN_GRID = (4, 4)
 
 
 @dataclass
 class CameraGeometry:
-    """What one camera contributes to 3D positions."""
+    """One camera's depth and camera matrices: what its 3D points are computed from."""
 
     intrinsics: Tensor  # (B, 3, 3) for the depth image's pixel grid
     depth: Tensor | None = None  # (B, 1, H, W) metres; None = estimate it from the image
@@ -46,7 +46,7 @@ class ModelInputs(NamedTuple):
     """Everything the network reads of one batch (the policy builds it from a LeRobot batch)."""
 
     images: list[Tensor]  # per camera (B, 3, H, W) in [0, 1]
-    geometry: list[CameraGeometry | None]  # per camera; None: no 3D input for that camera
+    camera_geometry: list[CameraGeometry | None]  # per camera; None: no 3D points for that camera
     lang_tokens: Tensor  # (B, L)
     lang_mask: Tensor  # (B, L) bool, right padding
     state: Tensor  # (B, max_state_dim)
@@ -59,23 +59,46 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 class Llava3DFusionModel(nn.Module):
     """The network. Mixed precision: pretrained weights load in `config.dtype` (memory), new modules
     are built in float32; the policy then decides each parameter's storage dtype (float32 master
-    weights for everything that trains) and `compute_precision()` runs the forward in `config.dtype`."""
+    weights for everything that trains) and `compute_precision()` runs the forward in `config.dtype`.
+
+    Parts, built in this order (the attribute names are the checkpoints' state-dict keys):
+    `image_encoder` (vision tower + projector), `embed_tokens` + `fusion` (the LLM's layers fused with
+    the action expert's), `action_expert` (flow-matching heads: state, noisy actions, time, velocity),
+    `depth_estimator` (the network the geometry source runs for depth, if any), `patch_geometry` (the
+    3D point encoder) and `expert_patch_proj` (only for geometry_target="expert").
+    """
 
     def __init__(self, config: Llava3DFusionConfig, backbone_source: BackboneSource | None = None):
         super().__init__()
         self.config = config
-        backbone_source = backbone_source or BackboneSource.from_config(config)
-        backbone = load_backbone(
-            backbone_source.vlm,
+        self.backbone_source = backbone_source or BackboneSource.from_config(config)
+        backbone = self._load_backbone()
+        self.tokenizer = backbone.tokenizer
+        self._build_vision(backbone)
+        self._build_fusion(backbone)
+        self.action_expert = self._build_action_expert()
+        self.depth_estimator = config.geometry_source.build_depth_model(config)
+        self._build_3d_encoder(backbone)
+        self.denoise_step = self._build_denoise_step()
+
+    # ------------------------------------------------------------------------------ building
+
+    def _load_backbone(self) -> Backbone:
+        """Vision tower, projector, LLM and tokenizer of the configured checkpoint (or the tiny one)."""
+        config = self.config
+        return load_backbone(
+            self.backbone_source.vlm,
             load_weights=config.load_vlm_weights,
             num_layers=config.num_vlm_layers,
             image_pooling=config.image_pooling,
-            vision_tower_name=backbone_source.vision_tower,
+            vision_tower_name=self.backbone_source.vision_tower,
             tiny_llm_type=config.tiny_llm_type,
             dtype=DTYPES[config.dtype],
         )
-        self.backbone_source = backbone_source
-        self.tokenizer = backbone.tokenizer
+
+    def _build_vision(self, backbone: Backbone) -> None:
+        """`image_encoder` (tower features -> projected patch tokens), the tower's input size and
+        normalisation, and the patch grid of the projected tokens."""
         self.image_encoder = ImageEncoder(
             backbone.vision_tower,
             backbone.projector,
@@ -89,6 +112,11 @@ class Llava3DFusionModel(nn.Module):
             "image_mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1), persistent=False
         )
         self.register_buffer("image_std", torch.tensor(backbone.image_std).view(1, 3, 1, 1), persistent=False)
+        self.patch_grid = backbone.patch_grid
+
+    def _build_fusion(self, backbone: Backbone) -> None:
+        """`embed_tokens` (the LLM's) and `fusion`: the LLM's layers joined with the action expert's."""
+        config = self.config
         self.embed_tokens = backbone.language_model.embed_tokens
         self.fusion = LLaVA3DWithActionExpertModel(
             backbone.language_model,
@@ -103,7 +131,11 @@ class Llava3DFusionModel(nn.Module):
                 f"({self.fusion.expert_width} of the LLM's {llm_width}); the sinusoidal time embedding needs an "
                 f"even one: e.g. expert_width_multiplier={2 * round(config.expert_width_multiplier * llm_width / 2) / llm_width:g}."
             )
-        self.action_expert = FlowMatchingActionExpert(
+
+    def _build_action_expert(self) -> FlowMatchingActionExpert:
+        """The suffix's heads on the expert's width: state, noisy actions and time in, velocity out."""
+        config = self.config
+        return FlowMatchingActionExpert(
             width=self.fusion.expert_width,
             chunk_size=config.chunk_size,
             action_dim=config.action_feature.shape[-1],
@@ -113,24 +145,24 @@ class Llava3DFusionModel(nn.Module):
             min_period=config.min_period,
             max_period=config.max_period,
         )
-        self.depth_estimator = (
-            MonocularDepthEstimator(config.depth_estimator_name) if config.geometry == "estimator" else None
-        )
-        vlm_width = self.embed_tokens.embedding_dim
-        # The 3D encoder (README "Geometry"): LLaVA-3D's position MLP by default for its own checkpoints.
-        self.geometry_encoder = config.geometry_encoder or (
+
+    def _build_3d_encoder(self, backbone: Backbone) -> None:
+        """What turns cameras' metric depth into 3D-aware tokens: the 3D point encoder (`patch_geometry`,
+        None when the geometry source gives no points) and, when the 3D-aware tokens go to the expert,
+        their projection to its width (`expert_patch_proj`)."""
+        config = self.config
+        source = config.geometry_source
+        # The encoder (README "Geometry"): LLaVA-3D's position MLP by default for its own checkpoints.
+        self.point_encoder_kind = config.geometry_encoder or (
             "llava3d_mlp" if backbone.is_llava3d else "sinusoidal"
         )
-        patch_points = config.geometry_patch_points or (
-            "nearest" if self.geometry_encoder == "llava3d_mlp" else "mean"
-        )
         if backbone.position_encoder_state is not None and (
-            config.geometry == "none" or self.geometry_encoder != "llava3d_mlp"
+            not source.needs_3d_encoder or self.point_encoder_kind != "llava3d_mlp"
         ):
             reason = (
-                "geometry='none'"
-                if config.geometry == "none"
-                else f"geometry_encoder={self.geometry_encoder!r}"
+                f"geometry={config.geometry!r}"
+                if not source.needs_3d_encoder
+                else f"geometry_encoder={self.point_encoder_kind!r}"
             )
             logger.warning(
                 "%s: the checkpoint's 3D position encoder (%s*) is unused with %s.",
@@ -138,45 +170,47 @@ class Llava3DFusionModel(nn.Module):
                 LLAVA3D_POSITION_PREFIX,
                 reason,
             )
-        if config.geometry == "none":
+        if not source.needs_3d_encoder:
             self.patch_geometry = None
-        elif self.geometry_encoder == "llava3d_mlp":
+            return
+        self.patch_geometry = self._build_point_encoder(backbone)
+        if config.geometry_target == "expert":
+            self.expert_patch_proj = nn.Linear(self.embed_tokens.embedding_dim, self.fusion.expert_width)
+
+    def _build_point_encoder(self, backbone: Backbone) -> DepthToPatchPoints:
+        """Depth -> per-patch points -> vectors, on the grid and width where they are added."""
+        config = self.config
+        patch_point_method = config.geometry_patch_points or (
+            "nearest" if self.point_encoder_kind == "llava3d_mlp" else "mean"
+        )
+        if self.point_encoder_kind == "llava3d_mlp":
             # On the tower's own grid and width: the term is added before the projector (and its pooling).
-            self.patch_geometry = Llava3DPatchGeometry(
+            encoder = Llava3DPatchEncoder(
                 backbone.feature_width,
                 backbone.feature_grid,
                 gated=not backbone.is_llava3d,
                 gate_init=config.geometry_gate_init,
-                patch_points=patch_points,
+                patch_point_method=patch_point_method,
                 max_depth=config.geometry_max_depth,
             )
-            _load_llava3d_position_encoder(self.patch_geometry.encoder, backbone, config)
-            if config.geometry_target == "expert":
-                self.expert_patch_proj = nn.Linear(vlm_width, self.fusion.expert_width)
-        elif config.geometry_target == "prefix":
-            self.patch_geometry = DepthToPatchGeometry(
-                vlm_width,
-                backbone.patch_grid,
-                max_depth=config.geometry_max_depth,
-                gate_init=config.geometry_gate_init,
-                patch_points=patch_points,
-            )
-        else:
-            expert_width = self.fusion.expert_width
-            self.patch_geometry = DepthToPatchGeometry(
-                expert_width,
-                EXPERT_GEOMETRY_GRID,
-                max_depth=config.geometry_max_depth,
-                gate_init=config.geometry_gate_init,
-                patch_points=patch_points,
-            )
-            self.expert_patch_proj = nn.Linear(vlm_width, expert_width)
-        self.patch_grid = backbone.patch_grid
-        self.denoise_step = (
-            torch.compile(self.fusion.forward_suffix, mode=config.compile_mode)
-            if config.compile_model
-            else self.fusion.forward_suffix
+            _load_llava3d_position_encoder(encoder.encoder, backbone, config)
+            return encoder
+        # Sinusoidal: added to the projected patch tokens (LLM width, patch grid), or to the expert's
+        # pooled 3D-aware tokens (expert width, coarse grid).
+        to_expert = config.geometry_target == "expert"
+        return SinusoidalPatchEncoder(
+            self.fusion.expert_width if to_expert else self.embed_tokens.embedding_dim,
+            EXPERT_3D_TOKEN_GRID if to_expert else backbone.patch_grid,
+            max_depth=config.geometry_max_depth,
+            gate_init=config.geometry_gate_init,
+            patch_point_method=patch_point_method,
         )
+
+    def _build_denoise_step(self) -> Callable[..., Tensor]:
+        """The cached suffix pass run at every Euler step, compiled when `compile_model`."""
+        if self.config.compile_model:
+            return torch.compile(self.fusion.forward_suffix, mode=self.config.compile_mode)
+        return self.fusion.forward_suffix
 
     def compute_precision(self) -> AbstractContextManager:
         """Autocast to `config.dtype` (bf16 matmuls over float32 master weights; norms, softmax and the
@@ -205,18 +239,16 @@ class Llava3DFusionModel(nn.Module):
         pixels = (pixels - self.image_mean) / self.image_std
         return list(self.image_encoder.features(pixels).chunk(len(images)))
 
-    def camera_patch_points(self, image: Tensor, geometry: CameraGeometry) -> tuple[Tensor, Tensor]:
-        """One camera's per-patch 3D points (B, P_geometry, 3) and their validity (B, P_geometry)."""
-        depth = geometry.depth
-        intrinsics = geometry.intrinsics
-        if depth is None:
-            depth, intrinsics = self.depth_estimator(image, intrinsics)
-        return self.patch_geometry.patch_points_of(depth, intrinsics, geometry.extrinsics)
+    def camera_patch_points(self, image: Tensor, camera: CameraGeometry) -> tuple[Tensor, Tensor]:
+        """One camera's per-patch 3D points (B, P_3d, 3) and their validity (B, P_3d), from the metric
+        depth its geometry source gives (recorded, or estimated from `image`)."""
+        depth, intrinsics = self.config.geometry_source.metric_depth(image, camera, self.depth_estimator)
+        return self.patch_geometry.patch_points_of(depth, intrinsics, camera.extrinsics)
 
     def embed_prefix(
         self,
         images: list[Tensor],
-        geometry: list[CameraGeometry | None],
+        camera_geometry: list[CameraGeometry | None],
         lang_tokens: Tensor,
         lang_mask: Tensor,
         camera_present: list[Tensor | None] | None = None,
@@ -231,7 +263,7 @@ class Llava3DFusionModel(nn.Module):
         """
         camera_present = camera_present or [None] * len(images)
         features = self.image_features(images)  # per camera (B, P_tower, C)
-        llava3d = self.geometry_encoder == "llava3d_mlp"
+        llava3d = self.point_encoder_kind == "llava3d_mlp"
         voxel_size = self.config.geometry_voxel_size
         image_tokens, token_masks, expert_tokens, voxel_inputs = [], [], [], []
 
@@ -244,12 +276,12 @@ class Llava3DFusionModel(nn.Module):
                 else present.bool()[:, None].expand(tokens.shape[:2])
             )
 
-        for index, camera_geometry in enumerate(geometry):
+        for index, camera in enumerate(camera_geometry):
             camera_features = features[index]
-            if camera_geometry is None:
+            if camera is None:
                 add_camera_tokens(index, self.image_encoder.project(camera_features))
                 continue
-            points, valid = self.camera_patch_points(images[index], camera_geometry)
+            points, valid = self.camera_patch_points(images[index], camera)
             if llava3d:  # LLaVA-3D: tower features + MLP(xyz), then the projector
                 features_3d = camera_features + self.patch_geometry.encoder(points, valid).to(
                     camera_features.dtype
@@ -289,7 +321,7 @@ class Llava3DFusionModel(nn.Module):
         """(B, gh * gw, D) patch tokens -> (B, 16, D) averaged onto the expert's coarse 4 x 4 grid."""
         batch, _, width = tokens.shape
         grid = tokens.transpose(1, 2).reshape(batch, width, *self.patch_grid)
-        return F.adaptive_avg_pool2d(grid, EXPERT_GEOMETRY_GRID).flatten(2).transpose(1, 2)
+        return F.adaptive_avg_pool2d(grid, EXPERT_3D_TOKEN_GRID).flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------------------- training
 
@@ -311,7 +343,11 @@ class Llava3DFusionModel(nn.Module):
             )
         with self.compute_precision():
             prefix = self.embed_prefix(
-                inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask, inputs.camera_present
+                inputs.images,
+                inputs.camera_geometry,
+                inputs.lang_tokens,
+                inputs.lang_mask,
+                inputs.camera_present,
             )
             return self.action_expert.compute_loss(
                 self._joint_transformer(*prefix), inputs.state, actions, noise, time
@@ -327,7 +363,11 @@ class Llava3DFusionModel(nn.Module):
         execution_horizon) go to the sampler's real-time-chunking guidance."""
         with self.compute_precision():
             prefix, prefix_mask, expert_context = self.embed_prefix(
-                inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask, inputs.camera_present
+                inputs.images,
+                inputs.camera_geometry,
+                inputs.lang_tokens,
+                inputs.lang_mask,
+                inputs.camera_present,
             )
             if self.config.use_cache:
                 context_length = 0 if expert_context is None else expert_context.shape[1]

@@ -19,15 +19,9 @@ from torch import Tensor
 
 from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
 from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
-from .configuration_llava3d_fusion import (
-    EMPTY_CAMERA_PREFIX,
-    Llava3DFusionConfig,
-    camera_name,
-    depth_key,
-    extrinsics_key,
-    intrinsics_key,
-)
+from .configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
 from .model import DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
+from .observation_keys import camera_name, depth_key, extrinsics_key, intrinsics_key
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -158,6 +152,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     def reset(self) -> None:
         """Empty the action queue (call at every environment reset)."""
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+        self._unexecuted_actions: Tensor | None = None  # (B, T, action_dim) planned, not executed
 
     # ------------------------------------------------------------------------ batch -> inputs
 
@@ -193,40 +188,23 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             images.append(image)
             camera_present.append(None)
 
-        geometry_cameras = set(cfg.geometry_camera_keys)
-        geometry = [
-            self._prepare_geometry(batch, key, batch_size) if key in geometry_cameras else None
+        point_cameras = set(cfg.geometry_camera_keys)
+        camera_geometry = [
+            self._prepare_camera_geometry(batch, key, batch_size) if key in point_cameras else None
             for key in cfg.camera_keys
         ]
         state = self._prepare_state(batch, batch_size)
-        return ModelInputs(images, geometry, lang_tokens, lang_mask, state, camera_present)
+        return ModelInputs(images, camera_geometry, lang_tokens, lang_mask, state, camera_present)
 
-    def _prepare_geometry(self, batch: dict[str, Tensor], camera_key: str, batch_size: int) -> CameraGeometry:
-        """Depth (unless estimated) and camera matrices of one camera, from the batch or the config."""
+    def _prepare_camera_geometry(
+        self, batch: dict[str, Tensor], camera_key: str, batch_size: int
+    ) -> CameraGeometry:
+        """The depth the geometry source reads from the batch (none when it estimates depth) and the
+        camera matrices of one camera, from the batch or the config."""
         cfg = self.config
         name = camera_name(camera_key)
         device = batch[OBS_LANGUAGE_TOKENS].device
-        depth = None
-        if cfg.geometry == "depth":
-            key = depth_key(camera_key)
-            if key not in batch:
-                raise KeyError(f"{key!r} missing from the batch (geometry='depth' uses it for {camera_key}).")
-            depth = batch[key].float()
-            if depth.ndim == 3:
-                depth = depth[:, None]
-            if depth.ndim != 4 or depth.shape[:2] != (batch_size, 1):
-                raise ValueError(f"{key}: expected depth of shape (B, 1, H, W), got {tuple(depth.shape)}")
-            if torch.isnan(depth).any():
-                raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
-            measured = (depth > 0) & torch.isfinite(depth)  # 0 / inf mark missing depth
-            if measured.any() and not (measured & (depth <= cfg.geometry_max_depth)).any():
-                # Every measurement out of range: most likely millimetres, LeRobot's default unit
-                # for the depth maps of a dataset. Geometry would silently switch off.
-                raise ValueError(
-                    f"{key}: every depth value is beyond geometry_max_depth={cfg.geometry_max_depth} m "
-                    f"(max {depth[measured].max().item():g}); depth must be in metres. LeRobot datasets "
-                    "return depth maps in millimetres unless loaded with --dataset.depth_output_unit=m."
-                )
+        depth = cfg.geometry_source.batch_depth(batch, camera_key, batch_size, cfg.geometry_max_depth)
         intrinsics = self._camera_matrix(
             batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
         )
@@ -302,8 +280,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         """Training augmentation: one random crop per camera and sample, applied alike to the image, its
         depth and its intrinsics, so the 3D positions stay consistent with the pixels (`augmentation.py`)."""
         scale = self.config.augment_crop_scale
-        images, geometry = [], []
-        for image, camera in zip(inputs.images, inputs.geometry, strict=True):
+        images, camera_geometry = [], []
+        for image, camera in zip(inputs.images, inputs.camera_geometry, strict=True):
             batch_size = image.shape[0]
             offsets = random_crop_offsets(batch_size, scale, image.device)
             images.append(crop_and_resize(image, scale, offsets, mode="bilinear"))
@@ -317,8 +295,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                     None if camera.depth is None else crop_and_resize(camera.depth, scale, offsets, "nearest")
                 )
                 camera = CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=camera.extrinsics)
-            geometry.append(camera)
-        return inputs._replace(images=images, geometry=geometry)
+            camera_geometry.append(camera)
+        return inputs._replace(images=images, camera_geometry=camera_geometry)
 
     @property
     def device_of_model(self) -> torch.device:
@@ -420,15 +398,29 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out."""
-        if self._rtc_enabled():
-            raise RuntimeError(
-                "select_action does not do real-time chunking: with rtc_config enabled, call "
-                "predict_action_chunk (lerobot-rollout --inference.type=rtc does)."
+        """One action (B, action_dim); a new chunk is predicted when the queue of n_action_steps runs out.
+
+        With `rtc_config` enabled (e.g. `lerobot-eval --policy.rtc_config.enabled=true`) each new chunk
+        is guided towards the previous chunk's actions that were predicted but not executed (its last
+        chunk_size - n_action_steps), with no inference delay: re-plans continue the plan under way
+        instead of switching between equally likely ones (e.g. two blocks) from chunk to chunk.
+        """
+        if self._rtc_enabled() and self.config.use_relative_actions:
+            raise ValueError(
+                "select_action with rtc_config enabled guides each chunk by the previous one's actions, "
+                "which use_relative_actions expresses relative to an older state: disable one of them."
             )
         if not self._action_queue:
-            chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
-            self._action_queue.extend(chunk.transpose(0, 1))  # queue of (B, action_dim)
+            leftover = self._unexecuted_actions if self._rtc_enabled() else None
+            chunk = self.predict_action_chunk(
+                batch,
+                noise=noise,
+                inference_delay=None if leftover is None else 0,
+                prev_chunk_left_over=leftover,
+            )
+            n_steps = self.config.n_action_steps
+            self._unexecuted_actions = chunk[:, n_steps:] if n_steps < chunk.shape[1] else None
+            self._action_queue.extend(chunk[:, :n_steps].transpose(0, 1))  # queue of (B, action_dim)
         return self._action_queue.popleft()
 
 

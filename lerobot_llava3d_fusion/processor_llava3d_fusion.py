@@ -1,10 +1,10 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
-Input: rename -> batch dim -> check -> depth to metres (geometry="depth") -> task newline -> tokenize
-(the backbone's tokenizer) -> device -> relative actions (when `use_relative_actions`) -> normalize
-(state/action only). Output: unnormalize -> absolute actions (when `use_relative_actions`) -> cpu, in
-pi0's order. Images stay float [0, 1]; the model
-resizes and normalizes them for its vision tower once, on the device.
+Input: rename -> batch dim -> check -> the geometry source's steps (recorded depth: to metres) -> task
+newline -> tokenize (the backbone's tokenizer) -> device -> relative actions (when
+`use_relative_actions`) -> normalize (state/action only). Output: unnormalize -> absolute actions (when
+`use_relative_actions`) -> cpu, in pi0's order. Images stay float [0, 1]; the model resizes and
+normalizes them for its vision tower once, on the device.
 """
 
 from __future__ import annotations
@@ -31,17 +31,9 @@ from lerobot.processor import (
 )
 from transformers import AutoTokenizer
 
-from .configuration_llava3d_fusion import (
-    DEPTH_PREFIX,
-    EXTRINSICS_PREFIX,
-    INTRINSICS_PREFIX,
-    Llava3DFusionConfig,
-)
-from .robot_depth import DepthToMetresStep, depth_sources
+from .configuration_llava3d_fusion import Llava3DFusionConfig
+from .observation_keys import DEPTH_PREFIX, GEOMETRY_PREFIXES
 from .vlm import load_tokenizer
-
-# Geometry inputs are metric and must reach the model untouched, whatever their feature type.
-UNNORMALIZED_PREFIXES = (DEPTH_PREFIX, INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_check_observation")
@@ -155,7 +147,7 @@ class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
 
 
 def normalized_observation_keys(config: Llava3DFusionConfig) -> set[str]:
-    """The observation features the normalizer may touch: neither images nor geometry.
+    """The observation features the normalizer may touch: neither images nor depth and camera matrices.
 
     Saved in the normalizer's config (`normalize_observation_keys`), so it survives what
     `lerobot-train` does when it fine-tunes (`--policy.path`) or resumes a checkpoint: it overrides the
@@ -165,7 +157,7 @@ def normalized_observation_keys(config: Llava3DFusionConfig) -> set[str]:
     return {
         key
         for key, feature in config.input_features.items()
-        if feature.type is not FeatureType.VISUAL and not key.startswith(UNNORMALIZED_PREFIXES)
+        if feature.type is not FeatureType.VISUAL and not key.startswith(GEOMETRY_PREFIXES)
     }
 
 
@@ -187,12 +179,8 @@ def make_llava3d_fusion_pre_post_processors(
         steps.rename_observations,
         steps.add_batch_dim,
         Llava3DFusionObservationCheckStep(features=dict(config.input_features)),
-        # Each camera's depth to observation.depth.<cam> in metres (LeRobot robots: <cam>_depth, mm).
-        *(
-            [DepthToMetresStep(depth_keys=depth_sources(config.geometry_camera_keys, config.input_features))]
-            if config.geometry == "depth"
-            else []
-        ),
+        # What the geometry source reads from the batch (recorded depth: to observation.depth.<cam> in metres).
+        *config.geometry_source.preprocessor_steps(config.geometry_camera_keys, config.input_features),
         NewLineTaskProcessorStep(),
         Llava3DFusionTokenizerStep(
             vlm_model_name=config.vlm_model_name,

@@ -45,22 +45,11 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.processor import ObservationProcessorStep, ProcessorStepRegistry
 
+from .observation_keys import DEPTH_PREFIX, IMAGE_PREFIX, ROBOT_DEPTH_SUFFIX, depth_key, robot_depth_key
+
 logger = logging.getLogger(__name__)
 
-IMAGE_PREFIX = "observation.images."
-DEPTH_PREFIX = "observation.depth."
-ROBOT_DEPTH_SUFFIX = "_depth"  # LeRobot robots: camera "<cam>" with use_depth=True adds "<cam>_depth"
 MM_PER_METRE = 1000.0
-
-
-def robot_depth_key(camera_key: str) -> str:
-    """``observation.images.<cam>`` -> ``observation.images.<cam>_depth`` (LeRobot's depth key)."""
-    return camera_key + ROBOT_DEPTH_SUFFIX
-
-
-def policy_depth_key(camera_key: str) -> str:
-    """``observation.images.<cam>`` -> ``observation.depth.<cam>`` (this policy's depth key)."""
-    return DEPTH_PREFIX + camera_key.removeprefix(IMAGE_PREFIX)
 
 
 def is_depth_map(key: str, feature: PolicyFeature) -> bool:
@@ -176,7 +165,7 @@ def depth_sources(camera_keys: list[str], features: dict[str, PolicyFeature]) ->
     """``{observation depth key: observation.depth.<cam>}`` for the cameras with a depth feature."""
     sources = {}
     for camera_key in camera_keys:
-        ours, robots = policy_depth_key(camera_key), robot_depth_key(camera_key)
+        ours, robots = depth_key(camera_key), robot_depth_key(camera_key)
         if robots in features:
             sources[robots] = ours
         elif ours in features:

@@ -42,13 +42,12 @@ def write_libero_hdf5(
     and the task string.
     """
     import h5py
-    from lerobot.envs.libero import _get_suite
     from robosuite.utils.transform_utils import quat2axisangle
 
-    from lerobot_llava3d_fusion.envs.libero_rgbd_sim import LiberoRGBDEnv
+    from lerobot_llava3d_fusion.envs.libero_rgbd_sim import libero_rgbd_env_class, libero_suite
 
-    suite = _get_suite(SUITE)
-    env = LiberoRGBDEnv(
+    suite = libero_suite(SUITE)
+    env = libero_rgbd_env_class()(
         task_suite=suite, task_id=TASK_ID, task_suite_name=SUITE, obs_type="pixels_agent_pos",
         observation_height=size, observation_width=size, init_states=True,
     )  # fmt: skip

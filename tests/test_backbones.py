@@ -725,7 +725,7 @@ def original_position_mlp(tensors: dict[str, torch.Tensor]) -> nn.Module:
 def test_llava3d_checkpoint_keeps_its_3d_position_encoder(checkpoints):
     vlm_dir, _ = checkpoints["llava3d-clip"]
     policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
-    assert policy.model.geometry_encoder == "llava3d_mlp"
+    assert policy.model.point_encoder_kind == "llava3d_mlp"
     encoder = policy.model.patch_geometry.encoder
     assert encoder.gate is None  # pretrained weights: no gate in front of them
     on_disk = {
@@ -752,7 +752,7 @@ def test_llava3d_prefix_patch_features_follow_the_original_equations(checkpoints
     batch = depth_batch(policy, image_size=32)  # the tower's size: no resize in the model
     inputs = policy._prepare_inputs(batch)
     prefix, prefix_mask, _ = policy.model.embed_prefix(
-        inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask
+        inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
     )
 
     tensors = saved_tensors(vlm_dir)

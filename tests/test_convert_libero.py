@@ -184,7 +184,8 @@ def test_a_complete_file_is_listed_as_its_task(tmp_path):
 
 def fake_frames(n: int, value: float) -> list[dict]:
     """Frames with the converter's features, filled with `value` (no simulator)."""
-    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, dataset_features
+    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+    from lerobot_llava3d_fusion.envs.libero_rgbd_dataset import dataset_features
 
     features = dataset_features(LiberoRGBDEnvConfig(observation_height=16, observation_width=16))
     frames = []

@@ -115,6 +115,21 @@ def test_several_block_policies_are_also_evaluated_with_the_instruction_swapped(
     assert len({args[-1] for args in eval_calls}) == 3
 
 
+def test_rtc_option_repeats_every_evaluation_with_real_time_chunking(tmp_path, eval_calls):
+    rates = evaluate_policy(tmp_path, Path("ckpt"), "depth", episodes=7, num_blocks=2, rtc=True)
+    assert list(rates) == [
+        "llava3d_fusion (geometry=depth)",
+        "llava3d_fusion (geometry=depth), instruction swapped, original target",
+        "llava3d_fusion (geometry=depth), instruction swapped, new target",
+        "llava3d_fusion (geometry=depth), RTC",
+        "llava3d_fusion (geometry=depth), RTC, instruction swapped, original target",
+        "llava3d_fusion (geometry=depth), RTC, instruction swapped, new target",
+    ]
+    rtc_flag = "--policy.rtc_config.enabled=true"
+    assert [rtc_flag in args for args in eval_calls] == [False] * 3 + [True] * 3
+    assert len({args[-1] for args in eval_calls}) == 6  # each run in its own folder
+
+
 def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_calls, monkeypatch, capsys):
     monkeypatch.setattr(
         demo,

@@ -1,4 +1,4 @@
-"""Tests for lerobot_llava3d_fusion.geometry (depth -> per-patch 3D position features)."""
+"""Tests for lerobot_llava3d_fusion.geometry (depth -> per-patch 3D points and their encoding)."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lerobot_llava3d_fusion.geometry import (
-    DepthToPatchGeometry,
-    GeometryEncoder,
+    SinusoidalPatchEncoder,
+    SinusoidalPointEncoder,
     backproject_depth,
     pool_points_to_patches,
     sinusoidal_3d_encoding,
@@ -109,6 +109,22 @@ def test_extrinsics_90_degree_rotation_is_applied_per_batch_element():
     torch.testing.assert_close(world_points[1], torch.stack([-y[1], x[1], z[1] + 1.0], dim=-1))
 
 
+def test_backprojected_pixel_lands_on_the_known_world_point():
+    # A camera 1 m above the world origin's (0.2, -0.1), looking straight down at a table at z = 0.2 m:
+    # camera x = world x, camera y = world -y, camera z (forward) = world -z.
+    pose = rigid_transform([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]], [0.2, -0.1, 1.0])
+
+    points, valid = backproject_depth(plane_depth(z=0.8), make_intrinsics(), pose)
+
+    assert valid.all()
+    # The principal point (u, v) = (cx, cy) = (4, 3) sees the table straight below the camera.
+    torch.testing.assert_close(points[0, 3, 4], torch.tensor([0.2, -0.1, 0.2]))
+    # Pixel (u, v) = (6, 1): x_cam = (6 - 4) * 0.8 / 100 = 0.016, y_cam = (1 - 3) * 0.8 / 80 = -0.02.
+    torch.testing.assert_close(points[0, 1, 6], torch.tensor([0.216, -0.08, 0.2]))
+    # Every pixel lies on the table.
+    torch.testing.assert_close(points[..., 2], torch.full((1, HEIGHT, WIDTH), 0.2))
+
+
 def test_invalid_depths_are_masked_and_zeroed():
     depth = plane_depth()
     bad_values = [0.0, -1.0, float("nan"), float("inf"), float("-inf"), 150.0, 1e-4]
@@ -199,6 +215,29 @@ def test_pool_handles_sizes_not_divisible_by_grid():
     assert (patch_points[0].view(3, 4, 3)[1:, :, 1] > patch_points[0].view(3, 4, 3)[:-1, :, 1]).all()
 
 
+@pytest.mark.parametrize(
+    ("method", "expected_top_right"),
+    [
+        # Rows 0-1, columns 4-7 of a 4 x 8 image: mean pixel (u, v) = (5.5, 0.5).
+        ("mean", [(5.5 - CX) * 2.0 / FX, (0.5 - CY) * 2.0 / FY, 2.0]),
+        # A nearest resize to the 2 x 2 grid takes the cell's top-left pixel (u, v) = (4, 0).
+        ("nearest", [(4.0 - CX) * 2.0 / FX, (0.0 - CY) * 2.0 / FY, 2.0]),
+    ],
+)
+def test_known_depth_gives_the_known_patch_point(method, expected_top_right):
+    patches = SinusoidalPatchEncoder(hidden_size=8, grid_size=(2, 2), patch_point_method=method)
+    translation = torch.tensor([0.5, -0.25, 1.0])
+
+    points, valid = patches.patch_points_of(plane_depth(z=2.0, height=4, width=8), make_intrinsics())
+    moved, _ = patches.patch_points_of(
+        plane_depth(z=2.0, height=4, width=8), make_intrinsics(), rigid_transform(torch.eye(3), translation)
+    )
+
+    assert points.shape == (1, 4, 3) and valid.all()
+    torch.testing.assert_close(points[0, 1], torch.tensor(expected_top_right))  # patch (row 0, column 1)
+    torch.testing.assert_close(moved[0, 1], torch.tensor(expected_top_right) + translation)
+
+
 # ------------------------------------------------------------------------------------- sinusoidal_3d_encoding
 
 
@@ -241,7 +280,7 @@ def test_encoding_uses_the_documented_wavelengths():
     )  # float32 angles reach ~800 rad
 
 
-# -------------------------------------------------------------------------------------------- GeometryEncoder
+# ------------------------------------------------------------------------------------- SinusoidalPointEncoder
 
 
 def random_patches(batch_size=2, num_patches=6):
@@ -254,7 +293,7 @@ def random_patches(batch_size=2, num_patches=6):
 
 def test_encoder_is_exactly_zero_at_init_and_gate_receives_gradient():
     torch.manual_seed(0)
-    encoder = GeometryEncoder(hidden_size=32)
+    encoder = SinusoidalPointEncoder(hidden_size=32)
     patch_points, patch_valid = random_patches()
 
     output = encoder(patch_points, patch_valid)
@@ -267,7 +306,7 @@ def test_encoder_is_exactly_zero_at_init_and_gate_receives_gradient():
 
 def test_encoder_output_after_opening_gate_and_zero_on_invalid_patches():
     torch.manual_seed(0)
-    encoder = GeometryEncoder(hidden_size=32)
+    encoder = SinusoidalPointEncoder(hidden_size=32)
     patch_points, patch_valid = random_patches()
     with torch.no_grad():
         encoder.gate.fill_(0.5)
@@ -283,7 +322,7 @@ def test_encoder_output_after_opening_gate_and_zero_on_invalid_patches():
 
 
 def test_encoder_output_dtype_follows_parameters():
-    encoder = GeometryEncoder(hidden_size=16).to(torch.bfloat16)
+    encoder = SinusoidalPointEncoder(hidden_size=16).to(torch.bfloat16)
     patch_points, patch_valid = random_patches()
 
     output = encoder(patch_points, patch_valid)
@@ -293,7 +332,7 @@ def test_encoder_output_dtype_follows_parameters():
 
 def test_invalid_depth_gives_finite_features_and_gradients():
     torch.manual_seed(0)
-    module = DepthToPatchGeometry(hidden_size=16, grid_size=(2, 2))
+    module = SinusoidalPatchEncoder(hidden_size=16, grid_size=(2, 2))
     with torch.no_grad():
         module.encoder.gate.fill_(1.0)
     depth = torch.rand(1, 1, 4, 4) + 1.0
@@ -313,9 +352,9 @@ def test_invalid_depth_gives_finite_features_and_gradients():
     assert module.encoder.gate.grad.abs().sum().item() > 0.0
 
 
-def test_depth_to_patch_geometry_matches_composed_functions():
+def test_sinusoidal_patch_encoder_matches_composed_functions():
     torch.manual_seed(0)
-    module = DepthToPatchGeometry(hidden_size=8, grid_size=(3, 4), min_depth=0.5, max_depth=3.0)
+    module = SinusoidalPatchEncoder(hidden_size=8, grid_size=(3, 4), min_depth=0.5, max_depth=3.0)
     with torch.no_grad():
         module.encoder.gate.fill_(1.0)
     depth = torch.rand(2, 1, 12, 16) * 4.0  # some below min_depth, some above max_depth
@@ -369,9 +408,15 @@ def test_depth_to_patch_geometry_matches_composed_functions():
         (lambda: sinusoidal_3d_encoding(torch.ones(4, 2), 4, 8.0), "points"),
         (lambda: sinusoidal_3d_encoding(torch.ones(4, 3), 0, 8.0), "num_frequencies"),
         (lambda: sinusoidal_3d_encoding(torch.ones(4, 3), 4, 0.001), "max_wavelength"),
-        (lambda: GeometryEncoder(8)(torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.bool)), "patch_points"),
-        (lambda: GeometryEncoder(8)(torch.ones(1, 4, 3), torch.ones(1, 5, dtype=torch.bool)), "patch_valid"),
-        (lambda: DepthToPatchGeometry(8, grid_size=(2,)), "grid_size"),
+        (
+            lambda: SinusoidalPointEncoder(8)(torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.bool)),
+            "patch_points",
+        ),
+        (
+            lambda: SinusoidalPointEncoder(8)(torch.ones(1, 4, 3), torch.ones(1, 5, dtype=torch.bool)),
+            "patch_valid",
+        ),
+        (lambda: SinusoidalPatchEncoder(8, grid_size=(2,)), "grid_size"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(call, argument):

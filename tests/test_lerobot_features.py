@@ -74,7 +74,7 @@ def test_rtc_guidance_makes_the_new_chunk_continue_the_left_over_chunk(monkeypat
     assert guided_gap < 0.2 * free_gap, (guided_gap, free_gap)
 
 
-def test_rtc_inputs_are_checked_and_select_action_refuses_rtc(policy):
+def test_rtc_inputs_are_checked(policy):
     batch = preprocess(policy, raw_batch(1))
     with pytest.raises(ValueError, match="rtc_config"):
         policy.predict_action_chunk(batch, inference_delay=1, prev_chunk_left_over=torch.zeros(4, ACTION_DIM))
@@ -85,8 +85,47 @@ def test_rtc_inputs_are_checked_and_select_action_refuses_rtc(policy):
         )
     with pytest.raises(ValueError, match="inference_delay"):
         policy.predict_action_chunk(batch, prev_chunk_left_over=torch.zeros(4, ACTION_DIM))
-    with pytest.raises(RuntimeError, match="predict_action_chunk"):
-        policy.select_action(batch)
+    relative = tiny_policy(use_relative_actions=True)
+    enable_rtc_like_lerobot_rollout(relative)
+    with pytest.raises(ValueError, match="use_relative_actions"):
+        relative.select_action(batch)
+
+
+def test_select_action_with_rtc_continues_the_unexecuted_actions(monkeypatch):
+    """lerobot-eval with rtc_config enabled: each re-plan is guided by the previous chunk's tail."""
+    n_steps = 2
+    policies = {rtc: tiny_policy(n_action_steps=n_steps) for rtc in (False, True)}
+    enable_rtc_like_lerobot_rollout(policies[True], execution_horizon=CHUNK - n_steps)
+    # Noise drawn afresh for every chunk, as in evaluation; the same draws for both policies.
+    batch = preprocess(policies[True], raw_batch(1, seed=5))
+    chunks = {}
+    for rtc, policy in policies.items():
+        policy.reset()
+        calls = []
+        predict = policy.predict_action_chunk
+        monkeypatch.setattr(
+            policy, "predict_action_chunk", lambda *a, _p=predict, _c=calls, **k: _c.append(k) or _p(*a, **k)
+        )
+        generator = torch.Generator().manual_seed(0)
+        executed = [
+            policy.select_action(batch, noise=torch.randn(1, CHUNK, 4, generator=generator))
+            for _ in range(2 * n_steps)
+        ]
+        chunks[rtc] = (torch.stack(executed, dim=1), calls)
+
+    actions, calls = chunks[True]
+    assert calls[0]["prev_chunk_left_over"] is None  # nothing planned before the first chunk
+    left_over = calls[1]["prev_chunk_left_over"]
+    assert calls[1]["inference_delay"] == 0 and left_over.shape == (1, CHUNK - n_steps, ACTION_DIM)
+    free_actions, free_calls = chunks[False]
+    assert all(call["prev_chunk_left_over"] is None for call in free_calls)
+    torch.testing.assert_close(actions[:, :n_steps], free_actions[:, :n_steps])  # same first chunk
+    # The second chunk's executed actions follow what the first chunk had planned for those steps.
+    guided_gap = (actions[:, n_steps:] - left_over[:, :n_steps]).abs().mean()
+    free_gap = (free_actions[:, n_steps:] - left_over[:, :n_steps]).abs().mean()
+    assert guided_gap < 0.3 * free_gap, (guided_gap, free_gap)
+    policies[True].reset()
+    assert policies[True]._unexecuted_actions is None  # a new episode starts without a plan
 
 
 def test_rtc_config_is_validated_against_the_chunk():

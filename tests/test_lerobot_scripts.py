@@ -299,8 +299,8 @@ LIBERO_TRAIN_STEPS = 120
 def test_recorded_libero_dataset_trains_with_depth(workdir, libero_ready):
     root = workdir / "libero_rgbd_dataset"
     record = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.libero_rgbd",
-        ["record", f"--root={root}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
+        "lerobot_llava3d_fusion.envs.record_libero_rgbd",
+        [f"--root={root}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
          "--task-ids", "0", "--episodes=2", "--steps=12", f"--image-size={IMAGE_SIZE}"],
         workdir / "libero_record.log",
         timeout=300,

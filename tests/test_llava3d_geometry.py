@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lerobot_llava3d_fusion.geometry import backproject_depth, points_to_patches
-from lerobot_llava3d_fusion.llava3d_geometry import Llava3DPatchGeometry, Llava3DPositionEncoder, voxel_pool
+from lerobot_llava3d_fusion.llava3d_geometry import Llava3DPatchEncoder, Llava3DPositionEncoder, voxel_pool
 
 INTRINSICS = torch.tensor([[10.0, 0.0, 5.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
 
@@ -95,15 +95,20 @@ def test_voxel_pool_keeps_one_token_per_patch_when_every_patch_has_its_own_voxel
         voxel_pool(features, points, torch.ones(1, 6, dtype=torch.bool), voxel_size=0.0)
 
 
-def test_llava3d_patch_geometry_uses_the_world_frame_when_given_a_pose():
-    geometry = Llava3DPatchGeometry(8, (2, 3), gated=False)
-    depth = 1.0 + torch.rand(1, 1, 8, 12)
+def test_llava3d_patch_encoder_gives_known_world_points_for_a_known_pose():
+    patches = Llava3DPatchEncoder(8, (2, 3), gated=False)
+    plane = torch.ones(1, 1, 8, 12)  # 1 m everywhere
     pose = torch.eye(4)
     pose[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
-    camera_points, _ = geometry.patch_points_of(depth, INTRINSICS)
-    world_points, _ = geometry.patch_points_of(depth, INTRINSICS, pose)
-    torch.testing.assert_close(world_points, camera_points + pose[:3, 3])
-    assert geometry.patch_points == "nearest"
+    camera_points, valid = patches.patch_points_of(plane, INTRINSICS)
+    world_points, _ = patches.patch_points_of(plane, INTRINSICS, pose)
+    assert patches.patch_point_method == "nearest" and valid.all()
+    # Patch (i, j) takes pixel (u, v) = (4 j, 4 i): x = (u - 5.5) / 10, y = (v - 3.5) / 8 at z = 1 m.
+    expected = torch.tensor(
+        [[(4 * j - 5.5) / 10.0, (4 * i - 3.5) / 8.0, 1.0] for i in range(2) for j in range(3)]
+    )
+    torch.testing.assert_close(camera_points[0], expected)
+    torch.testing.assert_close(world_points[0], expected + pose[:3, 3])
     torch.testing.assert_close(
-        geometry(depth, INTRINSICS, pose), geometry.encoder(world_points, torch.ones(1, 6, dtype=torch.bool))
+        patches(plane, INTRINSICS, pose), patches.encoder(world_points, torch.ones(1, 6, dtype=torch.bool))
     )

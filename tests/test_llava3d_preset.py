@@ -81,8 +81,8 @@ def test_preset_trains_and_evaluates_on_libero_with_lerobot_scripts(tmp_path, li
     clip = save_vision_tower(tmp_path / "clip", "clip")  # a CLIP checkpoint as openai/clip-vit-*
     dataset = tmp_path / "libero_rgbd"
     record = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.libero_rgbd",
-        ["record", f"--root={dataset}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
+        "lerobot_llava3d_fusion.envs.record_libero_rgbd",
+        [f"--root={dataset}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
          "--task-ids", "0", "--episodes=1", "--steps=12", f"--image-size={IMAGE_SIZE}"],
         tmp_path / "record.log",
     )  # fmt: skip

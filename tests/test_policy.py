@@ -241,6 +241,40 @@ def test_freeze_flags_select_the_trained_parameters():
     assert len(names) > len(trained)
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_train_expert_only_runs_no_backward_through_the_frozen_vlm_stream(gradient_checkpointing):
+    """With the VLM frozen its stream needs no gradient: its MLPs record no autograd graph (nothing kept
+    for the backward pass) and are not recomputed by checkpointing, and the expert's gradients are
+    those of the same weights with the VLM trained."""
+    batch = preprocess(tiny_policy(), raw_batch())
+    noise, time = fixed_noise(2, tiny_policy()), torch.tensor([0.3, 0.8])
+
+    def expert_gradients(policy: Llava3DFusionPolicy) -> dict[str, torch.Tensor]:
+        policy.train()
+        loss, _ = policy.forward(batch, noise=noise, time=time)
+        loss.backward()
+        trained = (policy.model.fusion.separate_expert_layers, policy.model.action_expert)
+        return {name: p.grad for module in trained for name, p in module.named_parameters()}
+
+    expert_only = tiny_policy(
+        expert_mode="separate", train_expert_only=True, gradient_checkpointing=gradient_checkpointing
+    )
+    vlm_mlp_output_needs_grad = []  # one entry per call of a VLM layer's MLP
+    for layer in expert_only.model.fusion.vlm_layers:
+        layer.mlp.register_forward_hook(
+            lambda module, args, output: vlm_mlp_output_needs_grad.append(output.requires_grad)
+        )
+    gradients = expert_gradients(expert_only)
+    reference = expert_gradients(tiny_policy(expert_mode="separate"))
+
+    # One call per layer but the last (whose prefix output feeds nothing), none in the backward pass.
+    assert len(vlm_mlp_output_needs_grad) == len(expert_only.model.fusion.vlm_layers) - 1
+    assert not any(vlm_mlp_output_needs_grad)
+    assert gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_optimizer_preset_is_adamw_with_the_fused_kernel():
     fused_policy = tiny_policy(seed=0)
     preset = fused_policy.config.get_optimizer_preset()
@@ -400,15 +434,15 @@ def test_dataset_without_camera_or_action_is_rejected():
         config.validate_features()
 
 
-def test_head_geometry_mismatch_is_rejected(policy):
-    from lerobot_llava3d_fusion.fusion import check_head_geometry
+def test_head_shape_mismatch_is_rejected(policy):
+    from lerobot_llava3d_fusion.fusion import check_head_shapes
 
     vlm_layers = policy.model.fusion.vlm_layers
     wrong = torch.nn.ModuleList(
         [type(vlm_layers[0])(_narrow_heads(vlm_layers), layer_idx=0)] * len(vlm_layers)
     )
     with pytest.raises(ValueError, match="head_dim"):
-        check_head_geometry(vlm_layers, wrong)
+        check_head_shapes(vlm_layers, wrong)
 
 
 def _narrow_heads(vlm_layers):

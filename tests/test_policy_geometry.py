@@ -1,4 +1,5 @@
-"""The 3D part: depth / estimator geometry reaches the model, starts neutral, and fails clearly."""
+"""The 3D part: each geometry source's depth reaches the model as the right 3D points, starts neutral,
+and fails clearly."""
 
 import pytest
 import torch
@@ -101,13 +102,27 @@ def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
 
 
 def test_only_cameras_with_depth_get_geometry_and_intrinsics_can_come_from_the_batch():
-    policy = geometry_policy(input_features=geometry_features(cameras=CAMERAS[:1]), camera_intrinsics={})
+    features = geometry_features(cameras=CAMERAS[:1])
+    policy = geometry_policy(input_features=features, camera_intrinsics={}, geometry_gate_init=1.0)
     assert policy.config.geometry_camera_keys == [CAMERAS[0]]
     batch = preprocess(policy, with_depth(raw_batch()))
     with pytest.raises(KeyError, match="intrinsics"):
         policy.predict_action_chunk(batch)
     batch["observation.intrinsics.top"] = torch.tensor(INTRINSICS).expand(2, 3, 3)
-    assert policy.predict_action_chunk(batch).shape == (2, CHUNK, 3)
+    top, wrist = policy._prepare_inputs(batch).camera_geometry
+    assert wrist is None and torch.equal(top.depth, batch["observation.depth.top"])
+    # The same weights with the intrinsics in the config instead give the same actions.
+    from_config = geometry_policy(
+        input_features=features, camera_intrinsics={"top": INTRINSICS}, geometry_gate_init=1.0
+    )
+    without_intrinsics = {k: v for k, v in batch.items() if k != "observation.intrinsics.top"}
+    noise = noise_for(policy)
+    torch.testing.assert_close(
+        policy.predict_action_chunk(batch, noise=noise),
+        from_config.predict_action_chunk(without_intrinsics, noise=noise),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_dataset_depth_features_are_wired_and_never_normalized():
@@ -296,6 +311,10 @@ def test_invalid_depth_gives_finite_actions_and_gradients():
     batch = preprocess(policy, with_depth(raw_batch()))
     batch["observation.depth.top"] = torch.zeros_like(batch["observation.depth.top"])  # all invalid
     batch["observation.depth.wrist"][:, :, :5] = float("inf")
+    # A camera without any valid depth keeps exactly its 2D patch tokens.
+    prefix, _, _ = prefix_of(policy, batch)
+    top_tokens = policy.model.embed_images(policy._prepare_inputs(batch).images[:1])[0]
+    torch.testing.assert_close(prefix[:, : top_tokens.shape[1]], top_tokens, atol=0, rtol=0)
     loss, _ = policy.forward(batch)
     loss.backward()
     assert torch.isfinite(loss)
@@ -334,7 +353,7 @@ def tiny_depth_estimator(directory):
     DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=False).save_pretrained(directory)
 
 
-def test_estimator_geometry_needs_no_recorded_depth(tmp_path):
+def test_estimated_depth_gives_the_3d_points_of_that_depth_recorded(tmp_path):
     tiny_depth_estimator(tmp_path)
     torch.manual_seed(0)
     policy = Llava3DFusionPolicy(
@@ -342,21 +361,44 @@ def test_estimator_geometry_needs_no_recorded_depth(tmp_path):
             geometry="estimator",
             depth_estimator_name=str(tmp_path),
             camera_intrinsics={"top": INTRINSICS, "wrist": INTRINSICS},
+            geometry_gate_init=1.0,
         )
     )
-    with torch.no_grad():
-        policy.model.patch_geometry.encoder.gate.fill_(1.0)
     batch = preprocess(policy, raw_batch())  # no depth in the batch
+    assert policy.config.geometry_camera_keys == list(CAMERAS)
     loss, _ = policy.forward(batch)
     loss.backward()
     assert torch.isfinite(loss)
     estimator = policy.model.depth_estimator
     assert not any(p.requires_grad for p in estimator.parameters())
     depth, intrinsics = estimator(batch[CAMERAS[0]], torch.tensor([INTRINSICS] * 2))
-    assert depth.shape == (2, 1, 28, 28) and torch.isfinite(depth).all()
-    # 40 px image -> 28 px depth grid: focal lengths scale by 28/40.
+    assert depth.shape == (2, 1, 28, 28) and (depth > 0).all()
+    # 40 px image -> 28 px depth grid, pixel centres kept: fx' = fx * 28/40, cx' = (cx + 0.5) * 28/40 - 0.5.
     assert intrinsics[0, 0, 0].item() == pytest.approx(20.0 * 28 / 40)
-    assert policy.predict_action_chunk(batch).shape == (2, CHUNK, 3)
+    assert intrinsics[0, 0, 2].item() == pytest.approx(12.0 * 28 / 40 - 0.5)
+
+    # The same weights with the estimator's depth recorded in the batch give the same prefix and actions.
+    estimated_depth_features = {
+        f"observation.depth.{name}": PolicyFeature(FeatureType.STATE, (1, 28, 28))
+        for name in ("top", "wrist")
+    }
+    recorded = geometry_policy(
+        input_features={**geometry_features(), **estimated_depth_features}, geometry_gate_init=1.0
+    )
+    _, unexpected = recorded.load_state_dict(policy.state_dict(), strict=False)
+    assert unexpected and all(key.startswith("model.depth_estimator.") for key in unexpected)
+    recorded_batch = dict(batch)
+    for key in CAMERAS:
+        name = key.removeprefix("observation.images.")
+        depth, intrinsics = estimator(batch[key], torch.tensor([INTRINSICS] * 2))
+        recorded_batch[f"observation.depth.{name}"] = depth
+        recorded_batch[f"observation.intrinsics.{name}"] = intrinsics
+    torch.testing.assert_close(prefix_of(recorded, recorded_batch)[0], prefix_of(policy, batch)[0])
+    noise = noise_for(policy)
+    torch.testing.assert_close(
+        recorded.predict_action_chunk(recorded_batch, noise=noise),
+        policy.predict_action_chunk(batch, noise=noise),
+    )
 
 
 # ------------------------------------------------------------------------ LLaVA-3D encoder, voxels
@@ -368,16 +410,39 @@ TOWER_WIDTH = 32
 def test_llava3d_mlp_encoder_on_the_tiny_backbone_is_gated_on_the_tower_width():
     policy = geometry_policy(geometry_encoder="llava3d_mlp")
     geometry = policy.model.patch_geometry
-    assert geometry.grid_size == (GRID, GRID) and geometry.patch_points == "nearest"
+    assert geometry.grid_size == (GRID, GRID) and geometry.patch_point_method == "nearest"
     assert geometry.encoder.position_embedding_head[0].weight.shape == (TOWER_WIDTH, 3)
     assert torch.equal(geometry.encoder.gate, torch.zeros(TOWER_WIDTH))
     assert (
         geometry_policy(
             geometry_encoder="llava3d_mlp", geometry_patch_points="mean"
-        ).model.patch_geometry.patch_points
+        ).model.patch_geometry.patch_point_method
         == "mean"
     )
-    assert geometry_policy().model.patch_geometry.patch_points == "mean"  # sinusoidal default
+    assert geometry_policy().model.patch_geometry.patch_point_method == "mean"  # sinusoidal default
+
+
+def test_none_source_gives_the_prefix_of_no_geometry_input():
+    plain = Llava3DFusionPolicy(tiny_config())  # geometry="none"
+    assert plain.config.geometry_camera_keys == [] and plain.model.patch_geometry is None
+    batch = preprocess(plain, with_depth(raw_batch()))  # depth in the batch is not read
+    inputs = plain._prepare_inputs(batch)
+    assert inputs.camera_geometry == [None, None]
+    prefix, mask, expert_tokens = prefix_of(plain, batch)
+    # [projected patch tokens of each camera][task tokens], every image token valid.
+    model = plain.model
+    expected = torch.cat([*model.embed_images(inputs.images), model.embed_tokens(inputs.lang_tokens)], dim=1)
+    torch.testing.assert_close(prefix, expected, atol=0, rtol=0)
+    images = 2 * GRID**2
+    assert mask[:, :images].all() and torch.equal(mask[:, images:], inputs.lang_mask)
+    assert expert_tokens is None
+    # A depth policy with the same weights and its gate open, given no 3D input, builds the same prefix.
+    depth = geometry_policy(geometry_gate_init=1.0)
+    depth.load_state_dict(plain.state_dict(), strict=False)
+    depth_prefix, _, _ = depth.model.embed_prefix(
+        inputs.images, [None, None], inputs.lang_tokens, inputs.lang_mask
+    )
+    torch.testing.assert_close(depth_prefix, prefix, atol=0, rtol=0)
 
 
 def plane_batch(policy, depths, extrinsics=None):
@@ -399,7 +464,9 @@ def translation(x):
 
 def prefix_of(policy, batch):
     inputs = policy._prepare_inputs(batch)
-    return policy.model.embed_prefix(inputs.images, inputs.geometry, inputs.lang_tokens, inputs.lang_mask)
+    return policy.model.embed_prefix(
+        inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
+    )
 
 
 def assert_same_tokens_in_some_order(tokens, expected):

@@ -18,24 +18,28 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline
-from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE, OBS_STR
+from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 
+from ..observation_keys import (
+    CAMERA_MATRIX_SHAPES,
+    DEPTH,
+    GEOMETRY_ENTRIES,
+    env_geometry_entry,
+    env_geometry_key,
+    geometry_key,
+    parse_env_geometry_key,
+)
 from . import touch_block  # registers the gymnasium id
 from .registration import env_type, processor_step
 
-# Env observation keys carrying camera geometry -> their number of dims without the batch dim.
-_GEOMETRY_NDIMS = {"depth": 3, "intrinsics": 2, "extrinsics": 2}
-
-
-def geometry_key(name: str, camera: str = touch_block.CAMERA_NAME) -> str:
-    """Policy/dataset key of a camera-geometry entry, e.g. ``observation.depth.top``."""
-    return f"{OBS_STR}.{name}.{camera}"
+# Dims of each geometry entry without the batch dim: depth (1, H, W), matrices (3, 3) / (4, 4).
+_UNBATCHED_NDIMS = {DEPTH: 3, **{entry: len(shape) for entry, shape in CAMERA_MATRIX_SHAPES.items()}}
 
 
 @dataclass
 @processor_step("touch_block_camera_geometry")
 class TouchBlockProcessorStep(ObservationProcessorStep):
-    """Moves `observation.{depth,intrinsics,extrinsics}` to `observation.<name>.<camera>`.
+    """Moves `observation.{depth,intrinsics,extrinsics}` to `observation.<entry>.<camera>`.
 
     Inputs (as produced by `preprocess_observation` from a vector env): depth (B, 1, H, W),
     intrinsics (B, 3, 3), extrinsics (B, 4, 4); unbatched inputs get a batch dimension. Outputs are
@@ -45,8 +49,8 @@ class TouchBlockProcessorStep(ObservationProcessorStep):
     camera: str = touch_block.CAMERA_NAME
 
     def observation(self, observation: dict) -> dict:
-        for name, ndim in _GEOMETRY_NDIMS.items():
-            source = f"{OBS_STR}.{name}"
+        for entry in GEOMETRY_ENTRIES:
+            source, ndim = env_geometry_key(entry), _UNBATCHED_NDIMS[entry]
             if source not in observation:
                 continue
             value = torch.as_tensor(observation.pop(source)).to(torch.float32)
@@ -54,7 +58,7 @@ class TouchBlockProcessorStep(ObservationProcessorStep):
                 value = value.unsqueeze(0)
             if value.dim() != ndim + 1:
                 raise ValueError(f"{source} must have {ndim} (or {ndim + 1} batched) dims, got {value.shape}")
-            observation[geometry_key(name, self.camera)] = value
+            observation[geometry_key(entry, self.camera)] = value
         return observation
 
     def transform_features(
@@ -63,8 +67,10 @@ class TouchBlockProcessorStep(ObservationProcessorStep):
         observation_features = features.get(PipelineFeatureType.OBSERVATION, {})
         renamed = {}
         for key, feature in observation_features.items():
-            name = key.removeprefix(f"{OBS_STR}.")
-            renamed[geometry_key(name, self.camera) if name in _GEOMETRY_NDIMS else key] = feature
+            parsed = parse_env_geometry_key(key)
+            if parsed is not None and parsed[1] is None:  # `observation.<entry>` of the env's one camera
+                key = geometry_key(parsed[0], self.camera)
+            renamed[key] = feature
         return {**features, PipelineFeatureType.OBSERVATION: renamed}
 
     def get_config(self) -> dict:
@@ -101,8 +107,10 @@ class TouchBlockEnvConfig(EnvConfig):
         default_factory=lambda: {
             ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(3,)),
             "agent_pos": PolicyFeature(type=FeatureType.STATE, shape=(3,)),
-            "intrinsics": PolicyFeature(type=FeatureType.STATE, shape=(3, 3)),
-            "extrinsics": PolicyFeature(type=FeatureType.STATE, shape=(4, 4)),
+            **{
+                env_geometry_entry(entry): PolicyFeature(type=FeatureType.STATE, shape=shape)
+                for entry, shape in CAMERA_MATRIX_SHAPES.items()
+            },
         }
     )
     features_map: dict[str, str] = field(
@@ -110,7 +118,10 @@ class TouchBlockEnvConfig(EnvConfig):
             ACTION: ACTION,
             "agent_pos": OBS_STATE,
             f"pixels/{touch_block.CAMERA_NAME}": f"{OBS_IMAGES}.{touch_block.CAMERA_NAME}",
-            **{name: geometry_key(name) for name in _GEOMETRY_NDIMS},
+            **{
+                env_geometry_entry(entry): geometry_key(entry, touch_block.CAMERA_NAME)
+                for entry in GEOMETRY_ENTRIES
+            },
         }
     )
 
@@ -128,7 +139,7 @@ class TouchBlockEnvConfig(EnvConfig):
         self.features[f"pixels/{touch_block.CAMERA_NAME}"] = PolicyFeature(
             type=FeatureType.VISUAL, shape=(h, w, 3)
         )
-        self.features["depth"] = PolicyFeature(type=FeatureType.VISUAL, shape=(1, h, w))
+        self.features[env_geometry_entry(DEPTH)] = PolicyFeature(type=FeatureType.VISUAL, shape=(1, h, w))
 
     @property
     def package_name(self) -> str:

@@ -12,7 +12,7 @@ whose fixtures are placed differently in each demo); ``obs/*``, ``rewards`` and 
 needed: the converter renders every frame itself.
 
 For every demo the task's env is built from its BDDL file (the installed LIBERO suite task of that
-name) as :class:`~lerobot_llava3d_fusion.envs.libero_rgbd_sim.LiberoRGBDEnv`, and frame ``t`` is:
+name) as ``LiberoRGBDEnv`` (:mod:`.libero_rgbd_sim`), and frame ``t`` is:
 
 - ``--replay states`` (default): the recorded state ``t`` restored exactly (no drift), rendered;
 - ``--replay actions``: the env set to the first recorded state, then the recorded actions stepped;
@@ -60,6 +60,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ..libero_setup import ensure_libero_ready
+from .dataset_stats import save_episode
+from .libero_rgbd import LiberoRGBDEnvConfig
+from .libero_rgbd_dataset import dataset_features, frame_from_batch
+from .libero_rgbd_sim import libero_rgbd_env_class, libero_suite
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +126,6 @@ def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
     LIBERO's files store the BDDL path of the machine they were made on (``.../bddl_files/<suite>/
     <task>.bddl``); the task is found by folder and file name among the installed suites.
     """
-    from lerobot.envs.libero import _get_suite
     from libero.libero import benchmark
 
     path = Path(str(bddl_file_name).replace("\\", "/"))
@@ -129,7 +134,7 @@ def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
     order = sorted(names, key=lambda name: (name != path.parent.name, name == "libero_100", name))
     for suite_name in order:
         try:
-            suite = _get_suite(suite_name)
+            suite = libero_suite(suite_name)
         except Exception as err:  # noqa: BLE001 - a suite LIBERO lists but cannot build is not a candidate
             logger.debug("LIBERO suite %s cannot be built (%s); not searched", suite_name, err)
             continue
@@ -244,12 +249,8 @@ def _env_for(job: DemoJob):
     if _WORKER_ENV.get("key") == key:
         return _WORKER_ENV["env"]
     close_worker_env()
-    from lerobot.envs.libero import _get_suite
-
-    from lerobot_llava3d_fusion.envs.libero_rgbd_sim import LiberoRGBDEnv
-
-    env = LiberoRGBDEnv(
-        task_suite=_get_suite(job.suite),
+    env = libero_rgbd_env_class()(
+        task_suite=libero_suite(job.suite),
         task_id=job.task_id,
         task_suite_name=job.suite,
         obs_type="pixels_agent_pos",
@@ -275,8 +276,6 @@ def close_worker_env() -> None:
 
 
 def _env_preprocessor():
-    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
-
     return LiberoRGBDEnvConfig().get_env_processors()[0]
 
 
@@ -290,12 +289,10 @@ def _batched(tree: Any) -> Any:
 def _frame(env, raw_obs: dict, action: np.ndarray, job: DemoJob, features: dict) -> dict[str, Any]:
     from lerobot.envs.utils import preprocess_observation
 
-    from lerobot_llava3d_fusion.envs.libero_rgbd import _frame_from_batch
-
     batch = preprocess_observation(_batched(env._format_raw_obs(raw_obs)))
     batch["task"] = [job.task]
     batch = _WORKER_ENV["preprocessor"](batch)
-    return _frame_from_batch(batch, features, action.astype(np.float32), job.task)
+    return frame_from_batch(batch, features, action.astype(np.float32), job.task)
 
 
 def localize_model_xml(xml: str) -> str:
@@ -347,8 +344,6 @@ def render_demo(job: DemoJob) -> DemoResult:
     in the state, and a fresh reset would place them elsewhere.
     """
     import h5py
-
-    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, dataset_features
 
     features = dataset_features(LiberoRGBDEnvConfig(observation_height=job.size, observation_width=job.size))
     with h5py.File(job.hdf5, "r") as handle:
@@ -412,8 +407,6 @@ def _read_log(root: Path) -> list[dict]:
 def _open_dataset(repo_id: str, root: Path, settings: Settings):
     """Create the dataset, or reopen one this converter started (checking the settings match)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
-
-    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, dataset_features
 
     if (root / "meta" / "info.json").is_file():
         log = _read_log(root)
@@ -514,13 +507,6 @@ def convert_libero(
     """
     from tqdm import tqdm
 
-    from lerobot_llava3d_fusion.envs.libero_rgbd import (
-        OBS_EXTRINSICS,
-        OBS_INTRINSICS,
-        _scalar_camera_matrix_stats,
-    )
-    from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready
-
     if replay not in REPLAY_MODES:
         raise ValueError(f"replay must be one of {REPLAY_MODES}, got {replay!r}")
     if keep_failed and replay != "actions":
@@ -542,12 +528,8 @@ def convert_libero(
         "%d demos in %d files: %d to convert, %d already converted",
         len(jobs), len({job.hdf5 for job in jobs}), len(todo), summary.skipped,
     )  # fmt: skip
-    matrix_keys = [
-        k for k in dataset.meta.features if k.startswith((f"{OBS_INTRINSICS}.", f"{OBS_EXTRINSICS}."))
-    ]
     try:
         with (
-            _scalar_camera_matrix_stats(matrix_keys),
             tqdm(total=len(todo), desc="Converting LIBERO demos", unit="demo") as bar,
             (root / CONVERSION_LOG).open("a") as log_file,
         ):
@@ -565,7 +547,7 @@ def convert_libero(
                 if kept:
                     for frame in result.frames:
                         dataset.add_frame(frame)
-                    dataset.save_episode()
+                    save_episode(dataset)
                     episode_index = dataset.meta.total_episodes - 1
                     summary.episodes += 1
                     summary.frames += len(result.frames)

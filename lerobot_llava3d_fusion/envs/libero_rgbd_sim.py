@@ -1,10 +1,5 @@
 """Simulator side of the ``libero_rgbd`` env: LeRobot's ``LiberoEnv`` with metric depth and cameras.
 
-This module imports ``lerobot.envs.libero`` and therefore ``libero.libero``, which reads the LIBERO
-config at import time, so it first runs :func:`ensure_libero_ready`. It is kept apart from
-:mod:`lerobot_llava3d_fusion.envs.libero_rgbd` (config, processor step, recorder) so that registering
-the env type at package import needs neither LIBERO nor a config file.
-
 Raw observation (one sub-env, before ``preprocess_observation``), per camera with mapped name ``cam``
 (``image`` = agent view, ``image2`` = wrist), in addition to LeRobot's ``pixels`` / ``robot_state``:
 
@@ -14,42 +9,40 @@ Raw observation (one sub-env, before ``preprocess_observation``), per camera wit
 - ``extrinsics_<cam>``: float32 (4, 4), camera-to-world pose of the OpenCV camera frame
   (x right, y down, z forward) in the MuJoCo world frame.
 
-``LiberoRGBDProcessorStep`` later rotates the depth and adapts ``K`` exactly as LeRobot rotates the
-RGB images.
+``LiberoRGBDProcessorStep`` (``libero_rgbd.py``) later rotates the depth and adapts ``K`` exactly as
+LeRobot rotates the RGB images.
+
+Importing LIBERO reads its config file (and asks for one on stdin when it is missing), so this module
+imports it only when an env or a suite is first needed, after :func:`ensure_libero_ready` wrote that
+config: importing the module itself touches nothing. ``LiberoRGBDEnv`` (LeRobot's ``LiberoEnv`` with
+:class:`CameraGeometryMixin`) is therefore built on first use, by :func:`libero_rgbd_env_class` or by
+reading the module attribute ``LiberoRGBDEnv``.
+
+What this relies on in LeRobot (``tests/test_lerobot_libero_api.py`` pins it): the ``LiberoEnv``
+constructor's arguments, its hooks ``_ensure_env()`` (builds LIBERO's ``OffScreenRenderEnv`` in the
+worker process) and ``_format_raw_obs(raw_obs)`` (turns robosuite's observation into the gym one), and
+``_LazyAsyncVectorEnv``: LeRobot's ``create_libero_envs`` hard-codes its env class, and its lazily
+started async vector env (one task's worker processes alive at a time) has no public equivalent.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from functools import partial
 from typing import Any
 
-from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from lerobot.envs.configs import LiberoEnv as LiberoEnvConfig
+from lerobot.envs.utils import _LazyAsyncVectorEnv
 
-ensure_libero_ready()  # must precede the first `import libero.libero` (config file, assets, MUJOCO_GL)
-
-import gymnasium as gym  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from gymnasium import spaces  # noqa: E402
-from lerobot.envs.libero import LiberoEnv, _get_suite, _select_task_ids  # noqa: E402
-from lerobot.envs.utils import _LazyAsyncVectorEnv  # noqa: E402
-from libero.libero.envs import OffScreenRenderEnv  # noqa: E402
-from robosuite import macros as robosuite_macros  # noqa: E402
-from robosuite.utils.camera_utils import (  # noqa: E402
-    get_camera_extrinsic_matrix,
-    get_camera_intrinsic_matrix,
-    get_real_depth_map,
-)
-
-from lerobot_llava3d_fusion.envs.instruction_perturbation import perturb_instruction  # noqa: E402
-from lerobot_llava3d_fusion.envs.libero_rgbd import (  # noqa: E402
-    RAW_DEPTH_PREFIX,
-    RAW_EXTRINSICS_PREFIX,
-    RAW_INTRINSICS_PREFIX,
-    LiberoRGBDEnvConfig,
-    flip_intrinsics,
-)
+from ..geometry import flip_intrinsics
+from ..libero_setup import ensure_libero_ready
+from ..observation_keys import CAMERA_MATRIX_SHAPES, DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
+from .instruction_perturbation import perturb_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +52,8 @@ def _robosuite_camera(obs_camera_name: str) -> str:
     return obs_camera_name.removesuffix("_image")
 
 
-class LiberoRGBDEnv(LiberoEnv):
-    """LeRobot's LIBERO gym env, rendering depth too and reporting each camera's geometry.
+class CameraGeometryMixin:
+    """What ``LiberoRGBDEnv`` adds to LeRobot's ``LiberoEnv``: depth rendering and each camera's geometry.
 
     Same constructor arguments as ``lerobot.envs.libero.LiberoEnv``, plus `instruction_perturbation`
     (see :mod:`.instruction_perturbation`; ``other_task`` draws from the suite's other tasks), applied
@@ -80,21 +73,19 @@ class LiberoRGBDEnv(LiberoEnv):
         geometry_spaces = {}
         for camera in self.camera_name:
             name = self.camera_name_mapping[camera]
-            geometry_spaces[f"{RAW_DEPTH_PREFIX}{name}"] = spaces.Box(0.0, np.inf, (h, w, 1), np.float32)
-            geometry_spaces[f"{RAW_INTRINSICS_PREFIX}{name}"] = spaces.Box(
-                -np.inf, np.inf, (3, 3), np.float32
-            )
-            geometry_spaces[f"{RAW_EXTRINSICS_PREFIX}{name}"] = spaces.Box(
-                -np.inf, np.inf, (4, 4), np.float32
-            )
+            geometry_spaces[env_geometry_entry(DEPTH, name)] = spaces.Box(0.0, np.inf, (h, w, 1), np.float32)
+            for entry, shape in CAMERA_MATRIX_SHAPES.items():
+                geometry_spaces[env_geometry_entry(entry, name)] = spaces.Box(
+                    -np.inf, np.inf, shape, np.float32
+                )
         self.observation_space = spaces.Dict({**self.observation_space.spaces, **geometry_spaces})
-        # robosuite returns images bottom row first under its default "opengl" convention.
-        self._raw_rows_flipped = robosuite_macros.IMAGE_CONVENTION == "opengl"
 
     def _ensure_env(self) -> None:
         """As ``LiberoEnv._ensure_env`` (lazy, inside the worker process) plus ``camera_depths=True``."""
         if self._env is not None:
             return
+        from libero.libero.envs import OffScreenRenderEnv
+
         env = OffScreenRenderEnv(
             bddl_file_name=self._task_bddl_file,
             camera_heights=self.observation_height,
@@ -113,8 +104,17 @@ class LiberoRGBDEnv(LiberoEnv):
 
     def _camera_geometry(self, raw_obs: dict[str, Any]) -> dict[str, np.ndarray]:
         """Metric depth (H, W, 1), ``K`` (3, 3) and camera-to-world (4, 4) per camera, raw pixel grid."""
+        from robosuite import macros as robosuite_macros
+        from robosuite.utils.camera_utils import (
+            get_camera_extrinsic_matrix,
+            get_camera_intrinsic_matrix,
+            get_real_depth_map,
+        )
+
         sim = self._env.sim
         h, w = self.observation_height, self.observation_width
+        # robosuite returns images bottom row first under its default "opengl" convention.
+        raw_rows_flipped = robosuite_macros.IMAGE_CONVENTION == "opengl"
         geometry = {}
         for camera in self.camera_name:
             rs_camera = _robosuite_camera(camera)
@@ -130,44 +130,89 @@ class LiberoRGBDEnv(LiberoEnv):
             # matters little, but being exact also keeps the principal point invariant under flips.
             k_opencv[0, 2], k_opencv[1, 2] = (w - 1) / 2.0, (h - 1) / 2.0
             k_raw = flip_intrinsics(
-                torch.from_numpy(k_opencv), h, w, flip_rows=self._raw_rows_flipped, flip_cols=False
+                torch.from_numpy(k_opencv), h, w, flip_rows=raw_rows_flipped, flip_cols=False
             )
 
-            geometry[f"{RAW_DEPTH_PREFIX}{name}"] = depth
-            geometry[f"{RAW_INTRINSICS_PREFIX}{name}"] = k_raw.numpy().astype(np.float32)
-            geometry[f"{RAW_EXTRINSICS_PREFIX}{name}"] = get_camera_extrinsic_matrix(sim, rs_camera).astype(
-                np.float32
-            )
+            geometry[env_geometry_entry(DEPTH, name)] = depth
+            geometry[env_geometry_entry(INTRINSICS, name)] = k_raw.numpy().astype(np.float32)
+            geometry[env_geometry_entry(EXTRINSICS, name)] = get_camera_extrinsic_matrix(
+                sim, rs_camera
+            ).astype(np.float32)
         return geometry
 
 
-def create_libero_rgbd_envs(
-    cfg: LiberoRGBDEnvConfig, n_envs: int, use_async_envs: bool = False
-) -> dict[str, dict[int, Any]]:
-    """Build ``{suite: {task_id: VectorEnv}}`` of :class:`LiberoRGBDEnv`, like ``create_libero_envs``.
+@functools.cache
+def libero_rgbd_env_class() -> type:
+    """``LiberoRGBDEnv``: LeRobot's LIBERO gym env, rendering depth too and reporting each camera's geometry.
 
-    LeRobot's ``create_libero_envs`` hard-codes its env class, so this mirrors its structure (same
-    suite/task selection helpers, same vector-env kinds and autoreset mode) with ours.
+    Built once per process, after LIBERO is set up (its base class imports LIBERO).
+    """
+    ensure_libero_ready()
+    from lerobot.envs.libero import LiberoEnv
+
+    # Named after this module so that pickle (async vector envs) finds it again through `__getattr__`.
+    return type("LiberoRGBDEnv", (CameraGeometryMixin, LiberoEnv), {"__module__": __name__})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LiberoRGBDEnv":
+        return libero_rgbd_env_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def libero_suite(name: str) -> Any:
+    """The LIBERO benchmark suite ``name`` (e.g. ``libero_spatial``), set up and imported on first use."""
+    ensure_libero_ready()
+    from libero.libero import benchmark
+
+    suites = benchmark.get_benchmark_dict()
+    if name not in suites:
+        raise ValueError(f"Unknown LIBERO suite '{name}'. Available: {', '.join(sorted(suites))}")
+    suite = suites[name]()
+    if not getattr(suite, "tasks", None):
+        raise ValueError(f"LIBERO suite '{name}' has no tasks.")
+    return suite
+
+
+def _task_ids(suite_name: str, num_tasks: int, task_ids: list[int] | None) -> list[int]:
+    """The requested task ids of a suite (all of them for None), sorted and checked."""
+    if task_ids is None:
+        return list(range(num_tasks))
+    ids = sorted({int(task_id) for task_id in task_ids})
+    for task_id in ids:
+        if not 0 <= task_id < num_tasks:
+            raise ValueError(f"task_id {task_id} out of range [0, {num_tasks - 1}] for suite '{suite_name}'.")
+    return ids
+
+
+def create_libero_rgbd_envs(
+    cfg: LiberoEnvConfig, n_envs: int, use_async_envs: bool = False
+) -> dict[str, dict[int, Any]]:
+    """Build ``{suite: {task_id: VectorEnv}}`` of ``LiberoRGBDEnv``, as ``create_libero_envs`` does with its own.
+
+    Same suite and task selection, sub-env arguments, vector-env kinds and autoreset mode as LeRobot's
+    function, which cannot be given another env class.
     """
     if n_envs < 1:
         raise ValueError(f"n_envs must be a positive int; got {n_envs}")
     suite_names = [s.strip() for s in str(cfg.task).split(",") if s.strip()]
     if not suite_names:
         raise ValueError("`task` must contain at least one LIBERO suite name.")
+    env_class = libero_rgbd_env_class()
     gym_kwargs = dict(cfg.gym_kwargs)
     gym_kwargs.pop("task_ids", None)  # selects tasks here; not an env constructor argument
     use_async = use_async_envs and n_envs > 1
 
     out: dict[str, dict[int, Any]] = {}
     for suite_name in suite_names:
-        suite = _get_suite(suite_name)
+        suite = libero_suite(suite_name)
         out[suite_name] = {}
         # All tasks of a suite share spaces: probe once so lazy async envs need no throwaway env.
         cached_spaces: tuple | None = None
-        for task_id in _select_task_ids(len(suite.tasks), cfg.task_ids):
+        for task_id in _task_ids(suite_name, len(suite.tasks), cfg.task_ids):
             fns = [
                 partial(
-                    LiberoRGBDEnv,
+                    env_class,
                     task_suite=suite,
                     task_id=task_id,
                     task_suite_name=suite_name,

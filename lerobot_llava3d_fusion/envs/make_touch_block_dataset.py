@@ -24,10 +24,8 @@ and the instruction as the frame's task.
 LeRobot returns depth maps in millimetres unless told otherwise: train with
 ``--dataset.depth_output_unit=m`` (the demo preset sets it), since the policy reads metres.
 
-`meta/stats.json` follows LeRobot except for the camera matrices: LeRobot 0.6.1 reduces a
-multi-dimensional float feature over every axis but the last (stats shaped (cols,)), so they are
-recomputed here per element, (3, 3) / (4, 4). The per-episode stats under `meta/episodes` keep
-LeRobot's shapes.
+`meta/stats.json` follows LeRobot except for the camera matrices, whose stats take all their entries
+as one channel, shaped (1, 1, 1), as in every dataset this package writes (see `dataset_stats.py`).
 """
 
 from __future__ import annotations
@@ -41,18 +39,20 @@ import datasets
 import gymnasium as gym
 import numpy as np
 from lerobot.datasets import LeRobotDataset
-from lerobot.datasets.compute_stats import aggregate_stats, get_feature_stats
-from lerobot.datasets.io_utils import write_stats
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 from lerobot.utils.utils import init_logging
 from tqdm import tqdm
 
+from ..observation_keys import DEPTH, EXTRINSICS, INTRINSICS, camera_geometry_features, geometry_key
 from . import touch_block
-from .configs import geometry_key
+from .dataset_stats import save_episode
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEY = f"{OBS_IMAGES}.{touch_block.CAMERA_NAME}"
+DEPTH_KEY, INTRINSICS_KEY, EXTRINSICS_KEY = (
+    geometry_key(entry, touch_block.CAMERA_NAME) for entry in (DEPTH, INTRINSICS, EXTRINSICS)
+)
 HOLD_FRAMES = 5  # zero-action frames on the target that close each expert episode
 
 
@@ -64,39 +64,13 @@ def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[
             "shape": (height, width, 3),
             "names": ["height", "width", "channels"],
         },
-        # LeRobot's depth-map image: float32 metres, stored losslessly (raw TIFF) and decoded fast.
-        geometry_key("depth"): {
-            "dtype": "image",
-            "shape": (height, width, 1),
-            "names": ["height", "width", "channels"],
-            "info": {"is_depth_map": True, "depth_unit": "m"},
-        },
-        geometry_key("intrinsics"): {"dtype": "float32", "shape": (3, 3), "names": ["rows", "cols"]},
-        geometry_key("extrinsics"): {"dtype": "float32", "shape": (4, 4), "names": ["rows", "cols"]},
+        **camera_geometry_features(touch_block.CAMERA_NAME, height, width),
         OBS_STATE: {"dtype": "float32", "shape": (3,), "names": ["x", "y", "z"]},
         ACTION: {"dtype": "float32", "shape": (3,), "names": ["dx", "dy", "dz"]},
         "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
         "next.success": {"dtype": "bool", "shape": (1,), "names": None},
         "next.done": {"dtype": "bool", "shape": (1,), "names": None},
     }
-
-
-def camera_matrix_stats(intrinsics: np.ndarray, extrinsics: np.ndarray) -> dict[str, dict]:
-    """Stats of one episode's camera matrices (LeRobot computes the depth map's own).
-
-    Args:
-        intrinsics: (T, 3, 3); extrinsics: (T, 4, 4).
-
-    Returns:
-        {feature key: {stat name: array}}, stats shaped (3, 3) / (4, 4), "count" shaped (1,) as in LeRobot.
-    """
-    stats = {}
-    for name, matrices in (("intrinsics", intrinsics), ("extrinsics", extrinsics)):
-        flat_stats = get_feature_stats(matrices.reshape(len(matrices), -1), axis=0, keepdims=False)
-        stats[geometry_key(name)] = {
-            k: v if k == "count" else v.reshape(matrices.shape[1:]) for k, v in flat_stats.items()
-        }
-    return stats
 
 
 def make_touch_block_dataset(
@@ -130,12 +104,10 @@ def make_touch_block_dataset(
         use_videos=use_videos,
     )
     start, num_frames = time.perf_counter(), 0
-    episode_matrix_stats = []
     try:
         for episode in tqdm(range(num_episodes), desc="touch_block episodes", unit="ep"):
             obs, _ = env.reset(seed=seed + episode)
             task = sim.task_description
-            matrices: dict[str, list[np.ndarray]] = {"intrinsics": [], "extrinsics": []}
             done, held = False, 0
             while not done:
                 action = touch_block.expert_action(sim.ee_position, sim.target_position, sim.max_step)
@@ -145,9 +117,9 @@ def make_touch_block_dataset(
                 dataset.add_frame(
                     {
                         IMAGE_KEY: obs["pixels"][touch_block.CAMERA_NAME],
-                        geometry_key("depth"): obs["depth"].transpose(1, 2, 0),  # (H, W, 1)
-                        geometry_key("intrinsics"): obs["intrinsics"],
-                        geometry_key("extrinsics"): obs["extrinsics"],
+                        DEPTH_KEY: obs[touch_block.DEPTH_ENTRY].transpose(1, 2, 0),  # (H, W, 1)
+                        INTRINSICS_KEY: obs[touch_block.INTRINSICS_ENTRY],
+                        EXTRINSICS_KEY: obs[touch_block.EXTRINSICS_ENTRY],
                         OBS_STATE: obs["agent_pos"],
                         ACTION: action,
                         "next.reward": np.array([reward], dtype=np.float32),
@@ -156,19 +128,14 @@ def make_touch_block_dataset(
                         "task": task,
                     }
                 )
-                for name, frames in matrices.items():
-                    frames.append(obs[name])
                 obs = next_obs
                 num_frames += 1
             if held < HOLD_FRAMES:
                 raise RuntimeError(f"scripted expert failed on seed {seed + episode}; this is a bug")
-            dataset.save_episode()
-            episode_matrix_stats.append(camera_matrix_stats(**{k: np.stack(v) for k, v in matrices.items()}))
+            save_episode(dataset)
     finally:
         dataset.finalize()
         env.close()
-    dataset.meta.stats.update(aggregate_stats(episode_matrix_stats))
-    write_stats(dataset.meta.stats, dataset.root)
     elapsed = time.perf_counter() - start
     logger.info(
         "Wrote %d episodes / %d frames to %s in %.1fs (%.0f frames/s)",

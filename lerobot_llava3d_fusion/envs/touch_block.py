@@ -51,10 +51,15 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from ..observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
 from .instruction_perturbation import check_perturbation, perturb_instruction
 
 GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
 CAMERA_NAME = "top"
+# The observation's camera geometry entries (one camera: `depth`, `intrinsics`, `extrinsics`).
+DEPTH_ENTRY, INTRINSICS_ENTRY, EXTRINSICS_ENTRY = (
+    env_geometry_entry(entry) for entry in (DEPTH, INTRINSICS, EXTRINSICS)
+)
 FPS = 10
 DEFAULT_EPISODE_LENGTH = 60
 
@@ -338,10 +343,10 @@ class TouchBlockEnv(gym.Env):
                 "agent_pos": spaces.Box(
                     WORKSPACE_LOW.astype(np.float32), WORKSPACE_HIGH.astype(np.float32), dtype=np.float32
                 ),
-                "depth": spaces.Box(0.0, self.renderer.camera_height, (1, h, w), np.float32),
+                DEPTH_ENTRY: spaces.Box(0.0, self.renderer.camera_height, (1, h, w), np.float32),
                 # The camera is fixed; bound its constant matrices by their own entries.
-                "intrinsics": _matrix_space(self.renderer.intrinsics),
-                "extrinsics": _matrix_space(self.renderer.extrinsics),
+                INTRINSICS_ENTRY: _matrix_space(self.renderer.intrinsics),
+                EXTRINSICS_ENTRY: _matrix_space(self.renderer.extrinsics),
             }
         )
         self.action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -411,9 +416,9 @@ class TouchBlockEnv(gym.Env):
         return {
             "pixels": {CAMERA_NAME: self._rgb.copy()},
             "agent_pos": self.ee_position.astype(np.float32),
-            "depth": depth,
-            "intrinsics": self.renderer.intrinsics.copy(),
-            "extrinsics": self.renderer.extrinsics.copy(),
+            DEPTH_ENTRY: depth,
+            INTRINSICS_ENTRY: self.renderer.intrinsics.copy(),
+            EXTRINSICS_ENTRY: self.renderer.extrinsics.copy(),
         }
 
     def _instruction_and_target(self, scene: Scene) -> tuple[str, int]:
