@@ -187,7 +187,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
-    monkeypatch.setattr(demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks: {})
+    monkeypatch.setattr(demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks, rtc: {})
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
     demo.main(
         [
