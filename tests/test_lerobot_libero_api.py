@@ -54,7 +54,16 @@ def offscreen_env_keywords(function) -> dict[str, str]:
 
 def test_libero_env_takes_the_arguments_we_pass(lerobot_libero):
     parameters = set(inspect.signature(lerobot_libero.LiberoEnv.__init__).parameters)
-    gym_kwargs = set(LiberoRGBDEnvConfig(task_ids=[0]).gym_kwargs) - {"task_ids"}
+    # Keyword-only arguments of our mixin are consumed there and never reach LeRobot's constructor.
+    ours = {
+        name
+        for name, parameter in inspect.signature(
+            libero_rgbd_sim.CameraGeometryMixin.__init__
+        ).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    }
+    assert "instruction_perturbation" in ours
+    gym_kwargs = set(LiberoRGBDEnvConfig(task_ids=[0]).gym_kwargs) - {"task_ids"} - ours
     missing = (ENV_ARGUMENTS | gym_kwargs) - parameters
     assert not missing, f"lerobot.envs.libero.LiberoEnv no longer takes {sorted(missing)}"
 
