@@ -7,6 +7,7 @@ model outputs back into LeRobot actions; the network itself lives in `model.py`.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -412,12 +413,15 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             )
         if not self._action_queue:
             leftover = self._unexecuted_actions if self._rtc_enabled() else None
-            chunk = self.predict_action_chunk(
-                batch,
-                noise=noise,
-                inference_delay=None if leftover is None else 0,
-                prev_chunk_left_over=leftover,
-            )
+            # RTC's guidance differentiates through the sampler's state, which inference mode forbids
+            # (lerobot-eval calls select_action under torch.inference_mode()).
+            with torch.inference_mode(False) if leftover is not None else nullcontext():
+                chunk = self.predict_action_chunk(
+                    batch,
+                    noise=noise,
+                    inference_delay=None if leftover is None else 0,
+                    prev_chunk_left_over=None if leftover is None else leftover.clone(),
+                )
             n_steps = self.config.n_action_steps
             self._unexecuted_actions = chunk[:, n_steps:] if n_steps < chunk.shape[1] else None
             self._action_queue.extend(chunk[:, :n_steps].transpose(0, 1))  # queue of (B, action_dim)

@@ -107,10 +107,11 @@ def test_select_action_with_rtc_continues_the_unexecuted_actions(monkeypatch):
             policy, "predict_action_chunk", lambda *a, _p=predict, _c=calls, **k: _c.append(k) or _p(*a, **k)
         )
         generator = torch.Generator().manual_seed(0)
-        executed = [
-            policy.select_action(batch, noise=torch.randn(1, CHUNK, 4, generator=generator))
-            for _ in range(2 * n_steps)
-        ]
+        with torch.inference_mode():  # as lerobot-eval calls it
+            executed = [
+                policy.select_action(batch, noise=torch.randn(1, CHUNK, 4, generator=generator))
+                for _ in range(2 * n_steps)
+            ]
         chunks[rtc] = (torch.stack(executed, dim=1), calls)
 
     actions, calls = chunks[True]
