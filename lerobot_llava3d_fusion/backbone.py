@@ -88,6 +88,18 @@ class ImageEncoder(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         return self.project(self.features(pixel_values))
 
+    @classmethod
+    def of(cls, backbone: Backbone) -> ImageEncoder:
+        """The image encoder of `backbone`'s tower and projector, with its feature selection and pooling."""
+        return cls(
+            backbone.vision_tower,
+            backbone.projector,
+            backbone.vision_feature_layer,
+            backbone.vision_feature_select_strategy,
+            feature_grid=backbone.feature_grid,
+            pooling=backbone.image_pooling,
+        )
+
     def features(self, pixel_values: Tensor) -> Tensor:
         """(N, 3, S, S) -> the tower's patch features (N, rows * cols, C), before the projector."""
         # Same feature selection as transformers' LlavaModel.get_image_features, without its

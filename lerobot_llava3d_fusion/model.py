@@ -99,14 +99,7 @@ class Llava3DFusionModel(nn.Module):
     def _build_vision(self, backbone: Backbone) -> None:
         """`image_encoder` (tower features -> projected patch tokens), the tower's input size and
         normalisation, and the patch grid of the projected tokens."""
-        self.image_encoder = ImageEncoder(
-            backbone.vision_tower,
-            backbone.projector,
-            backbone.vision_feature_layer,
-            backbone.vision_feature_select_strategy,
-            feature_grid=backbone.feature_grid,
-            pooling=backbone.image_pooling,
-        )
+        self.image_encoder = ImageEncoder.of(backbone)
         self.image_size = backbone.image_size
         self.register_buffer(
             "image_mean", torch.tensor(backbone.image_mean).view(1, 3, 1, 1), persistent=False

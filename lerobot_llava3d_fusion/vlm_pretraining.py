@@ -135,13 +135,7 @@ class CaptioningModel(torch.nn.Module):
         super().__init__()
         self.llava = llava
         backbone = _backbone_from_llava(llava, tokenizer, image_mean, image_std)
-        self.image_encoder = ImageEncoder(
-            backbone.vision_tower,
-            backbone.projector,
-            backbone.vision_feature_layer,
-            backbone.vision_feature_select_strategy,
-            feature_grid=backbone.feature_grid,
-        )
+        self.image_encoder = ImageEncoder.of(backbone)
         self.language_model = backbone.language_model
         self.image_size = backbone.image_size
         self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
