@@ -202,10 +202,10 @@ def load_transformers_llava_backbone(name: str, *, load_weights: bool, dtype: to
     else:
         model = model_cls(config).to(dtype)
     image_mean, image_std = load_image_normalisation(name)
-    return _backbone_from_llava(model, load_tokenizer(name), image_mean, image_std)
+    return backbone_from_llava(model, load_tokenizer(name), image_mean, image_std)
 
 
-def _backbone_from_llava(model: nn.Module, tokenizer, image_mean, image_std) -> Backbone:
+def backbone_from_llava(model: nn.Module, tokenizer, image_mean, image_std) -> Backbone:
     """Split a transformers LLaVA(-OneVision) model into the parts the policy uses."""
     base, config = model.model, model.config
     return Backbone(
@@ -329,4 +329,4 @@ def siglip_llava_config(
 def build_tiny_backbone(llm_type: str = "qwen2") -> Backbone:
     """The backbone of `build_tiny_llava` (SigLIP normalisation)."""
     model, tokenizer = build_tiny_llava(llm_type)
-    return _backbone_from_llava(model, tokenizer, *SIGLIP_MEAN_STD)
+    return backbone_from_llava(model, tokenizer, *SIGLIP_MEAN_STD)

@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .backbone import ImageEncoder, load_image_normalisation
-from .vlm import LLAVA_MODEL_CLASSES, _backbone_from_llava, load_tokenizer
+from .vlm import LLAVA_MODEL_CLASSES, backbone_from_llava, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class CaptioningModel(torch.nn.Module):
     def __init__(self, llava: torch.nn.Module, tokenizer, image_mean, image_std):
         super().__init__()
         self.llava = llava
-        backbone = _backbone_from_llava(llava, tokenizer, image_mean, image_std)
+        backbone = backbone_from_llava(llava, tokenizer, image_mean, image_std)
         self.image_encoder = ImageEncoder.of(backbone)
         self.language_model = backbone.language_model
         self.image_size = backbone.image_size
