@@ -309,9 +309,8 @@ class GeometricOraclePolicy(nn.Module):
         return torch.from_numpy(np.stack(actions))
 
 
-def test_lerobot_rollout_with_policy_using_only_the_contract():
-    """LeRobot's own eval rollout: depth/intrinsics/extrinsics/task suffice to solve the task."""
-    cfg = TouchBlockEnvConfig()
+def oracle_rollout(cfg: TouchBlockEnvConfig) -> dict:
+    """LeRobot's own eval rollout of `GeometricOraclePolicy` in two envs of `cfg`, seeds 0 and 1."""
     vec = make_env(cfg, n_envs=2)["touch_block"][0]
     env_pre, env_post = cfg.get_env_processors()
     try:
@@ -326,6 +325,13 @@ def test_lerobot_rollout_with_policy_using_only_the_contract():
         )
     finally:
         vec.close()
+    return data
+
+
+def test_lerobot_rollout_with_policy_using_only_the_contract():
+    """LeRobot's own eval rollout: depth/intrinsics/extrinsics/task suffice to solve the task."""
+    cfg = TouchBlockEnvConfig()
+    data = oracle_rollout(cfg)
     assert data["success"].any(dim=1).all()
     assert data["action"].shape[-1] == 3
 
@@ -448,20 +454,7 @@ def test_instruction_flags_reach_the_envs_lerobot_makes():
 def test_lerobot_rollout_of_a_policy_that_follows_the_swapped_instruction(success_target):
     """A policy that does what it is told succeeds only when judged at the instruction's block."""
     cfg = TouchBlockEnvConfig(instruction_perturbation="other_task", success_target=success_target)
-    vec = make_env(cfg, n_envs=2)["touch_block"][0]
-    env_pre, env_post = cfg.get_env_processors()
-    try:
-        data = rollout(
-            env=vec,
-            policy=GeometricOraclePolicy(),
-            env_preprocessor=env_pre,
-            env_postprocessor=env_post,
-            preprocessor=lambda batch: batch,
-            postprocessor=lambda action: action,
-            seeds=[0, 1],
-        )
-    finally:
-        vec.close()
+    data = oracle_rollout(cfg)
     assert data["success"].any(dim=1).tolist() == [success_target == "instruction"] * 2
 
 
