@@ -47,6 +47,7 @@ from .demo import (
     prepare_demo_data,
     reference_success,
 )
+from .envs.configs import touch_block_eval_observation
 
 logger = logging.getLogger(__name__)
 
@@ -206,25 +207,6 @@ def evaluate(run_dir: Path, checkpoint: Path, variant: Variant, num_steps: int, 
     return json.loads(info_path.read_text())["overall"]["pc_success"]
 
 
-def touch_block_observation() -> dict:
-    """One touch_block observation as lerobot-eval hands it to the policy's preprocessor."""
-    from lerobot.envs.factory import make_env, make_env_config
-    from lerobot.envs.utils import preprocess_observation
-
-    env_cfg = make_env_config("touch_block", num_blocks=NUM_BLOCKS)
-    envs = make_env(env_cfg, n_envs=1, use_async_envs=False)
-    vec_env = next(iter(next(iter(envs.values())).values()))
-    try:
-        observation, _ = vec_env.reset(seed=[EVAL_START_SEED])
-        observation = preprocess_observation(observation)
-        observation["task"] = list(vec_env.call("task_description"))
-        env_preprocessor, _ = env_cfg.get_env_processors()
-        return env_preprocessor(observation)
-    finally:
-        vec_env.close()
-
-
-@torch.inference_mode()
 def chunk_latency(checkpoint: Path, num_steps: int, observation: dict, repeats: int) -> float:
     """Median seconds of one `predict_action_chunk` (batch 1, prefix cache on) with `num_steps` steps."""
     from lerobot.policies import make_pre_post_processors
@@ -313,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     references = {
         policy: reference_success(policy, args.eval_episodes, NUM_BLOCKS) for policy in REFERENCE_POLICIES
     }
-    observation = touch_block_observation()
+    observation = touch_block_eval_observation(EVAL_START_SEED, num_blocks=NUM_BLOCKS)
 
     variants = [v for v in VARIANTS if v.name in args.variants]
     rows = []

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
 
+from lerobot_llava3d_fusion.envs.configs import touch_block_eval_observation
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # One `logging.info(train_tracker)` line of lerobot-train, e.g.
@@ -265,22 +267,9 @@ def read_json(path: Path) -> dict:
 
 
 def touch_block_observation(height: int, width: int, seed: int = 0) -> dict:
-    """One observation of the touch_block env after `preprocess_observation`, the task and the env
-    processor: exactly what lerobot-eval's rollout hands to the policy preprocessor."""
-    from lerobot.envs.factory import make_env, make_env_config
-    from lerobot.envs.utils import preprocess_observation
-
-    env_cfg = make_env_config("touch_block", observation_height=height, observation_width=width)
-    envs = make_env(env_cfg, n_envs=1, use_async_envs=False)
-    vec_env = next(iter(next(iter(envs.values())).values()))
-    try:
-        observation, _ = vec_env.reset(seed=[seed])
-        observation = preprocess_observation(observation)
-        observation["task"] = list(vec_env.call("task_description"))
-        env_preprocessor, _ = env_cfg.get_env_processors()
-        return env_preprocessor(observation)
-    finally:
-        vec_env.close()
+    """One observation of the touch_block env at `height` x `width`, as lerobot-eval's rollout hands
+    it to the policy preprocessor."""
+    return touch_block_eval_observation(seed, observation_height=height, observation_width=width)
 
 
 def predict_like_lerobot_eval(

@@ -170,3 +170,23 @@ class TouchBlockEnvConfig(EnvConfig):
             PolicyProcessorPipeline(steps=[TouchBlockProcessorStep()]),
             PolicyProcessorPipeline(steps=[]),
         )
+
+
+def touch_block_eval_observation(seed: int, **env_options) -> dict:
+    """One touch_block observation (env options as `--env.<name>`, the reset `seed`) after
+    `preprocess_observation`, the task and the env processor: what lerobot-eval's rollout hands to
+    the policy preprocessor."""
+    from lerobot.envs.factory import make_env, make_env_config
+    from lerobot.envs.utils import preprocess_observation
+
+    env_cfg = make_env_config("touch_block", **env_options)
+    envs = make_env(env_cfg, n_envs=1, use_async_envs=False)
+    vec_env = next(iter(next(iter(envs.values())).values()))
+    try:
+        observation, _ = vec_env.reset(seed=[seed])
+        observation = preprocess_observation(observation)
+        observation["task"] = list(vec_env.call("task_description"))
+        env_preprocessor, _ = env_cfg.get_env_processors()
+        return env_preprocessor(observation)
+    finally:
+        vec_env.close()
