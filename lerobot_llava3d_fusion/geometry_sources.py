@@ -98,11 +98,7 @@ class RecordedDepth(GeometrySource):
     name = "depth"
 
     def camera_keys(self, camera_keys: list[str], features: dict[str, PolicyFeature]) -> list[str]:
-        return [
-            key
-            for key in camera_keys
-            if depth_key(key) in features or robot_depth_key(key) in features
-        ]
+        return [key for key in camera_keys if depth_key(key) in features or robot_depth_key(key) in features]
 
     def check_features(self, camera_keys: list[str], features: dict[str, PolicyFeature]) -> None:
         if not camera_keys:

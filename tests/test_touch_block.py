@@ -539,3 +539,71 @@ def test_dataset_command_takes_the_number_of_blocks(tmp_path):
         assert len(env.unwrapped.scene.colours) == 1
         frame = dataset[dataset.meta.episodes[episode]["dataset_from_index"]]
         np.testing.assert_array_equal(frame["observation.depth.top"].numpy(), obs["depth"])
+
+
+def test_expert_descends_while_it_corrects_and_is_continuous():
+    """A policy imitating the expert must not learn to hover: the expert's action changes little when
+    the end-effector moves a little, and it already descends when it is off in x/y."""
+    target = np.array([0.05, -0.02, 0.06])
+    off_in_xy = target + np.array([0.012, -0.008, 0.15])
+    action = tb.expert_action(off_in_xy, target, max_step=0.02)
+    assert action[2] < -0.5  # going down while still correcting x/y
+    assert action[0] < 0 < action[1]  # and towards the target in x/y
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        position = target + rng.uniform(-0.2, 0.2, 3)
+        nudged = position + rng.normal(0.0, 1e-4, 3)
+        step_change = np.abs(
+            tb.expert_action(nudged, target, 0.02) - tb.expert_action(position, target, 0.02)
+        )
+        assert step_change.max() < 0.05  # 0.1 mm moves change no action component by more than 5 %
+    np.testing.assert_array_equal(tb.expert_action(target, target, 0.02), np.zeros(3, np.float32))
+    near = tb.expert_action(target + np.array([0.004, 0.0, 0.002]), target, 0.02)
+    np.testing.assert_allclose(near, [-0.2, 0.0, -0.1], atol=1e-6)  # within a step: the exact offset
+
+
+def test_reset_option_names_another_block_of_the_same_scene():
+    env = gym.make(tb.GYM_ID, num_blocks=3, disable_env_checker=True).unwrapped
+    drawn, _ = env.reset(seed=11)
+    drawn_scene, drawn_start = env.scene, env.ee_position.copy()
+    for block in range(3):
+        obs, _ = env.reset(seed=11, options={"target_block": block})
+        np.testing.assert_array_equal(obs["pixels"]["top"], drawn["pixels"]["top"])
+        np.testing.assert_array_equal(env.ee_position, drawn_start)
+        assert env.target_block == block == env.scene.target
+        assert env.task_description == drawn_scene.instruction_for(block)
+        np.testing.assert_array_equal(env.target_position, env.renderer.block_top_centres(drawn_scene)[block])
+    with pytest.raises(ValueError, match="target_block"):
+        env.reset(seed=11, options={"target_block": 3})
+
+
+def test_dataset_records_every_block_of_a_scene_as_target(tmp_path):
+    root = tmp_path / "every_block"
+    main(
+        [
+            "--root",
+            str(root),
+            "--episodes",
+            "4",
+            "--seed",
+            "5",
+            "--num-blocks",
+            "2",
+            "--every-block-as-target",
+        ]
+    )
+    dataset = LeRobotDataset("local/touch_block", root=root, depth_output_unit="m")
+    env = gym.make(tb.GYM_ID, num_blocks=2, disable_env_checker=True).unwrapped
+    for episode in range(4):
+        env.reset(seed=5 + episode // 2, options={"target_block": episode % 2})
+        start = dataset.meta.episodes[episode]["dataset_from_index"]
+        end = dataset.meta.episodes[episode]["dataset_to_index"]
+        assert dataset[start]["task"] == env.task_description
+        # The last frame holds the end-effector on the block this episode's instruction names.
+        np.testing.assert_allclose(
+            dataset[end - 1]["observation.state"].numpy(), env.target_position, atol=1e-6
+        )
+    first_frames = [dataset[dataset.meta.episodes[e]["dataset_from_index"]] for e in (0, 1)]
+    torch.testing.assert_close(*(f["observation.images.top"] for f in first_frames))  # same scene and start
+    assert first_frames[0]["task"] != first_frames[1]["task"]
+    assert not torch.equal(first_frames[0]["action"], first_frames[1]["action"])

@@ -4,9 +4,10 @@
         --root DIR --repo-id local/touch_block --episodes 200 --seed 0
 
 The result is read offline with ``lerobot-train --dataset.repo_id=local/touch_block
---dataset.root=DIR``. Episode ``i`` replays the env reset with seed ``seed + i``; every frame holds
-the observation before the expert's action and that action. An episode ends after the expert has
-held still on the target for `HOLD_FRAMES` frames (zero actions: what a policy must learn to do
+--dataset.root=DIR``. Episode ``i`` replays the env reset with seed ``seed + i`` (with
+``--every-block-as-target``, seed ``seed + i // num_blocks`` naming block ``i % num_blocks``); every
+frame holds the observation before the expert's action and that action. An episode ends after the
+expert has held still on the target for `HOLD_FRAMES` frames (zero actions: what a policy must learn to do
 there); the expert always gets there well within the step budget, so a miss is reported as a bug.
 ``next.success`` marks the frames after which the end-effector is on the target.
 
@@ -82,9 +83,15 @@ def make_touch_block_dataset(
     width: int = 64,
     use_videos: bool = False,
     num_blocks: int = 3,
+    every_block_as_target: bool = False,
 ) -> LeRobotDataset:
     """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist);
-    `num_blocks` blocks per scene (train and evaluate with the same `--env.num_blocks`)."""
+    `num_blocks` blocks per scene (train and evaluate with the same `--env.num_blocks`).
+
+    With `every_block_as_target`, each scene is recorded once per block, each time with the
+    instruction naming that block: episode i replays seed `seed + i // num_blocks` with target
+    `i % num_blocks`. The first frames of those episodes are the same image and state with different
+    instructions and actions, so nothing but the instruction tells them apart."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
     root = Path(root)
@@ -106,7 +113,12 @@ def make_touch_block_dataset(
     start, num_frames = time.perf_counter(), 0
     try:
         for episode in tqdm(range(num_episodes), desc="touch_block episodes", unit="ep"):
-            obs, _ = env.reset(seed=seed + episode)
+            if every_block_as_target:
+                obs, _ = env.reset(
+                    seed=seed + episode // num_blocks, options={"target_block": episode % num_blocks}
+                )
+            else:
+                obs, _ = env.reset(seed=seed + episode)
             task = sim.task_description
             done, held = False, 0
             while not done:
@@ -160,6 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--num-blocks", type=int, default=3, help="blocks per scene (as --env.num_blocks)")
     parser.add_argument(
+        "--every-block-as-target",
+        action="store_true",
+        help="record each scene once per block, naming each block in turn (episode i: seed + i // "
+        "num_blocks, target block i %% num_blocks)",
+    )
+    parser.add_argument(
         "--video", action="store_true", help="store RGB as (lossy) video instead of lossless PNG images"
     )
     args = parser.parse_args(argv)
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         width=args.width,
         use_videos=args.video,
         num_blocks=args.num_blocks,
+        every_block_as_target=args.every_block_as_target,
     )
 
 

@@ -44,7 +44,7 @@ Importing this module registers the gymnasium id ``lerobot_llava3d_fusion/TouchB
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gymnasium as gym
@@ -226,16 +226,15 @@ class TouchBlockRenderer:
         return np.concatenate([scene.footprint_centres * scale[:, None], scene.heights[:, None]], axis=1)
 
 
-def expert_action(
-    ee_position: np.ndarray,
-    target: np.ndarray,
-    max_step: float,
-    clearance: float = 0.03,
-    xy_tolerance: float = 0.005,
-) -> np.ndarray:
-    """Scripted expert: go above the target top (at least `clearance` higher), then straight down.
+def expert_action(ee_position: np.ndarray, target: np.ndarray, max_step: float) -> np.ndarray:
+    """Scripted expert: straight to the target top, all axes in proportion, then hold there.
 
-    It lands exactly on the target, after which its action is zero: it holds there.
+    The action is a continuous function of the end-effector position: a full step (the largest axis
+    at `max_step`) along the line to the target while it is more than a step away, the exact
+    remaining offset after that, zero once there. A gated expert ("above the block first, down only
+    once within a few millimetres in x/y") teaches a policy whose x/y estimate is slightly off to
+    hover above the block forever; this one teaches it to descend while it corrects. Blocks are not
+    obstacles (the env has no contact), so the straight line needs no clearance.
 
     Args:
         ee_position: (3,) current end-effector position.
@@ -245,11 +244,8 @@ def expert_action(
     Returns:
         (3,) float32 action in [-1, 1].
     """
-    if np.linalg.norm(target[:2] - ee_position[:2]) > xy_tolerance:
-        waypoint = np.array([target[0], target[1], max(ee_position[2], target[2] + clearance)])
-    else:
-        waypoint = target
-    return np.clip((waypoint - ee_position) / max_step, -1.0, 1.0).astype(np.float32)
+    offset = (np.asarray(target) - np.asarray(ee_position)) / max_step  # in actions
+    return (offset / max(1.0, float(np.abs(offset).max()))).astype(np.float32)
 
 
 def check_instruction_options(instruction_perturbation: str, success_target: str, num_blocks: int) -> None:
@@ -371,9 +367,16 @@ class TouchBlockEnv(gym.Env):
         return self.renderer.block_top_centres(self._require_scene())[self.target_block]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        # `options` is accepted for API compatibility (LeRobot passes a rollout marker) and unused.
+        """`options["target_block"]` (an index into the scene's blocks) names that block instead of the
+        drawn one: the same seed then gives the same scene and start with another instruction. Other
+        options (LeRobot passes a rollout marker) are ignored."""
         super().reset(seed=seed)
         self.scene = sample_scene(self.np_random, self.num_blocks)
+        target_block = (options or {}).get("target_block")
+        if target_block is not None:
+            if not 0 <= target_block < self.num_blocks:
+                raise ValueError(f"target_block must be in [0, {self.num_blocks}), got {target_block}")
+            self.scene = replace(self.scene, target=int(target_block))
         xy = self.np_random.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
         self.ee_position = np.array([*xy, self.np_random.uniform(*END_EFFECTOR_START_Z)])
         self._instruction, self.target_block = self._instruction_and_target(self.scene)
