@@ -114,6 +114,7 @@ def train(
             f"--policy.load_vlm_weights={str(pretrained_backbone).lower()}",
             f"--policy.geometry={geometry}",
             f"--steps={steps}",
+            f"--policy.scheduler_decay_steps={steps}",  # the cosine decay spans the whole run
             f"--save_freq={steps}",
             f"--output_dir={output_dir}",
         ],
@@ -246,10 +247,12 @@ def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
     return 100.0 * successes / episodes
 
 
-def prepare_demo_data(workdir: Path, num_blocks: int, episodes: int) -> tuple[str, Path, Path]:
+def prepare_demo_data(
+    workdir: Path, num_blocks: int, episodes: int, every_block_as_target: bool = False
+) -> tuple[str, Path, Path]:
     """(name of the data settings, dataset root, backbone directory) under `workdir`, written once
     per setting and reused by later runs with the same settings."""
-    data_name = f"{num_blocks}_blocks_{episodes}_episodes"
+    data_name = f"{num_blocks}_blocks_{episodes}_episodes" + ("_every_block" if every_block_as_target else "")
     dataset_root = workdir / f"dataset_{data_name}"
     if not dataset_root.exists():
         make_touch_block_dataset(
@@ -258,6 +261,7 @@ def prepare_demo_data(workdir: Path, num_blocks: int, episodes: int) -> tuple[st
             num_episodes=episodes,
             seed=0,
             num_blocks=num_blocks,
+            every_block_as_target=every_block_as_target,
         )
     return data_name, dataset_root, write_demo_backbone(workdir / "backbone")
 
@@ -296,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="blocks per scene; with more than one the instruction's colour picks the target",
     )
+    parser.add_argument(
+        "--every-block-as-target",
+        action="store_true",
+        help="record each scene once per block, the instruction naming each in turn (same images, "
+        "different instructions and actions)",
+    )
     parser.add_argument("--steps", type=int, default=4000, help="training steps per policy")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
@@ -321,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
 
     # Results of earlier runs are reused only when made with the same settings.
-    data_name, dataset_root, backbone = prepare_demo_data(args.workdir, args.num_blocks, args.episodes)
+    data_name, dataset_root, backbone = prepare_demo_data(
+        args.workdir, args.num_blocks, args.episodes, args.every_block_as_target
+    )
     pretraining = args.vlm_pretraining_steps > 0
     run_name = f"{data_name}_{args.steps}_steps"
     if pretraining:
@@ -347,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_steps": args.steps,
         "train_episodes": args.episodes,
         "num_blocks": args.num_blocks,
+        "every_block_as_target": args.every_block_as_target,
         "vlm_pretraining_steps": args.vlm_pretraining_steps,
         "vlm_pretraining_images": args.vlm_pretraining_images if pretraining else 0,
         "minutes": round((time.monotonic() - started) / 60, 1),

@@ -134,7 +134,7 @@ def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_cal
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes: ("data", tmp_path / "ds", tmp_path / "bb"),
+        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
     )
     monkeypatch.setattr(
         demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
@@ -169,7 +169,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes: ("data", tmp_path / "ds", tmp_path / "bb"),
+        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
     )
     pretrained = tmp_path / "backbone_pretrained"
     pretraining_calls, train_calls = [], []
@@ -187,7 +187,9 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
-    monkeypatch.setattr(demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks, rtc: {})
+    monkeypatch.setattr(
+        demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks, rtc: {}
+    )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
     demo.main(
         [
@@ -220,3 +222,20 @@ def test_pretrained_demo_backbone_is_written_once_and_loads(tmp_path):
         demo.pretrain_demo_backbone(tmp_path, backbone, steps=2, images=3) == output
     )  # reused, not retrained
     assert not (output / "model.safetensors").exists()
+
+
+def test_every_block_as_target_option_records_each_scene_once_per_block(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(demo, "make_touch_block_dataset", lambda **kwargs: recorded.append(kwargs))
+    monkeypatch.setattr(demo, "write_demo_backbone", lambda directory: directory)
+    plain = demo.prepare_demo_data(tmp_path, 3, 6)
+    every_block = demo.prepare_demo_data(tmp_path, 3, 6, every_block_as_target=True)
+    assert [call["every_block_as_target"] for call in recorded] == [False, True]
+    assert plain[1] != every_block[1]  # its own dataset folder: never reused for the other setting
+
+
+def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log: calls.append(args))
+    demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=9000, pretrained_backbone=False)
+    assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
