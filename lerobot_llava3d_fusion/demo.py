@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .envs import touch_block
 from .envs.make_touch_block_dataset import make_touch_block_dataset
 from .envs.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
+from .envs.touch_block_outcomes import touch_block_outcomes
 from .vlm import build_tiny_llava, build_word_tokenizer
 from .vlm_pretraining import pretrain_vlm
 
@@ -174,16 +175,36 @@ def evaluate(
     return info["overall"]["pc_success"]
 
 
+def instruction_evaluations(num_blocks: int) -> dict[str, dict[str, str]]:
+    """Result label -> touch_block env options of each evaluation of a policy: the normal one ("")
+    and, with several blocks per scene, the `INSTRUCTION_SWAP_EVALS`."""
+    evaluations = {"": {}}
+    if num_blocks >= 2:
+        for label, success_target in INSTRUCTION_SWAP_EVALS.items():
+            evaluations[label] = {"instruction_perturbation": "other_task", "success_target": success_target}
+    return evaluations
+
+
+def policy_outcomes(checkpoint: Path, geometry: str, episodes: int, num_blocks: int) -> dict[str, dict]:
+    """Where the episodes of each of `instruction_evaluations` ended (`touch_block_outcomes`, the same
+    seeds as lerobot-eval), by result name."""
+    outcomes = {}
+    for label, env_options in instruction_evaluations(num_blocks).items():
+        name = ", ".join(part for part in (f"llava3d_fusion (geometry={geometry})", label) if part)
+        summary = touch_block_outcomes(
+            checkpoint, episodes, start_seed=EVAL_START_SEED, num_blocks=num_blocks, **env_options
+        )
+        outcomes[name] = dataclasses.asdict(summary)
+    return outcomes
+
+
 def evaluate_policy(
     workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int, rtc: bool = False
 ) -> dict[str, float]:
     """Success rates (%) of a trained policy by result name: the normal evaluation and, with several
     blocks per scene, the `INSTRUCTION_SWAP_EVALS`; with `rtc`, each of them again with real-time
     chunking in `select_action` (re-plans guided by the previous chunk's unexecuted actions)."""
-    evaluations = {"": {}}
-    if num_blocks >= 2:
-        for label, success_target in INSTRUCTION_SWAP_EVALS.items():
-            evaluations[label] = {"instruction_perturbation": "other_task", "success_target": success_target}
+    evaluations = instruction_evaluations(num_blocks)
     samplings = {"": None, "RTC": {"rtc_config.enabled": "true"}} if rtc else {"": None}
     rates = {}
     for sampling, policy_options in samplings.items():
@@ -315,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also evaluate each policy with real-time chunking (--policy.rtc_config.enabled=true)",
     )
     parser.add_argument(
+        "--outcomes",
+        action="store_true",
+        help="also report where each evaluation's episodes ended: at the named block or another, and "
+        "how far off in x/y and height (python -m lerobot_llava3d_fusion.envs.touch_block_outcomes)",
+    )
+    parser.add_argument(
         "--vlm-pretraining-steps",
         type=int,
         default=0,
@@ -347,11 +374,14 @@ def main(argv: list[str] | None = None) -> None:
         policy: reference_success(policy, args.eval_episodes, args.num_blocks)
         for policy in REFERENCE_POLICIES
     }
+    outcomes = {}
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(run_dir, dataset_root, backbone, geometry, args.steps, pretraining)
         results.update(
             evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks, args.rtc)
         )
+        if args.outcomes:
+            outcomes.update(policy_outcomes(checkpoint, geometry, args.eval_episodes, args.num_blocks))
 
     summary = {
         "success_rate_pc": results,
@@ -364,6 +394,8 @@ def main(argv: list[str] | None = None) -> None:
         "vlm_pretraining_images": args.vlm_pretraining_images if pretraining else 0,
         "minutes": round((time.monotonic() - started) / 60, 1),
     }
+    if outcomes:
+        summary["where_episodes_ended"] = outcomes
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
     width = max(len(name) for name in results)
     table = "\n".join(f"  {name:<{width}} {rate:5.1f} %" for name, rate in results.items())
@@ -377,6 +409,17 @@ def main(argv: list[str] | None = None) -> None:
         summary["minutes"],
         run_dir / "results.json",
     )
+    for name, outcome in outcomes.items():
+        logger.info(
+            "%s: ended nearest the target block %.1f %%, x/y within the radius %.1f %%, height within it "
+            "%.1f %%; median x/y error %.2f cm, median height error %+.2f cm",
+            name,
+            outcome["ended_nearest_the_target_pc"],
+            outcome["xy_within_radius_pc"],
+            outcome["height_within_radius_pc"],
+            outcome["median_xy_error_cm"],
+            outcome["median_height_error_cm"],
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from lerobot_llava3d_fusion import demo
 from lerobot_llava3d_fusion.demo import evaluate_policy, reference_success, write_demo_backbone
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
+from lerobot_llava3d_fusion.envs.touch_block_outcomes import OutcomeSummary
 from lerobot_llava3d_fusion.vlm import build_word_tokenizer, load_backbone
 
 
@@ -239,3 +240,37 @@ def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypa
     monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log: calls.append(args))
     demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=9000, pretrained_backbone=False)
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
+
+
+def test_outcomes_option_reports_where_each_evaluation_ended(tmp_path, eval_calls, monkeypatch):
+    monkeypatch.setattr(
+        demo,
+        "prepare_demo_data",
+        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
+    )
+    monkeypatch.setattr(
+        demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
+    )
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    outcome_calls = []
+
+    def fake_outcomes(checkpoint, episodes, start_seed, **env_options):
+        outcome_calls.append((checkpoint, episodes, start_seed, env_options))
+        return OutcomeSummary.of(
+            [{"is_success": False, "xy_error": 0.01, "height_error": -0.02, "nearest_block_is_target": True}],
+            success_radius=0.015,
+        )
+
+    monkeypatch.setattr(demo, "touch_block_outcomes", fake_outcomes)
+    demo.main(["--workdir", str(tmp_path), "--num-blocks", "2", "--steps", "3", "--episodes", "4",
+               "--eval-episodes", "5", "--outcomes"])  # fmt: skip
+
+    # The same episodes as each lerobot-eval run: seeds, blocks and instruction options.
+    assert outcome_calls == [
+        (Path("depth"), 5, demo.EVAL_START_SEED, {"num_blocks": 2, **env_options})
+        for env_options in demo.instruction_evaluations(2).values()
+    ]
+    results = json.loads((tmp_path / "data_3_steps" / "results.json").read_text())
+    ended = results["where_episodes_ended"]
+    assert list(ended) == [name for name in results["success_rate_pc"] if name.startswith("llava3d_fusion")]
+    assert all(outcome["median_height_error_cm"] == -2.0 for outcome in ended.values())

@@ -196,6 +196,38 @@ def test_touch_block_eval_of_the_trained_checkpoint(workdir, touch_block_checkpo
     assert "Missing key(s)" not in result.output and "Unexpected key(s)" not in result.output
 
 
+@pytest.mark.slow
+def test_touch_block_outcomes_of_the_trained_checkpoint(workdir, touch_block_checkpoint):
+    summary_path = workdir / "touch_block_outcomes.json"
+    result = e2e.run_module(
+        "lerobot_llava3d_fusion.envs.touch_block_outcomes",
+        [
+            f"--policy-path={touch_block_checkpoint}",
+            "--episodes=3",
+            "--batch-size=2",  # two batches, the second one short
+            f"--env-option=observation_height={IMAGE_SIZE}",
+            f"--env-option=observation_width={IMAGE_SIZE}",
+            "--env-option=episode_length=6",
+            "--env-option=instruction_perturbation=shuffled",
+            f"--output-json={summary_path}",
+        ],
+        workdir / "touch_block_outcomes.log",
+    )
+    assert_ok(result)
+    summary = e2e.read_json(summary_path)
+    assert summary["episodes"] == 3
+    assert set(summary) >= {"success_pc", "ended_nearest_the_target_pc", "median_height_error_cm"}
+    for key in (
+        "success_pc",
+        "ended_nearest_the_target_pc",
+        "xy_within_radius_pc",
+        "height_within_radius_pc",
+    ):
+        assert summary[key] in (0.0, 33.3, 66.7, 100.0), (key, summary[key])
+    # Six steps of at most 2 cm cannot close a start more than 12 cm above every block top.
+    assert summary["median_abs_height_error_cm"] >= 0.0 and summary["median_xy_error_cm"] >= 0.0
+
+
 # ---- 2. A lerobot-train checkpoint gives the same actions in a fresh process ------------------------
 
 

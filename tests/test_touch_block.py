@@ -26,6 +26,7 @@ from lerobot_llava3d_fusion.envs import touch_block as tb
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
 from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
 from lerobot_llava3d_fusion.envs.make_touch_block_dataset import HOLD_FRAMES, dataset_features, main
+from lerobot_llava3d_fusion.envs.touch_block_outcomes import OutcomeSummary, run_until_each_ends
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
     "observation.images.top": (lambda h, w: (3, h, w), torch.float32),
@@ -607,3 +608,61 @@ def test_dataset_records_every_block_of_a_scene_as_target(tmp_path):
     torch.testing.assert_close(*(f["observation.images.top"] for f in first_frames))  # same scene and start
     assert first_frames[0]["task"] != first_frames[1]["task"]
     assert not torch.equal(first_frames[0]["action"], first_frames[1]["action"])
+
+
+# --- where episodes end (touch_block_outcomes) ---------------------------------------------------
+
+
+def test_step_info_says_where_the_end_effector_is_relative_to_the_blocks():
+    env = gym.make(tb.GYM_ID, num_blocks=3, disable_env_checker=True).unwrapped
+    env.reset(seed=4)
+    tops = env.renderer.block_top_centres(env.scene)
+    other = next(block for block in range(3) if block != env.target_block)
+    for block, offset in ((env.target_block, [0.003, -0.004, -0.012]), (other, [0.0, 0.0, 0.05])):
+        env.ee_position = tops[block] + np.array(offset)
+        _, _, _, _, info = env.step(np.zeros(3, np.float32))
+        at_named = block == env.target_block
+        assert info["nearest_block_is_target"] == at_named
+        expected = env.ee_position - tops[env.target_block]
+        assert info["xy_error"] == pytest.approx(np.linalg.norm(expected[:2]))
+        assert info["height_error"] == pytest.approx(expected[2])
+        assert info["at_target"] == at_named  # 1.3 cm off in 3D: within the 1.5 cm radius
+
+
+def test_outcome_summary_counts_and_medians():
+    infos = [
+        {"is_success": True, "xy_error": 0.005, "height_error": -0.002, "nearest_block_is_target": True},
+        {"is_success": False, "xy_error": 0.01, "height_error": -0.03, "nearest_block_is_target": True},
+        {"is_success": False, "xy_error": 0.2, "height_error": 0.01, "nearest_block_is_target": False},
+        {"is_success": False, "xy_error": 0.02, "height_error": 0.0, "nearest_block_is_target": True},
+    ]
+    summary = OutcomeSummary.of(infos, success_radius=0.015)
+    assert summary.episodes == 4 and summary.success_pc == 25.0
+    assert summary.ended_nearest_the_target_pc == 75.0
+    assert summary.xy_within_radius_pc == 50.0 and summary.height_within_radius_pc == 75.0
+    assert summary.median_xy_error_cm == pytest.approx(1.5)
+    assert summary.median_abs_height_error_cm == pytest.approx(0.6)
+    assert summary.median_height_error_cm == pytest.approx(-0.1)
+    with pytest.raises(ValueError, match="xy_error"):
+        OutcomeSummary.of([{"is_success": True}], success_radius=0.015)
+
+
+@pytest.mark.parametrize("success_target", ["original", "instruction"])
+def test_outcomes_tell_which_block_a_policy_went_to(success_target):
+    """The oracle follows whatever instruction it gets: with the instruction swapped it ends at the
+    newly named block, which the outcomes report as the target only when success is judged there."""
+    cfg = TouchBlockEnvConfig(instruction_perturbation="other_task", success_target=success_target)
+    vec = make_env(cfg, n_envs=3)["touch_block"][0]
+    env_pre, env_post = cfg.get_env_processors()
+    try:
+        finals = run_until_each_ends(
+            vec, [0, 1, 2], GeometricOraclePolicy(), (env_pre, lambda b: b, lambda a: a, env_post)
+        )
+    finally:
+        vec.close()
+    summary = OutcomeSummary.of(finals, success_radius=cfg.success_radius)
+    followed = success_target == "instruction"
+    assert summary.episodes == 3
+    assert summary.ended_nearest_the_target_pc == summary.success_pc == (100.0 if followed else 0.0)
+    if followed:
+        assert summary.median_xy_error_cm < 0.5 and summary.median_abs_height_error_cm < 0.5

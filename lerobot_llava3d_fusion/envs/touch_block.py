@@ -287,8 +287,12 @@ class TouchBlockEnv(gym.Env):
     position is clipped to the workspace box. The episode never terminates early; it is truncated
     after `episode_length` steps, and succeeds (`info["is_success"]`, reward 1, both only at that
     last step) iff the end-effector is then within `success_radius` of the target block's
-    top-centre. `info["at_target"]` says whether it is within that radius at the current step and
-    `info["distance"]` how far it is.
+    top-centre. At every step `info` also says where the end-effector is relative to the target:
+    `distance` (m), `at_target` (within the radius), `xy_error` (horizontal distance to the target's
+    top-centre), `height_error` (signed, end-effector z minus the top's) and `nearest_block_is_target`
+    (whether, of all blocks, the target's top-centre is the nearest in x/y: the policy went to the
+    block it was meant to, however precisely). LeRobot's vector envs hand the last step's `info` on
+    as `final_info`; `touch_block_outcomes` reads them from there.
 
     The instruction (`task_description`) names the target block, unless `instruction_perturbation`
     (one of `instruction_perturbation.PERTURBATIONS`) replaces it at each reset, drawing from the
@@ -382,12 +386,7 @@ class TouchBlockEnv(gym.Env):
         self._instruction, self.target_block = self._instruction_and_target(self.scene)
         self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
         self._elapsed_steps = 0
-        distance = self._distance()
-        return self._observation(), {
-            "is_success": False,
-            "distance": distance,
-            "at_target": distance <= self.success_radius,
-        }
+        return self._observation(), {"is_success": False, **self._position_info()}
 
     def step(self, action: np.ndarray):
         self._require_scene()
@@ -397,11 +396,10 @@ class TouchBlockEnv(gym.Env):
         action = np.clip(action, -1.0, 1.0)
         self.ee_position = np.clip(self.ee_position + action * self.max_step, WORKSPACE_LOW, WORKSPACE_HIGH)
         self._elapsed_steps += 1
-        distance = self._distance()
-        at_target = distance <= self.success_radius
+        position_info = self._position_info()
         last_step = self._elapsed_steps >= self.episode_length
-        success = last_step and at_target
-        info = {"is_success": success, "distance": distance, "at_target": at_target}
+        success = last_step and position_info["at_target"]
+        info = {"is_success": success, **position_info}
         return self._observation(), float(success), False, last_step, info
 
     def render(self) -> np.ndarray | None:
@@ -434,8 +432,19 @@ class TouchBlockEnv(gym.Env):
             return instruction, block_instructions.index(instruction)
         return instruction, scene.target
 
-    def _distance(self) -> float:
-        return float(np.linalg.norm(self.ee_position - self.target_position))
+    def _position_info(self) -> dict[str, float | bool]:
+        """Where the end-effector is relative to the target (the `info` entries of the class doc)."""
+        tops = self.renderer.block_top_centres(self.scene)
+        offset = self.ee_position - tops[self.target_block]
+        distance = float(np.linalg.norm(offset))
+        xy_distances = np.linalg.norm(tops[:, :2] - self.ee_position[:2], axis=1)
+        return {
+            "distance": distance,
+            "at_target": distance <= self.success_radius,
+            "xy_error": float(np.linalg.norm(offset[:2])),
+            "height_error": float(offset[2]),
+            "nearest_block_is_target": int(np.argmin(xy_distances)) == self.target_block,
+        }
 
     def _require_scene(self) -> Scene:
         if self.scene is None:
