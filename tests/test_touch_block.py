@@ -205,7 +205,15 @@ def test_gym_make_and_env_checker():
     assert env.observation_space.contains(obs)
     sim = env.unwrapped
     expected = float(np.linalg.norm(sim.ee_position - sim.target_position))
-    assert info == {"is_success": False, "distance": pytest.approx(expected), "at_target": False}
+    offset = sim.ee_position - sim.target_position
+    assert info == {
+        "is_success": False,
+        "distance": pytest.approx(expected),
+        "at_target": False,
+        "xy_error": pytest.approx(float(np.linalg.norm(offset[:2]))),
+        "height_error": pytest.approx(float(offset[2])),
+        "nearest_block_is_target": info["nearest_block_is_target"],  # checked in its own test
+    }
     assert info["distance"] > sim.success_radius  # a reset starts away from the target
     assert env.spec.max_episode_steps == tb.DEFAULT_EPISODE_LENGTH
     check_env(gym.make(tb.GYM_ID, observation_height=24, observation_width=32).unwrapped)
