@@ -82,9 +82,7 @@ def tabletop_depth(size: int, camera_x: float) -> torch.Tensor:
 def build_policy(sizes: MatchedSizes, device: torch.device, dtype: str, seed: int) -> Llava3DFusionPolicy:
     """Ours with depth for every camera and LLaVA-3D's position encoder (voxel size set per call)."""
     size = sizes.vision.image_size
-    depth = {
-        depth_key(key): PolicyFeature(FeatureType.STATE, (1, size, size)) for key in sizes.camera_keys
-    }
+    depth = {depth_key(key): PolicyFeature(FeatureType.STATE, (1, size, size)) for key in sizes.camera_keys}
     return build_ours(
         sizes,
         device,

@@ -13,8 +13,9 @@
 
 `--geometry depth none` trains and evaluates one policy per geometry setting, to show what depth
 adds. Scenes hold `--num-blocks` blocks (default 1: vision and depth decide success; with more the
-instruction's colour picks the block, which the small model trained from scratch here does not learn
-within the CPU budget). Everything runs offline on the CPU; results go to
+instruction's colour picks the block; `--every-block-as-target` then records each scene once per
+block). `--outcomes` adds where each evaluation's episodes ended (`envs/touch_block_outcomes.py`).
+Everything runs offline on the CPU; results go to
 `<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, and a run with the same
 settings reuses the dataset and checkpoints it finds there.
 """
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         help="record each scene once per block, the instruction naming each in turn (same images, "
         "different instructions and actions)",
     )
-    parser.add_argument("--steps", type=int, default=4000, help="training steps per policy")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per policy")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     parser.add_argument(
