@@ -131,7 +131,10 @@ def test_rtc_option_repeats_every_evaluation_with_real_time_chunking(tmp_path, e
     assert len({args[-1] for args in eval_calls}) == 6  # each run in its own folder
 
 
-def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_calls, monkeypatch, capsys):
+@pytest.fixture
+def stubbed_training(tmp_path, monkeypatch):
+    """The demo's data, training and scripted references stubbed: a run only evaluates (policy
+    checkpoint = the geometry's name, every reference 50 %)."""
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
@@ -141,6 +144,9 @@ def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_cal
         demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
     )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+
+
+def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_calls, stubbed_training, capsys):
     demo.main(
         ["--workdir", str(tmp_path), "--num-blocks", "2", "--steps", "3", "--geometry", "depth", "none"]
     )
@@ -242,16 +248,9 @@ def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypa
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
 
 
-def test_outcomes_option_reports_where_each_evaluation_ended(tmp_path, eval_calls, monkeypatch):
-    monkeypatch.setattr(
-        demo,
-        "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
-    )
-    monkeypatch.setattr(
-        demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
-    )
-    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+def test_outcomes_option_reports_where_each_evaluation_ended(
+    tmp_path, eval_calls, stubbed_training, monkeypatch
+):
     outcome_calls = []
 
     def fake_outcomes(checkpoint, episodes, start_seed, **env_options):
