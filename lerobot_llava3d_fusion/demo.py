@@ -186,12 +186,17 @@ def instruction_evaluations(num_blocks: int) -> dict[str, dict[str, str]]:
     return evaluations
 
 
+def result_name(geometry: str, sampling: str, label: str) -> str:
+    """Name of one evaluation in the results, e.g. "llava3d_fusion (geometry=depth), RTC, <label>"."""
+    return ", ".join(part for part in (f"llava3d_fusion (geometry={geometry})", sampling, label) if part)
+
+
 def policy_outcomes(checkpoint: Path, geometry: str, episodes: int, num_blocks: int) -> dict[str, dict]:
     """Where the episodes of each of `instruction_evaluations` ended (`touch_block_outcomes`, the same
     seeds as lerobot-eval), by result name."""
     outcomes = {}
     for label, env_options in instruction_evaluations(num_blocks).items():
-        name = ", ".join(part for part in (f"llava3d_fusion (geometry={geometry})", label) if part)
+        name = result_name(geometry, "", label)
         summary = touch_block_outcomes(
             checkpoint, episodes, start_seed=EVAL_START_SEED, num_blocks=num_blocks, **env_options
         )
@@ -210,9 +215,7 @@ def evaluate_policy(
     rates = {}
     for sampling, policy_options in samplings.items():
         for label, env_options in evaluations.items():
-            name = ", ".join(
-                part for part in (f"llava3d_fusion (geometry={geometry})", sampling, label) if part
-            )
+            name = result_name(geometry, sampling, label)
             run_name = "_".join(
                 part
                 for part in (
