@@ -270,18 +270,25 @@ def test_rendered_rgb_matches_the_stored_rgb_of_the_same_states(converted):
         for index in range(len(dataset)):
             frame = dataset[index]
             episode, step = int(frame["episode_index"]), int(frame["frame_index"])
+            # Mean absolute difference to the stored image of every step of the episode, summed over cameras.
+            diff_to_each_step = 0.0
             for cam, stored_key in CAMERAS.items():
-                stored = handle[f"data/demo_{episode}/obs/{stored_key}"][step].astype(
+                stored = handle[f"data/demo_{episode}/obs/{stored_key}"][:].astype(
                     float
                 )  # robosuite's buffer
                 rendered = frame[f"observation.images.{cam}"].permute(1, 2, 0).numpy() * 255
                 # LeRobot's LIBERO convention: robosuite's image rotated by 180 degrees.
-                diff = np.abs(rendered - stored[::-1, ::-1]).mean()
+                per_step = np.abs(rendered - stored[:, ::-1, ::-1]).mean(axis=(1, 2, 3))
+                diff_to_each_step = diff_to_each_step + per_step
                 # Identical at rest; while the arm moves, LIBERO-style stored images (taken right after
-                # a physics step) lag the recorded state by one substep: a few pixels at moving edges.
-                assert diff < (0.5 if step == 0 else 2.0), (episode, step, cam, diff)
+                # a physics step) lag the recorded state by one substep: a few pixels at moving edges,
+                # plus the video codec's loss (about 2 grey levels on average for the moving wrist camera).
+                assert per_step[step] < (0.5 if step == 0 else 3.0), (episode, step, cam, per_step[step])
                 if step == 0:
-                    assert np.abs(rendered - stored).mean() > 10 * max(diff, 1.0), cam  # the rotation matters
+                    rotation_ignored = np.abs(rendered - stored[0]).mean()
+                    assert rotation_ignored > 10 * max(per_step[0], 1.0), cam  # the rotation matters
+            # The frame shows its own step's state, not a neighbour's (an off-by-one would pick another).
+            assert int(np.argmin(diff_to_each_step)) == step, (episode, step, diff_to_each_step)
 
 
 def test_state_is_lerobots_8d_libero_state(converted):
