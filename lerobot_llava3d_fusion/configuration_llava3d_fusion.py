@@ -97,6 +97,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # A patch's point: "nearest" (nearest resize of the xyz map to the patch grid, as LLaVA-3D) or "mean"
     # (mean of the patch's valid pixels). None: "nearest" with llava3d_mlp, "mean" with sinusoidal.
     geometry_patch_points: str | None = None
+    # Points per patch side (s): each patch is split into s x s cells, each taking its point by
+    # geometry_patch_points, and the sinusoidal encoder sees all s * s of them, so edges inside a patch
+    # are located to 1/s of a patch. 1: one point per patch. Needs the sinusoidal encoder, no voxels.
+    geometry_samples_per_patch_side: int = 1
     # Voxel pooling (metres; None: off): the patches of all cameras whose points fall in one voxel are
     # averaged into one token before the projector (LLaVA-3D used 0.2 m on room-scale scenes).
     geometry_voxel_size: float | None = None
@@ -246,6 +250,19 @@ class Llava3DFusionConfig(PreTrainedConfig):
             _check_choice("geometry_encoder", self.geometry_encoder, GEOMETRY_ENCODERS)
         if self.geometry_patch_points is not None:
             _check_choice("geometry_patch_points", self.geometry_patch_points, GEOMETRY_PATCH_POINTS)
+        samples = self.geometry_samples_per_patch_side
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"geometry_samples_per_patch_side must be a positive int (got {samples!r}).")
+        if samples > 1 and self.geometry_encoder == "llava3d_mlp":
+            raise ValueError(
+                "geometry_samples_per_patch_side > 1 needs geometry_encoder='sinusoidal' (LLaVA-3D's position "
+                "MLP takes one point per patch)."
+            )
+        if samples > 1 and self.geometry_voxel_size is not None:
+            raise ValueError(
+                "geometry_samples_per_patch_side > 1 cannot be combined with geometry_voxel_size (voxels pool "
+                "one point per patch)."
+            )
         voxel = self.geometry_voxel_size
         if voxel is None:
             return

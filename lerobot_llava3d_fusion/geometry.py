@@ -37,6 +37,7 @@ __all__ = [
     "flip_intrinsics",
     "check_patch_points",
     "nearest_points_to_patches",
+    "points_to_patch_samples",
     "points_to_patches",
     "pool_points_to_patches",
     "sinusoidal_3d_encoding",
@@ -248,6 +249,34 @@ def points_to_patches(
     raise ValueError(f"patch point method must be one of {PATCH_POINT_METHODS}, got {method!r}")
 
 
+def points_to_patch_samples(
+    points: Tensor, valid: Tensor, grid_size: tuple[int, int], method: str, samples_per_side: int
+) -> tuple[Tensor, Tensor]:
+    """Several points per patch: ``method`` on a ``samples_per_side`` times finer grid, grouped by patch.
+
+    Each patch of the ``(gh, gw)`` grid is split into ``s x s`` cells (``s = samples_per_side``) and each
+    cell takes its point as :func:`points_to_patches` would on the ``(gh * s, gw * s)`` grid, so an edge
+    inside a patch (a 5 cm block seen through a 5 cm patch) is located to ``1 / s`` of a patch.
+
+    Returns:
+        samples: ``(B, gh * gw, s * s, 3)``, patches in row-major order, each patch's cells row-major.
+        samples_valid: ``(B, gh * gw, s * s)`` bool.
+    """
+    grid_h, grid_w = _check_grid_size(grid_size)
+    if isinstance(samples_per_side, bool) or not isinstance(samples_per_side, int) or samples_per_side < 1:
+        raise ValueError(f"samples_per_side must be a positive int, got {samples_per_side!r}")
+    s = samples_per_side
+    fine_points, fine_valid = points_to_patches(points, valid, (grid_h * s, grid_w * s), method)
+    batch_size = points.shape[0]
+
+    def group_by_patch(fine: Tensor) -> Tensor:  # (B, gh*s * gw*s, ...) -> (B, gh*gw, s*s, ...)
+        trailing = fine.shape[2:]
+        cells = fine.reshape(batch_size, grid_h, s, grid_w, s, *trailing).transpose(2, 3)
+        return cells.reshape(batch_size, grid_h * grid_w, s * s, *trailing)
+
+    return group_by_patch(fine_points), group_by_patch(fine_valid)
+
+
 def sinusoidal_3d_encoding(
     points: Tensor,
     num_frequencies: int,
@@ -294,14 +323,21 @@ def sinusoidal_3d_encoding(
     return encoding.flatten(-2)
 
 
-def check_patch_points(patch_points: Tensor, patch_valid: Tensor) -> None:
-    """Per-patch points must be ``(B, N, 3)`` with a ``(B, N)`` validity mask."""
-    if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
-        raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
+def check_patch_points(patch_points: Tensor, patch_valid: Tensor, samples_per_patch: int = 1) -> None:
+    """Per-patch points must be ``(B, N, 3)`` with a ``(B, N)`` validity mask, or with several samples per
+    patch (``samples_per_patch > 1``) ``(B, N, samples_per_patch, 3)`` with a ``(B, N, samples_per_patch)``
+    mask."""
+    if samples_per_patch == 1:
+        if patch_points.ndim != 3 or patch_points.shape[-1] != 3:
+            raise ValueError(f"patch_points must have shape (B, N, 3), got {tuple(patch_points.shape)}")
+    elif patch_points.ndim != 4 or patch_points.shape[-2:] != (samples_per_patch, 3):
+        raise ValueError(
+            f"patch_points must have shape (B, N, {samples_per_patch}, 3) ({samples_per_patch} samples per "
+            f"patch), got {tuple(patch_points.shape)}"
+        )
     if patch_valid.shape != patch_points.shape[:-1]:
         raise ValueError(
-            f"patch_valid must have shape {tuple(patch_points.shape[:-1])} (B, N), "
-            f"got {tuple(patch_valid.shape)}"
+            f"patch_valid must have shape {tuple(patch_points.shape[:-1])}, got {tuple(patch_valid.shape)}"
         )
 
 
@@ -317,8 +353,15 @@ class DepthToPatchPoints(nn.Module):
         patch_point_method: str = "mean",
         min_depth: float = 1e-3,
         max_depth: float = 100.0,
+        samples_per_side: int = 1,
     ):
         super().__init__()
+        if (
+            isinstance(samples_per_side, bool)
+            or not isinstance(samples_per_side, int)
+            or samples_per_side < 1
+        ):
+            raise ValueError(f"samples_per_side must be a positive int, got {samples_per_side!r}")
         if patch_point_method not in PATCH_POINT_METHODS:
             raise ValueError(
                 f"patch_point_method must be one of {PATCH_POINT_METHODS}, got {patch_point_method!r}"
@@ -329,18 +372,25 @@ class DepthToPatchPoints(nn.Module):
             )
         self.grid_size = _check_grid_size(grid_size)
         self.patch_point_method = patch_point_method
+        self.samples_per_side = samples_per_side
         self.min_depth = min_depth
         self.max_depth = max_depth
 
     def patch_points_of(
         self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera.
+        """Per-patch points ``(B, gh * gw, 3)`` and validity ``(B, gh * gw)`` of one camera; with
+        ``samples_per_side`` s > 1, ``(B, gh * gw, s * s, 3)`` and ``(B, gh * gw, s * s)``
+        (:func:`points_to_patch_samples`).
 
         See :func:`backproject_depth` for the input shapes and frames.
         """
         points, valid = backproject_depth(depth, intrinsics, extrinsics, self.min_depth, self.max_depth)
-        return points_to_patches(points, valid, self.grid_size, self.patch_point_method)
+        if self.samples_per_side == 1:
+            return points_to_patches(points, valid, self.grid_size, self.patch_point_method)
+        return points_to_patch_samples(
+            points, valid, self.grid_size, self.patch_point_method, self.samples_per_side
+        )
 
     def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
         """``(B, gh * gw, width)`` encoder vectors of one camera's patches."""
@@ -357,6 +407,10 @@ class SinusoidalPointEncoder(nn.Module):
     off in training. ``gate_init`` 0 (the default) makes the output exactly zero until training
     opens the gate, so a pretrained VLM starts unchanged; a model trained from scratch has nothing
     to preserve and learns faster with the gate open (1).
+
+    With ``samples_per_patch`` P > 1 each patch brings P points (:func:`points_to_patch_samples`): their
+    encodings, zero for invalid samples, are concatenated before the MLP, so the first layer sees where
+    inside the patch each point lies; a patch is valid when any of its samples is.
     """
 
     def __init__(
@@ -366,8 +420,11 @@ class SinusoidalPointEncoder(nn.Module):
         max_wavelength: float = 8.0,
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
         gate_init: float = 0.0,
+        samples_per_patch: int = 1,
     ):
         super().__init__()
+        if samples_per_patch < 1:
+            raise ValueError(f"samples_per_patch must be >= 1, got {samples_per_patch}")
         if not math.isfinite(gate_init):
             raise ValueError(f"gate_init must be finite, got {gate_init}")
         if not 0.0 < min_wavelength <= max_wavelength:
@@ -380,20 +437,25 @@ class SinusoidalPointEncoder(nn.Module):
         self.num_frequencies = num_frequencies
         self.max_wavelength = max_wavelength
         self.min_wavelength = min_wavelength
+        self.samples_per_patch = samples_per_patch
         self.mlp = nn.Sequential(
-            nn.Linear(6 * num_frequencies, hidden_size),
+            nn.Linear(samples_per_patch * 6 * num_frequencies, hidden_size),
             nn.SiLU(),
             nn.Linear(hidden_size, hidden_size),
         )
         self.gate = nn.Parameter(torch.full((hidden_size,), float(gate_init)))
 
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
-        """``(B, N, 3)`` points, ``(B, N)`` validity -> ``(B, N, hidden_size)`` in the parameters' dtype."""
-        check_patch_points(patch_points, patch_valid)
+        """``(B, N, 3)`` points, ``(B, N)`` validity (or ``(B, N, P, 3)``, ``(B, N, P)`` with P samples per
+        patch) -> ``(B, N, hidden_size)`` in the parameters' dtype."""
+        check_patch_points(patch_points, patch_valid, self.samples_per_patch)
         dtype = self.mlp[0].weight.dtype
         encoding = sinusoidal_3d_encoding(
             patch_points, self.num_frequencies, self.max_wavelength, self.min_wavelength
         )
+        if self.samples_per_patch > 1:  # (B, N, P, 6F) -> (B, N, P * 6F), invalid samples zeroed
+            encoding = (encoding * patch_valid.unsqueeze(-1)).flatten(-2)
+            patch_valid = patch_valid.any(-1)
         features = self.mlp(encoding.to(dtype))
         return self.gate * features * patch_valid.unsqueeze(-1).to(dtype)
 
@@ -413,8 +475,9 @@ class SinusoidalPatchEncoder(DepthToPatchPoints):
         min_wavelength: float = DEFAULT_MIN_WAVELENGTH,
         gate_init: float = 0.0,
         patch_point_method: str = "mean",
+        samples_per_side: int = 1,
     ):
-        super().__init__(grid_size, patch_point_method, min_depth, max_depth)
+        super().__init__(grid_size, patch_point_method, min_depth, max_depth, samples_per_side)
         self.encoder = SinusoidalPointEncoder(
-            hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init
+            hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init, samples_per_side**2
         )

@@ -177,6 +177,11 @@ class Llava3DFusionModel(nn.Module):
             "nearest" if self.point_encoder_kind == "llava3d_mlp" else "mean"
         )
         if self.point_encoder_kind == "llava3d_mlp":
+            if config.geometry_samples_per_patch_side > 1:
+                raise ValueError(
+                    f"{config.vlm_model_name} uses LLaVA-3D's position MLP (one point per patch): "
+                    "geometry_samples_per_patch_side > 1 needs geometry_encoder='sinusoidal'."
+                )
             # On the tower's own grid and width: the term is added before the projector (and its pooling).
             encoder = Llava3DPatchEncoder(
                 backbone.feature_width,
@@ -197,6 +202,7 @@ class Llava3DFusionModel(nn.Module):
             max_depth=config.geometry_max_depth,
             gate_init=config.geometry_gate_init,
             patch_point_method=patch_point_method,
+            samples_per_side=config.geometry_samples_per_patch_side,
         )
 
     def _build_denoise_step(self) -> Callable[..., Tensor]:

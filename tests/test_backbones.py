@@ -804,6 +804,15 @@ def test_llava3d_actions_depend_on_depth_from_the_first_step(checkpoints):
     )
 
 
+def test_llava3d_position_mlp_refuses_several_points_per_patch(checkpoints):
+    with pytest.raises(
+        ValueError, match="geometry_samples_per_patch_side > 1 needs geometry_encoder='sinusoidal'"
+    ):
+        checkpoint_policy(
+            checkpoints, "llava3d-clip", **depth_config_fields(), geometry_samples_per_patch_side=2
+        )
+
+
 def test_llava3d_3d_encoder_unused_is_logged(checkpoints, caplog):
     caplog.set_level("WARNING", logger="lerobot_llava3d_fusion.model")
     checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())

@@ -9,6 +9,8 @@ from lerobot_llava3d_fusion.geometry import (
     SinusoidalPatchEncoder,
     SinusoidalPointEncoder,
     backproject_depth,
+    points_to_patch_samples,
+    points_to_patches,
     pool_points_to_patches,
     sinusoidal_3d_encoding,
 )
@@ -238,6 +240,76 @@ def test_known_depth_gives_the_known_patch_point(method, expected_top_right):
     torch.testing.assert_close(moved[0, 1], torch.tensor(expected_top_right) + translation)
 
 
+# ------------------------------------------------------------------------------------ points_to_patch_samples
+
+
+@pytest.mark.parametrize("method", ["nearest", "mean"])
+def test_patch_samples_are_the_cells_of_each_patch_in_row_major_order(method):
+    points = torch.randn(2, 8, 12, 3)  # 8 x 12 pixels, a 2 x 3 grid of 4 x 4-pixel patches
+    valid = torch.rand(2, 8, 12) > 0.2
+
+    samples, samples_valid = points_to_patch_samples(points, valid, (2, 3), method, samples_per_side=2)
+
+    assert samples.shape == (2, 6, 4, 3) and samples_valid.shape == (2, 6, 4)
+    # The same method on the 2x finer (4 x 6) grid, its cells grouped by patch.
+    fine, fine_valid = points_to_patches(points, valid, (4, 6), method)
+    fine, fine_valid = fine.view(2, 4, 6, 3), fine_valid.view(2, 4, 6)
+    for patch_row, patch_col in [(0, 0), (0, 2), (1, 1)]:
+        patch = patch_row * 3 + patch_col
+        for cell, (dr, dc) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            row, col = 2 * patch_row + dr, 2 * patch_col + dc
+            assert torch.equal(samples[:, patch, cell], fine[:, row, col])
+            assert torch.equal(samples_valid[:, patch, cell], fine_valid[:, row, col])
+    # One sample per side is the plain per-patch point.
+    single, single_valid = points_to_patch_samples(points, valid, (2, 3), method, samples_per_side=1)
+    plain, plain_valid = points_to_patches(points, valid, (2, 3), method)
+    assert torch.equal(single[:, :, 0], plain) and torch.equal(single_valid[:, :, 0], plain_valid)
+
+
+def block_depth(first_column: int, height: int = 8, width: int = 8) -> torch.Tensor:
+    """A table at 2 m with a 2-pixel-wide raised block (1.5 m) on columns ``first_column`` and the next."""
+    depth = plane_depth(z=2.0, height=height, width=width).clone()
+    depth[..., first_column : first_column + 2] = 1.5
+    return depth
+
+
+def test_patch_samples_see_an_edge_inside_a_patch_that_one_point_misses():
+    # Patch column 0 holds pixel columns 0-3. The block on columns 2-3 and the one on 3-4 both leave
+    # its top-left pixel on the table, so one nearest point per patch gives patch 0 the same point for
+    # both; 2 x 2 samples per patch (pixel columns 0 and 2) see the first block and not the second.
+    intrinsics = make_intrinsics(cx=3.5, cy=3.5)
+    one_point = SinusoidalPatchEncoder(16, (2, 2), patch_point_method="nearest", gate_init=1.0)
+    four_points = SinusoidalPatchEncoder(
+        16, (2, 2), patch_point_method="nearest", gate_init=1.0, samples_per_side=2
+    )
+    left, right = block_depth(2), block_depth(3)
+
+    torch.testing.assert_close(one_point(left, intrinsics)[:, 0], one_point(right, intrinsics)[:, 0])
+    assert not torch.allclose(four_points(left, intrinsics)[:, 0], four_points(right, intrinsics)[:, 0])
+    samples, _ = four_points.patch_points_of(left, intrinsics)
+    assert samples[0, 0, :, 2].tolist() == [2.0, 1.5, 2.0, 1.5]  # pixel columns 0, 2 of rows 0, 2
+
+
+def test_patch_samples_encoder_ignores_invalid_samples():
+    torch.manual_seed(0)
+    encoder = SinusoidalPointEncoder(hidden_size=16, gate_init=1.0, samples_per_patch=4)
+    samples = torch.randn(2, 3, 4, 3)
+    valid = torch.ones(2, 3, 4, dtype=torch.bool)
+    valid[0, 1, 2] = False  # one invalid sample in a patch
+    valid[1, 2] = False  # a patch without any valid sample
+
+    output = encoder(samples, valid)
+
+    assert output.shape == (2, 3, 16)
+    changed = samples.clone()
+    changed[0, 1, 2] = 100.0  # whatever an invalid sample holds does not matter ...
+    changed[1, 2] = -7.0
+    torch.testing.assert_close(encoder(changed, valid), output)
+    assert torch.all(output[1, 2] == 0.0) and (output[0, 1].abs().sum() > 0)
+    changed[0, 1, 1] += 0.05  # ... a valid one does
+    assert not torch.allclose(encoder(changed, valid)[0, 1], output[0, 1])
+
+
 # ------------------------------------------------------------------------------------- sinusoidal_3d_encoding
 
 
@@ -417,6 +489,19 @@ def test_sinusoidal_patch_encoder_matches_composed_functions():
             "patch_valid",
         ),
         (lambda: SinusoidalPatchEncoder(8, grid_size=(2,)), "grid_size"),
+        (
+            lambda: SinusoidalPointEncoder(8, samples_per_patch=4)(
+                torch.ones(1, 4, 3), torch.ones(1, 4, dtype=torch.bool)
+            ),
+            "4 samples per patch",
+        ),
+        (
+            lambda: SinusoidalPointEncoder(8, samples_per_patch=4)(
+                torch.ones(1, 4, 4, 3), torch.ones(1, 4, dtype=torch.bool)
+            ),
+            "patch_valid",
+        ),
+        (lambda: SinusoidalPatchEncoder(8, grid_size=(2, 2), samples_per_side=0), "samples_per_side"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(call, argument):

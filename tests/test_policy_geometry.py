@@ -101,6 +101,34 @@ def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("target", ["prefix", "expert"])
+def test_several_points_per_patch_train_and_reach_the_actions(target):
+    fields = dict(geometry_target=target, geometry_gate_init=1.0, geometry_patch_points="nearest")
+    policy = geometry_policy(**fields, geometry_samples_per_patch_side=3)
+    first_layer = policy.model.patch_geometry.encoder.mlp[0]
+    assert first_layer.in_features == 9 * 6 * policy.model.patch_geometry.encoder.num_frequencies
+    batch = preprocess(policy, with_depth(raw_batch()))
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and first_layer.weight.grad.abs().sum() > 0
+    noise = noise_for(policy)
+    cached = policy.predict_action_chunk(batch, noise=noise)
+    policy.config.use_cache = False
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
+    policy.config.use_cache = True
+    # Depth pixel (2, 2) is no patch's top-left pixel (the 4 x 4 grid samples every 6th of 24) but a
+    # sample of the 3 x 3 cells (every 2nd): it changes these actions and not those of one point per patch.
+    moved = with_depth(raw_batch())
+    moved["observation.depth.top"] = moved["observation.depth.top"].clone()
+    moved["observation.depth.top"][:, :, 2, 2] += 0.3
+    assert not torch.allclose(policy.predict_action_chunk(preprocess(policy, moved), noise=noise), cached)
+    one_point = geometry_policy(**fields)
+    torch.testing.assert_close(
+        one_point.predict_action_chunk(preprocess(one_point, moved), noise=noise),
+        one_point.predict_action_chunk(batch, noise=noise),
+    )
+
+
 def test_only_cameras_with_depth_get_geometry_and_intrinsics_can_come_from_the_batch():
     features = geometry_features(cameras=CAMERAS[:1])
     policy = geometry_policy(input_features=features, camera_intrinsics={}, geometry_gate_init=1.0)
@@ -568,6 +596,16 @@ def test_voxel_pooling_pads_samples_with_different_token_counts():
         ({"geometry_voxel_size": 0.2, "image_pooling": 2}, "geometry_voxel_size replaces image_pooling"),
         ({"geometry_encoder": "mlp"}, "geometry_encoder must be one of"),
         ({"geometry_patch_points": "center"}, "geometry_patch_points must be one of"),
+        ({"geometry_samples_per_patch_side": 0}, "geometry_samples_per_patch_side must be a positive int"),
+        ({"geometry_samples_per_patch_side": 2.0}, "geometry_samples_per_patch_side must be a positive int"),
+        (
+            {"geometry_samples_per_patch_side": 2, "geometry_encoder": "llava3d_mlp"},
+            "needs geometry_encoder='sinusoidal'",
+        ),
+        (
+            {"geometry_samples_per_patch_side": 2, "geometry_voxel_size": 0.2},
+            "cannot be combined with geometry_voxel_size",
+        ),
     ],
 )
 def test_bad_3d_patch_options_raise(overrides, message):
