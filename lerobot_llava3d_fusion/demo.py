@@ -13,8 +13,9 @@
 
 `--geometry depth none` trains and evaluates one policy per geometry setting, to show what depth
 adds. Scenes hold `--num-blocks` blocks (default 1: vision and depth decide success; with more the
-instruction's colour picks the block; `--every-block-as-target` then records each scene once per
-block). `--outcomes` adds where each evaluation's episodes ended (`envs/touch_block_outcomes.py`).
+instruction's colour picks the block, and by default each scene is recorded once per block,
+`--every-block-as-target`, with more training steps). `--outcomes` adds where each evaluation's
+episodes ended (`envs/touch_block_outcomes.py`).
 Everything runs offline on the CPU; results go to
 `<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, and a run with the same
 settings reuses the dataset and checkpoints it finds there.
@@ -48,6 +49,11 @@ logger = logging.getLogger(__name__)
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "touch_block_demo.json"
 VLM_PRETRAINING_LR = 1e-3
 EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 .. episodes - 1
+# Defaults of the command line: scenes in the training set, training steps with one block per scene
+# and with several (where the colour word must be learnt too).
+DEFAULT_SCENES = 500
+DEFAULT_STEPS_ONE_BLOCK = 2000
+DEFAULT_STEPS_SEVERAL_BLOCKS = 3600
 
 
 def demo_vocabulary() -> list[str]:
@@ -313,12 +319,30 @@ def pretrain_demo_backbone(workdir: Path, backbone: Path, steps: int, images: in
     return output
 
 
+def fill_block_dependent_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The command line's defaults that depend on `--num-blocks`: with several blocks every scene is
+    recorded once per block and the policy trains longer."""
+    several = args.num_blocks > 1
+    if args.every_block_as_target is None:
+        args.every_block_as_target = several
+    if args.episodes is None:
+        args.episodes = DEFAULT_SCENES * (args.num_blocks if args.every_block_as_target else 1)
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS_SEVERAL_BLOCKS if several else DEFAULT_STEPS_ONE_BLOCK
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--episodes", type=int, default=500, help="expert episodes in the training set")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        help=f"expert episodes in the training set (default: {DEFAULT_SCENES} scenes, times the number "
+        "of blocks with --every-block-as-target)",
+    )
     parser.add_argument(
         "--num-blocks",
         type=int,
@@ -327,11 +351,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--every-block-as-target",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         help="record each scene once per block, the instruction naming each in turn (same images, "
-        "different instructions and actions)",
+        "different instructions and actions); default: on with more than one block",
     )
-    parser.add_argument("--steps", type=int, default=2000, help="training steps per policy")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"training steps per policy (default: {DEFAULT_STEPS_ONE_BLOCK} with one block, "
+        f"{DEFAULT_STEPS_SEVERAL_BLOCKS} with more)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     parser.add_argument(
@@ -354,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vlm-pretraining-images", type=int, default=5000, help="rendered scenes for VLM pretraining"
     )
-    args = parser.parse_args(argv)
+    args = fill_block_dependent_defaults(parser.parse_args(argv))
     # force: an imported library may have configured the root logger already (it hid this output).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     datasets.disable_progress_bars()  # the episode bar only, not one `datasets` bar per saved episode

@@ -241,6 +241,49 @@ def test_every_block_as_target_option_records_each_scene_once_per_block(tmp_path
     assert plain[1] != every_block[1]  # its own dataset folder: never reused for the other setting
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], (1, 500, False, 2000)),
+        (["--num-blocks", "3"], (3, 1500, True, 3600)),
+        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 3600)),
+        (
+            ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
+            (2, 8, True, 5),
+        ),
+    ],
+)
+def test_several_blocks_default_to_every_block_as_target_and_longer_training(
+    tmp_path, monkeypatch, argv, expected
+):
+    data_calls, train_calls = [], []
+    monkeypatch.setattr(
+        demo,
+        "prepare_demo_data",
+        lambda workdir, blocks, episodes, every_block: (
+            data_calls.append((blocks, episodes, every_block)) or ("data", tmp_path / "ds", tmp_path / "bb")
+        ),
+    )
+    monkeypatch.setattr(
+        demo,
+        "train",
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained: (
+            train_calls.append(steps) or Path(geometry)
+        ),
+    )
+    monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+
+    demo.main(["--workdir", str(tmp_path), *argv])
+
+    blocks, episodes, every_block, steps = expected
+    assert data_calls == [(blocks, episodes, every_block)] and train_calls == [steps]
+    results = json.loads((tmp_path / f"data_{steps}_steps" / "results.json").read_text())
+    assert (results["num_blocks"], results["train_episodes"], results["every_block_as_target"]) == expected[
+        :3
+    ]
+
+
 def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log: calls.append(args))
