@@ -76,6 +76,13 @@ def _check_grid_size(grid_size: tuple[int, int]) -> tuple[int, int]:
     return int(grid_size[0]), int(grid_size[1])
 
 
+def _check_samples_per_side(samples_per_side: int) -> int:
+    """Check that ``samples_per_side`` is a positive int and return it."""
+    if isinstance(samples_per_side, bool) or not isinstance(samples_per_side, int) or samples_per_side < 1:
+        raise ValueError(f"samples_per_side must be a positive int, got {samples_per_side!r}")
+    return samples_per_side
+
+
 def backproject_depth(
     depth: Tensor,
     intrinsics: Tensor,
@@ -263,9 +270,7 @@ def points_to_patch_samples(
         samples_valid: ``(B, gh * gw, s * s)`` bool.
     """
     grid_h, grid_w = _check_grid_size(grid_size)
-    if isinstance(samples_per_side, bool) or not isinstance(samples_per_side, int) or samples_per_side < 1:
-        raise ValueError(f"samples_per_side must be a positive int, got {samples_per_side!r}")
-    s = samples_per_side
+    s = _check_samples_per_side(samples_per_side)
     fine_points, fine_valid = points_to_patches(points, valid, (grid_h * s, grid_w * s), method)
     batch_size = points.shape[0]
 
@@ -356,12 +361,7 @@ class DepthToPatchPoints(nn.Module):
         samples_per_side: int = 1,
     ):
         super().__init__()
-        if (
-            isinstance(samples_per_side, bool)
-            or not isinstance(samples_per_side, int)
-            or samples_per_side < 1
-        ):
-            raise ValueError(f"samples_per_side must be a positive int, got {samples_per_side!r}")
+        _check_samples_per_side(samples_per_side)
         if patch_point_method not in PATCH_POINT_METHODS:
             raise ValueError(
                 f"patch_point_method must be one of {PATCH_POINT_METHODS}, got {patch_point_method!r}"
