@@ -22,6 +22,7 @@ GEOMETRY_TARGETS = ("prefix", "expert")
 # "llava3d_mlp": LLaVA-3D's learned MLP on xyz added to the vision tower's features before the projector.
 GEOMETRY_ENCODERS = ("sinusoidal", "llava3d_mlp")
 GEOMETRY_PATCH_POINTS = ("nearest", "mean")
+GEOMETRY_ORIGINS = ("world", "state")
 # Cameras added by `empty_cameras` (pi0's naming): absent from datasets and robots, masked out.
 EMPTY_CAMERA_PREFIX = "observation.images.empty_camera_"
 TIME_SAMPLINGS = ("beta", "uniform")
@@ -104,6 +105,13 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # Voxel pooling (metres; None: off): the patches of all cameras whose points fall in one voxel are
     # averaged into one token before the projector (LLaVA-3D used 0.2 m on room-scale scenes).
     geometry_voxel_size: float | None = None
+    # Where the 3D points are measured from: "world" (the extrinsics' frame; the camera's without them)
+    # or "state": the position in observation.state[geometry_origin_state_indices] (raw, before
+    # normalization), e.g. the end-effector's, which must be given in that same world frame. Each point
+    # is then its offset from that position (a translation, no rotation): the geometry says directly
+    # where things are relative to the end-effector, which the actions move.
+    geometry_origin: str = "world"
+    geometry_origin_state_indices: tuple[int, int, int] = (0, 1, 2)
 
     # Action expert.
     expert_mode: str = "separate"  # "shared": the LLM's own layers; "separate": a narrower expert stack
@@ -263,6 +271,23 @@ class Llava3DFusionConfig(PreTrainedConfig):
                 "geometry_samples_per_patch_side > 1 cannot be combined with geometry_voxel_size (voxels pool "
                 "one point per patch)."
             )
+        _check_choice("geometry_origin", self.geometry_origin, GEOMETRY_ORIGINS)
+        if self.geometry_origin == "state":
+            indices = tuple(self.geometry_origin_state_indices)
+            if (
+                len(indices) != 3
+                or len(set(indices)) != 3
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+            ):
+                raise ValueError(
+                    "geometry_origin_state_indices must be 3 distinct non-negative state indices (x, y, z), "
+                    f"got {self.geometry_origin_state_indices!r}."
+                )
+            if not self.geometry_source.needs_3d_encoder:
+                raise ValueError(
+                    f"geometry_origin='state' moves the origin of 3D points, but geometry={self.geometry!r} "
+                    "makes none."
+                )
         voxel = self.geometry_voxel_size
         if voxel is None:
             return
@@ -316,6 +341,15 @@ class Llava3DFusionConfig(PreTrainedConfig):
         state = self.robot_state_feature
         if state is not None and state.shape[-1] > self.max_state_dim:
             raise ValueError(f"state dim {state.shape[-1]} exceeds max_state_dim ({self.max_state_dim}).")
+
+        if self.geometry_origin == "state":
+            state_dim = state.shape[-1] if state is not None else 0
+            if max(self.geometry_origin_state_indices) >= state_dim:
+                raise ValueError(
+                    f"geometry_origin_state_indices {tuple(self.geometry_origin_state_indices)} need a state of "
+                    f"at least {max(self.geometry_origin_state_indices) + 1} dims; observation.state has "
+                    f"{state_dim}."
+                )
 
         check_depth_features(self.input_features or {})  # every depth map belongs to a camera
         cameras = {camera_name(key) for key in self.camera_keys}

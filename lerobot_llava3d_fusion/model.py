@@ -40,6 +40,7 @@ class CameraGeometry:
     intrinsics: Tensor  # (B, 3, 3) for the depth image's pixel grid
     depth: Tensor | None = None  # (B, 1, H, W) metres; None = estimate it from the image
     extrinsics: Tensor | None = None  # (B, 4, 4) camera-to-world
+    origin: Tensor | None = None  # (B, 3) world point the 3D points are measured from; None: the world origin
 
 
 class ModelInputs(NamedTuple):
@@ -242,7 +243,11 @@ class Llava3DFusionModel(nn.Module):
         """One camera's per-patch 3D points (B, P_3d, 3) and their validity (B, P_3d), from the metric
         depth its geometry source gives (recorded, or estimated from `image`)."""
         depth, intrinsics = self.config.geometry_source.metric_depth(image, camera, self.depth_estimator)
-        return self.patch_geometry.patch_points_of(depth, intrinsics, camera.extrinsics)
+        points, valid = self.patch_geometry.patch_points_of(depth, intrinsics, camera.extrinsics)
+        if camera.origin is not None:  # (B, 3) -> broadcast over the patch (and sample) dims
+            origin_shape = (points.shape[0],) + (1,) * (points.ndim - 2) + (3,)
+            points = points - camera.origin.to(points.dtype).reshape(origin_shape)
+        return points, valid
 
     def embed_prefix(
         self,

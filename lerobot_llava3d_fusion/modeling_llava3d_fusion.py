@@ -22,7 +22,7 @@ from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
 from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from .configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
 from .model import DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
-from .observation_keys import camera_name, depth_key, extrinsics_key, intrinsics_key
+from .observation_keys import GEOMETRY_ORIGIN, camera_name, depth_key, extrinsics_key, intrinsics_key
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -224,7 +224,30 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         )
         if extrinsics is not None:
             _check_rigid_transform(extrinsics_key(camera_key), extrinsics)
-        return CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=extrinsics)
+        return CameraGeometry(
+            intrinsics=intrinsics,
+            depth=depth,
+            extrinsics=extrinsics,
+            origin=self._geometry_origin(batch, batch_size),
+        )
+
+    def _geometry_origin(self, batch: dict[str, Tensor], batch_size: int) -> Tensor | None:
+        """(B, 3) raw state position the 3D points are measured from (`geometry_origin="state"`), else None."""
+        if self.config.geometry_origin != "state":
+            return None
+        if GEOMETRY_ORIGIN not in batch:
+            raise KeyError(
+                f"geometry_origin='state' needs {GEOMETRY_ORIGIN!r}, the raw state position the policy's "
+                "preprocessor copies before normalizing the state: run the batch through that preprocessor "
+                "(make_pre_post_processors / the checkpoint's policy_preprocessor)."
+            )
+        origin = batch[GEOMETRY_ORIGIN]
+        if tuple(origin.shape) != (batch_size, 3):
+            raise ValueError(
+                f"{GEOMETRY_ORIGIN}: expected shape ({batch_size}, 3), got {tuple(origin.shape)}"
+            )
+        _check_finite(GEOMETRY_ORIGIN, origin)
+        return origin
 
     def _check_depth_grid(
         self, camera_key: str, depth: Tensor, intrinsics: Tensor, from_config: bool

@@ -36,6 +36,10 @@ EXTRINSICS_PREFIX = f"{OBS_STR}.{EXTRINSICS}."
 GEOMETRY_PREFIXES = (DEPTH_PREFIX, INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
 CAMERA_MATRIX_PREFIXES = (INTRINSICS_PREFIX, EXTRINSICS_PREFIX)
 
+# (B, 3) origin of the 3D points with geometry_origin="state": the raw (unnormalized) state position the
+# preprocessor copies before the normalizer (`Llava3DFusionGeometryOriginStep`); not a dataset feature.
+GEOMETRY_ORIGIN = f"{OBS_STR}.geometry_origin"
+
 ROBOT_DEPTH_SUFFIX = "_depth"  # LeRobot robots: camera "<cam>" with use_depth=True adds "<cam>_depth"
 
 

@@ -1,7 +1,7 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
-Input: rename -> batch dim -> check -> the geometry source's steps (recorded depth: to metres) -> task
-newline -> tokenize (the backbone's tokenizer) -> device -> relative actions (when
+Input: rename -> batch dim -> check -> the geometry source's steps (recorded depth: to metres) -> the
+geometry origin (with `geometry_origin="state"`: the raw state position, copied) -> task newline -> tokenize (the backbone's tokenizer) -> device -> relative actions (when
 `use_relative_actions`) -> normalize (state/action only). Output: unnormalize -> absolute actions (when
 `use_relative_actions`) -> cpu, in pi0's order. Images stay float [0, 1]; the model resizes and
 normalizes them for its vision tower once, on the device.
@@ -29,10 +29,11 @@ from lerobot.processor import (
     make_default_policy_processor_steps,
     make_policy_processor_pipelines,
 )
+from lerobot.utils.constants import OBS_STATE
 from transformers import AutoTokenizer
 
 from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .observation_keys import DEPTH_PREFIX, GEOMETRY_PREFIXES
+from .observation_keys import DEPTH_PREFIX, GEOMETRY_ORIGIN, GEOMETRY_PREFIXES
 from .vlm import load_tokenizer
 
 
@@ -87,6 +88,37 @@ class Llava3DFusionObservationCheckStep(ObservationProcessorStep):
                 key: {"type": ft.type.value, "shape": list(ft.shape)} for key, ft in self.features.items()
             }
         }
+
+
+@ProcessorStepRegistry.register(name="llava3d_fusion_geometry_origin")
+@dataclass
+class Llava3DFusionGeometryOriginStep(ObservationProcessorStep):
+    """Copies the raw state position the 3D points are measured from (`geometry_origin="state"`) to
+    `observation.geometry_origin` (B, 3), before the normalizer rescales `observation.state`."""
+
+    state_indices: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+    def observation(self, observation: dict[str, Any]) -> dict[str, Any]:
+        state = observation.get(OBS_STATE)
+        if not isinstance(state, torch.Tensor):
+            raise KeyError(
+                f"geometry_origin='state' reads the origin of the 3D points from {OBS_STATE}, which this "
+                f"observation lacks (keys: {sorted(observation)})."
+            )
+        if max(self.state_indices) >= state.shape[-1]:
+            raise ValueError(
+                f"geometry origin state indices {self.state_indices} do not fit {OBS_STATE} of shape "
+                f"{tuple(state.shape)}."
+            )
+        return {**observation, GEOMETRY_ORIGIN: state[..., list(self.state_indices)].clone()}
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        return features
+
+    def get_config(self) -> dict[str, Any]:
+        return {"state_indices": list(self.state_indices)}
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_tokenizer")
@@ -181,6 +213,11 @@ def make_llava3d_fusion_pre_post_processors(
         Llava3DFusionObservationCheckStep(features=dict(config.input_features)),
         # What the geometry source reads from the batch (recorded depth: to observation.depth.<cam> in metres).
         *config.geometry_source.preprocessor_steps(config.geometry_camera_keys, config.input_features),
+        *(
+            [Llava3DFusionGeometryOriginStep(state_indices=list(config.geometry_origin_state_indices))]
+            if config.geometry_origin == "state"
+            else []
+        ),
         NewLineTaskProcessorStep(),
         Llava3DFusionTokenizerStep(
             vlm_model_name=config.vlm_model_name,

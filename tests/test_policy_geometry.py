@@ -5,10 +5,12 @@ import pytest
 import torch
 from helpers import CAMERAS, CHUNK, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.processor import PolicyProcessorPipeline
 from lerobot.utils.feature_utils import dataset_to_policy_features
 
 from lerobot_llava3d_fusion import make_llava3d_fusion_pre_post_processors
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.observation_keys import GEOMETRY_ORIGIN
 
 DEPTH_SIZE = 24
 INTRINSICS = [[20.0, 0.0, 11.5], [0.0, 20.0, 11.5], [0.0, 0.0, 1.0]]
@@ -606,8 +608,76 @@ def test_voxel_pooling_pads_samples_with_different_token_counts():
             {"geometry_samples_per_patch_side": 2, "geometry_voxel_size": 0.2},
             "cannot be combined with geometry_voxel_size",
         ),
+        ({"geometry_origin": "camera"}, "geometry_origin must be one of"),
+        ({"geometry_origin": "state", "geometry_origin_state_indices": (0, 1)}, "3 distinct non-negative"),
+        ({"geometry_origin": "state", "geometry_origin_state_indices": (0, 0, 1)}, "3 distinct non-negative"),
+        (
+            {"geometry_origin": "state", "geometry_origin_state_indices": (0, -1, 2)},
+            "3 distinct non-negative",
+        ),
+        ({"geometry_origin": "state", "geometry": "none"}, "geometry='none' makes none"),
     ],
 )
 def test_bad_3d_patch_options_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**{"geometry": "depth", **overrides})
+
+
+STATE_STATS = {
+    "observation.state": {"mean": torch.full((5,), 0.3), "std": torch.full((5,), 2.0)},
+    "action": {"mean": torch.zeros(3), "std": torch.ones(3)},
+}
+
+
+def shifted_scene(shift, origin_indices=(3, 0, 1)):
+    """The raw batch of `with_depth` seen by cameras translated by `shift` metres along world x, with the
+    state position (`origin_indices` of the state: x, y, z) moved by the same amount."""
+    batch = with_depth(raw_batch())
+    for key in CAMERAS:
+        name = key.removeprefix("observation.images.")
+        batch[f"observation.extrinsics.{name}"] = translation(shift).expand(2, 4, 4)
+    state = batch["observation.state"].clone()
+    state[:, origin_indices[0]] += shift
+    batch["observation.state"] = state
+    return batch
+
+
+def test_geometry_origin_state_measures_points_from_the_raw_state_position(tmp_path):
+    policy = geometry_policy(
+        geometry_gate_init=1.0, geometry_origin="state", geometry_origin_state_indices=(3, 0, 1)
+    )
+    preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config, dataset_stats=STATE_STATS)
+    raw = shifted_scene(0.0)
+    batch = preprocessor(raw)
+    # The origin is the raw state position (in the order x, y, z of the indices), the state normalized.
+    torch.testing.assert_close(batch[GEOMETRY_ORIGIN], raw["observation.state"][:, [3, 0, 1]])
+    torch.testing.assert_close(batch["observation.state"], (raw["observation.state"] - 0.3) / 2.0)
+    # Moving cameras and state position together leaves the 3D-aware prefix unchanged ...
+    prefix, _, _ = prefix_of(policy, batch)
+    moved, _, _ = prefix_of(policy, preprocessor(shifted_scene(0.25)))
+    torch.testing.assert_close(moved, prefix, atol=1e-5, rtol=1e-5)
+    # ... whereas with world coordinates the same move changes it.
+    world = geometry_policy(geometry_gate_init=1.0)
+    world.load_state_dict(policy.state_dict())
+    world_preprocessor, _ = make_llava3d_fusion_pre_post_processors(world.config, dataset_stats=STATE_STATS)
+    world_prefix, _, _ = prefix_of(world, world_preprocessor(shifted_scene(0.0)))
+    world_moved, _, _ = prefix_of(world, world_preprocessor(shifted_scene(0.25)))
+    assert not torch.allclose(world_moved, world_prefix, atol=1e-3)
+    # The step survives a save and reload of the pipeline (what a checkpoint carries).
+    preprocessor.save_pretrained(tmp_path)
+    reloaded = PolicyProcessorPipeline.from_pretrained(tmp_path, config_filename="policy_preprocessor.json")
+    torch.testing.assert_close(reloaded(shifted_scene(0.0))[GEOMETRY_ORIGIN], batch[GEOMETRY_ORIGIN])
+    # The model trains from it.
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_geometry_origin_state_fails_clearly_without_its_input():
+    policy = geometry_policy(geometry_origin="state")
+    batch = preprocess(policy, with_depth(raw_batch()))
+    del batch[GEOMETRY_ORIGIN]
+    with pytest.raises(KeyError, match="geometry_origin='state' needs"):
+        policy.predict_action_chunk(batch)
+    with pytest.raises(ValueError, match="need a state of at least 8 dims"):
+        geometry_policy(geometry_origin="state", geometry_origin_state_indices=(0, 1, 7))
