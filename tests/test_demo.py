@@ -286,9 +286,28 @@ def test_several_blocks_default_to_every_block_as_target_and_longer_training(
 
 def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log: calls.append(args))
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
     demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=9000, pretrained_backbone=False)
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
+
+
+def test_training_threads_leave_the_data_workers_their_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo.training_environment(num_workers=2, cpu_count=2)["OMP_NUM_THREADS"] == "1"
+    assert demo.training_environment(num_workers=2, cpu_count=16)["OMP_NUM_THREADS"] == "14"
+    assert demo.training_environment(num_workers=0, cpu_count=4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's choice is kept
+    assert demo.training_environment(num_workers=2, cpu_count=2)["OMP_NUM_THREADS"] == "3"
+    # lerobot-train gets it, computed from the preset's DataLoader workers.
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 8)
+    environments = []
+    monkeypatch.setattr(
+        demo, "run_lerobot", lambda script, args, log, environment: environments.append(environment)
+    )
+    demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=10, pretrained_backbone=False)
+    workers = json.loads(demo.PRESET.read_text())["num_workers"]
+    assert environments[0]["OMP_NUM_THREADS"] == str(8 - workers)
 
 
 def test_outcomes_option_reports_where_each_evaluation_ended(
