@@ -53,8 +53,8 @@ EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 
 # Defaults of the command line: scenes in the training set, training steps with one block per scene
 # and with several (where the colour word must be learnt too).
 DEFAULT_SCENES = 500
-DEFAULT_STEPS_ONE_BLOCK = 2000
-DEFAULT_STEPS_SEVERAL_BLOCKS = 3600
+DEFAULT_STEPS_ONE_BLOCK = 3200
+DEFAULT_STEPS_SEVERAL_BLOCKS = 5600
 
 
 def demo_vocabulary() -> list[str]:
@@ -140,6 +140,7 @@ def train(
             f"--policy.vlm_model_name={backbone.resolve()}",
             f"--policy.load_vlm_weights={str(pretrained_backbone).lower()}",
             f"--policy.geometry={geometry}",
+            *(["--policy.geometry_origin=world"] if geometry == "none" else []),  # no 3D points to move
             f"--steps={steps}",
             f"--policy.scheduler_decay_steps={steps}",  # the cosine decay spans the whole run
             f"--save_freq={steps}",

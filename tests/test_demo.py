@@ -11,6 +11,7 @@ import torch
 from lerobot.envs.configs import EnvConfig
 
 from lerobot_llava3d_fusion import demo
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.demo import evaluate_policy, reference_success, write_demo_backbone
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
@@ -244,9 +245,9 @@ def test_every_block_as_target_option_records_each_scene_once_per_block(tmp_path
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], (1, 500, False, 2000)),
-        (["--num-blocks", "3"], (3, 1500, True, 3600)),
-        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 3600)),
+        ([], (1, 500, False, 3200)),
+        (["--num-blocks", "3"], (3, 1500, True, 5600)),
+        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 5600)),
         (
             ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
             (2, 8, True, 5),
@@ -289,6 +290,20 @@ def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypa
     monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
     demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=9000, pretrained_backbone=False)
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
+
+
+@pytest.mark.parametrize("geometry", ["depth", "none"])
+def test_training_arguments_give_a_valid_policy_config_for_each_geometry(tmp_path, monkeypatch, geometry):
+    calls = []
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
+    demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", geometry, steps=10, pretrained_backbone=False)
+    fields = {k: v for k, v in json.loads(demo.PRESET.read_text())["policy"].items() if k != "type"}
+    for arg in calls[0]:
+        name, _, value = arg.removeprefix("--policy.").partition("=")
+        if arg.startswith("--policy.") and name in ("geometry", "geometry_origin"):
+            fields[name] = value
+    config = Llava3DFusionConfig(**fields)  # raises on a combination lerobot-train would refuse
+    assert config.geometry == geometry
 
 
 def test_training_threads_leave_the_data_workers_their_cores(tmp_path, monkeypatch):
