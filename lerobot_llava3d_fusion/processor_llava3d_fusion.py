@@ -1,8 +1,9 @@
 """Pre/post-processing pipelines of the llava3d_fusion policy.
 
 Input: rename -> batch dim -> check -> the geometry source's steps (recorded depth: to metres) -> the
-geometry origin (with `geometry_origin="state"`: the raw state position, copied) -> task newline -> tokenize (the backbone's tokenizer) -> device -> relative actions (when
-`use_relative_actions`) -> normalize (state/action only). Output: unnormalize -> absolute actions (when
+geometry origin (with `geometry_origin="state"`: the raw state position, copied) -> task newline ->
+tokenize (the backbone's tokenizer) -> device -> relative actions (when `use_relative_actions`) ->
+normalize (state/action only). Output: unnormalize -> absolute actions (when
 `use_relative_actions`) -> cpu, in pi0's order. Images stay float [0, 1]; the model resizes and
 normalizes them for its vision tower once, on the device.
 """
