@@ -190,18 +190,19 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             camera_present.append(None)
 
         point_cameras = set(cfg.geometry_camera_keys)
+        origin = self._geometry_origin(batch, batch_size) if point_cameras else None  # shared by all cameras
         camera_geometry = [
-            self._prepare_camera_geometry(batch, key, batch_size) if key in point_cameras else None
+            self._prepare_camera_geometry(batch, key, batch_size, origin) if key in point_cameras else None
             for key in cfg.camera_keys
         ]
         state = self._prepare_state(batch, batch_size)
         return ModelInputs(images, camera_geometry, lang_tokens, lang_mask, state, camera_present)
 
     def _prepare_camera_geometry(
-        self, batch: dict[str, Tensor], camera_key: str, batch_size: int
+        self, batch: dict[str, Tensor], camera_key: str, batch_size: int, origin: Tensor | None
     ) -> CameraGeometry:
         """The depth the geometry source reads from the batch (none when it estimates depth) and the
-        camera matrices of one camera, from the batch or the config."""
+        camera matrices of one camera, from the batch or the config; `origin` (B, 3) or None."""
         cfg = self.config
         name = camera_name(camera_key)
         device = batch[OBS_LANGUAGE_TOKENS].device
@@ -228,7 +229,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             intrinsics=intrinsics,
             depth=depth,
             extrinsics=extrinsics,
-            origin=self._geometry_origin(batch, batch_size),
+            origin=origin,
         )
 
     def _geometry_origin(self, batch: dict[str, Tensor], batch_size: int) -> Tensor | None:
