@@ -25,7 +25,13 @@ from torch import nn
 from lerobot_llava3d_fusion.envs import touch_block as tb
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
 from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
-from lerobot_llava3d_fusion.envs.make_touch_block_dataset import HOLD_FRAMES, dataset_features, main
+from lerobot_llava3d_fusion.envs.make_touch_block_dataset import (
+    HOLD_FRAMES,
+    NEAR_TARGET_START_EXTENT,
+    dataset_features,
+    main,
+    make_touch_block_dataset,
+)
 from lerobot_llava3d_fusion.envs.touch_block_outcomes import OutcomeSummary, run_until_each_ends
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
@@ -616,6 +622,62 @@ def test_dataset_records_every_block_of_a_scene_as_target(tmp_path):
     torch.testing.assert_close(*(f["observation.images.top"] for f in first_frames))  # same scene and start
     assert first_frames[0]["task"] != first_frames[1]["task"]
     assert not torch.equal(first_frames[0]["action"], first_frames[1]["action"])
+
+
+def test_start_offset_option_starts_the_end_effector_near_the_target():
+    env = gym.make(tb.GYM_ID, num_blocks=3, disable_env_checker=True).unwrapped
+    inside = np.array([0.004, -0.006, -0.01])  # 1 cm below the top, within the footprint
+    obs, _ = env.reset(seed=4, options={"target_block": 2, "start_offset": inside})
+    assert env.target_block == 2
+    np.testing.assert_allclose(obs["agent_pos"], env.target_position + inside, atol=1e-6)
+    # Inside the block the end-effector is hidden: the view is that of the blocks alone.
+    blocks_rgb, blocks_depth = env.renderer.render_blocks(env.scene)
+    np.testing.assert_array_equal(obs["pixels"]["top"], blocks_rgb)
+    np.testing.assert_array_equal(obs["depth"], blocks_depth)
+    above, _ = env.reset(seed=4, options={"target_block": 2, "start_offset": [0.0, 0.0, 0.02]})
+    assert (above["pixels"]["top"] == tb.END_EFFECTOR_RGB).all(-1).any()  # visible above the top
+    far_below, _ = env.reset(seed=4, options={"start_offset": [0.0, 0.0, -1.0]})
+    assert far_below["agent_pos"][2] == 0.0  # clipped to the workspace
+    for bad in ([0.0, 0.0], [0.0, float("nan"), 0.0]):
+        with pytest.raises(ValueError, match="start_offset"):
+            env.reset(seed=4, options={"start_offset": bad})
+
+
+def test_near_target_starts_record_the_way_back_from_above_and_inside_the_block(tmp_path):
+    root = tmp_path / "near"
+    main(["--root", str(root), "--episodes", "8", "--seed", "3", "--num-blocks", "1", "--height", "24",
+          "--width", "32", "--near-target-starts", "0.5"])  # fmt: skip
+    dataset = LeRobotDataset("local/touch_block", root=root, depth_output_unit="m")
+    env = gym.make(tb.GYM_ID, num_blocks=1, disable_env_checker=True).unwrapped
+    starts = {"near": 0, "drawn": 0}
+    upward_from_inside = 0
+    for episode in range(8):
+        drawn, _ = env.reset(seed=3 + episode)
+        target = env.target_position
+        start = dataset.meta.episodes[episode]["dataset_from_index"]
+        end = dataset.meta.episodes[episode]["dataset_to_index"]
+        states = torch.stack([dataset[i]["observation.state"] for i in range(start, end)]).double().numpy()
+        actions = torch.stack([dataset[i]["action"] for i in range(start, end)]).numpy()
+        if np.array_equal(states[0], drawn["agent_pos"]):
+            starts["drawn"] += 1
+        else:
+            starts["near"] += 1
+            assert np.abs(states[0] - target).max() <= NEAR_TARGET_START_EXTENT + 1e-6
+            upward_from_inside += int(states[0][2] < target[2] and actions[0][2] > 0)
+        # Every frame is the noise-free expert's: its action for the state it shows, executed exactly.
+        for state, action in zip(states, actions, strict=True):
+            np.testing.assert_allclose(action, tb.expert_action(state, target, env.max_step), atol=1e-5)
+        np.testing.assert_allclose(np.diff(states, axis=0), actions[:-1] * env.max_step, atol=1e-5)
+        for i in range(end - HOLD_FRAMES, end):  # and each episode closes holding still on the target
+            assert dataset[i]["next.success"] and not dataset[i]["action"].any()
+    assert starts["near"] > 0 and starts["drawn"] > 0
+    assert upward_from_inside > 0
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, float("nan")])
+def test_near_target_starts_must_be_a_fraction(tmp_path, fraction):
+    with pytest.raises(ValueError, match="near_target_starts"):
+        make_touch_block_dataset(tmp_path / "bad", "local/touch_block", 1, 0, near_target_starts=fraction)
 
 
 # --- where episodes end (touch_block_outcomes) ---------------------------------------------------

@@ -11,6 +11,14 @@ expert has held still on the target for `HOLD_FRAMES` frames (zero actions: what
 there); the expert always gets there well within the step budget, so a miss is reported as a bug.
 ``next.success`` marks the frames after which the end-effector is on the target.
 
+``--near-target-starts F`` starts a fraction F of the episodes (drawn with ``--seed``) at the target
+block's top-centre plus an offset drawn uniformly within ``NEAR_TARGET_START_EXTENT`` per axis,
+instead of the env's start above every block: half of those starts are below the top, inside the
+block, where the end-effector is hidden from the camera. The expert's way back is recorded as
+always, so the data shows what to do when a policy's own small errors take it off the target; the
+action chunks stay deterministic (noise added to the executed actions would fill every chunk with
+corrections of noise the policy never meets, and it would replay them).
+
 Features (H x W from --height/--width):
     observation.images.top       image (or video) (H, W, 3) uint8
     observation.depth.top        LeRobot depth-map image (H, W, 1) float32, metres along the camera
@@ -55,6 +63,7 @@ DEPTH_KEY, INTRINSICS_KEY, EXTRINSICS_KEY = (
     geometry_key(entry, touch_block.CAMERA_NAME) for entry in (DEPTH, INTRINSICS, EXTRINSICS)
 )
 HOLD_FRAMES = 5  # zero-action frames on the target that close each expert episode
+NEAR_TARGET_START_EXTENT = 0.03  # m: near-target starts are offset by up to this along each axis
 
 
 def dataset_features(height: int, width: int, use_videos: bool = False) -> dict[str, dict]:
@@ -84,6 +93,7 @@ def make_touch_block_dataset(
     use_videos: bool = False,
     num_blocks: int = 3,
     every_block_as_target: bool = False,
+    near_target_starts: float = 0.0,
 ) -> LeRobotDataset:
     """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist);
     `num_blocks` blocks per scene (train and evaluate with the same `--env.num_blocks`).
@@ -91,9 +101,14 @@ def make_touch_block_dataset(
     With `every_block_as_target`, each scene is recorded once per block, each time with the
     instruction naming that block: episode i replays seed `seed + i // num_blocks` with target
     `i % num_blocks`. The first frames of those episodes are the same image and state with different
-    instructions and actions, so nothing but the instruction tells them apart."""
+    instructions and actions, so nothing but the instruction tells them apart.
+
+    `near_target_starts`: the fraction of episodes that start near the target's top instead (module
+    docstring); which ones, and their offsets, are drawn from a generator seeded with `seed`."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
+    if not 0.0 <= near_target_starts <= 1.0:  # also refuses NaN
+        raise ValueError(f"near_target_starts must be a fraction in [0, 1], got {near_target_starts}")
     root = Path(root)
     if root.exists():
         raise ValueError(f"dataset root {root} already exists; choose a new directory")
@@ -110,15 +125,18 @@ def make_touch_block_dataset(
         robot_type="touch_block_point",
         use_videos=use_videos,
     )
+    start_rng = np.random.default_rng(seed)
+    near_target = start_rng.random(num_episodes) < near_target_starts
+    offsets = start_rng.uniform(-NEAR_TARGET_START_EXTENT, NEAR_TARGET_START_EXTENT, (num_episodes, 3))
     start, num_frames = time.perf_counter(), 0
     try:
         for episode in tqdm(range(num_episodes), desc="touch_block episodes", unit="ep"):
+            options = {"start_offset": offsets[episode]} if near_target[episode] else {}
             if every_block_as_target:
-                obs, _ = env.reset(
-                    seed=seed + episode // num_blocks, options={"target_block": episode % num_blocks}
-                )
+                options["target_block"] = episode % num_blocks
+                obs, _ = env.reset(seed=seed + episode // num_blocks, options=options)
             else:
-                obs, _ = env.reset(seed=seed + episode)
+                obs, _ = env.reset(seed=seed + episode, options=options)
             task = sim.task_description
             done, held = False, 0
             while not done:
@@ -178,6 +196,14 @@ def main(argv: list[str] | None = None) -> None:
         "num_blocks, target block i %% num_blocks)",
     )
     parser.add_argument(
+        "--near-target-starts",
+        type=float,
+        default=0.0,
+        help="fraction of the episodes that start within "
+        f"{NEAR_TARGET_START_EXTENT * 100:g} cm (per axis) of the target's top, above or inside the block, "
+        "so the data shows the way back to the target (default 0: every episode starts above the blocks)",
+    )
+    parser.add_argument(
         "--video", action="store_true", help="store RGB as (lossy) video instead of lossless PNG images"
     )
     args = parser.parse_args(argv)
@@ -194,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         use_videos=args.video,
         num_blocks=args.num_blocks,
         every_block_as_target=args.every_block_as_target,
+        near_target_starts=args.near_target_starts,
     )
 
 

@@ -372,11 +372,15 @@ class TouchBlockEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         """`options["target_block"]` (an index into the scene's blocks) names that block instead of the
-        drawn one: the same seed then gives the same scene and start with another instruction. Other
+        drawn one: the same seed then gives the same scene and start with another instruction.
+        `options["start_offset"]` (3,) metres starts the end-effector at the target block's top-centre
+        plus that offset (clipped to the workspace; below the top it is inside the block, hidden from
+        the camera) instead of the drawn start, e.g. to record how to come back to the target. Other
         options (LeRobot passes a rollout marker) are ignored."""
         super().reset(seed=seed)
+        options = options or {}
         self.scene = sample_scene(self.np_random, self.num_blocks)
-        target_block = (options or {}).get("target_block")
+        target_block = options.get("target_block")
         if target_block is not None:
             if not 0 <= target_block < self.num_blocks:
                 raise ValueError(f"target_block must be in [0, {self.num_blocks}), got {target_block}")
@@ -384,6 +388,14 @@ class TouchBlockEnv(gym.Env):
         xy = self.np_random.uniform(-BLOCK_CENTRE_EXTENT, BLOCK_CENTRE_EXTENT, size=2)
         self.ee_position = np.array([*xy, self.np_random.uniform(*END_EFFECTOR_START_Z)])
         self._instruction, self.target_block = self._instruction_and_target(self.scene)
+        start_offset = options.get("start_offset")
+        if start_offset is not None:
+            start_offset = np.asarray(start_offset, dtype=np.float64)
+            if start_offset.shape != (3,) or not np.isfinite(start_offset).all():
+                raise ValueError(
+                    f"start_offset must be 3 finite numbers (m), got {options['start_offset']!r}"
+                )
+            self.ee_position = np.clip(self.target_position + start_offset, WORKSPACE_LOW, WORKSPACE_HIGH)
         self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
         self._elapsed_steps = 0
         return self._observation(), {"is_success": False, **self._position_info()}
