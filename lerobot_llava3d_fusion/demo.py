@@ -55,6 +55,9 @@ EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 
 DEFAULT_SCENES = 500
 DEFAULT_STEPS_ONE_BLOCK = 3200
 DEFAULT_STEPS_SEVERAL_BLOCKS = 5600
+# Fraction of the recorded episodes that start near the target's top (above or inside the block), so
+# the data shows the way back to it (make_touch_block_dataset).
+DEFAULT_NEAR_TARGET_STARTS = 0.25
 
 
 def demo_vocabulary() -> list[str]:
@@ -300,11 +303,17 @@ def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
 
 
 def prepare_demo_data(
-    workdir: Path, num_blocks: int, episodes: int, every_block_as_target: bool = False
+    workdir: Path,
+    num_blocks: int,
+    episodes: int,
+    every_block_as_target: bool = False,
+    near_target_starts: float = 0.0,
 ) -> tuple[str, Path, Path]:
     """(name of the data settings, dataset root, backbone directory) under `workdir`, written once
     per setting and reused by later runs with the same settings."""
     data_name = f"{num_blocks}_blocks_{episodes}_episodes" + ("_every_block" if every_block_as_target else "")
+    if near_target_starts > 0:
+        data_name += f"_near_target_starts_{near_target_starts:g}"
     dataset_root = workdir / f"dataset_{data_name}"
     if not dataset_root.exists():
         make_touch_block_dataset(
@@ -314,6 +323,7 @@ def prepare_demo_data(
             seed=0,
             num_blocks=num_blocks,
             every_block_as_target=every_block_as_target,
+            near_target_starts=near_target_starts,
         )
     return data_name, dataset_root, write_demo_backbone(workdir / "backbone")
 
@@ -382,6 +392,13 @@ def main(argv: list[str] | None = None) -> None:
         help=f"training steps per policy (default: {DEFAULT_STEPS_ONE_BLOCK} with one block, "
         f"{DEFAULT_STEPS_SEVERAL_BLOCKS} with more)",
     )
+    parser.add_argument(
+        "--near-target-starts",
+        type=float,
+        default=DEFAULT_NEAR_TARGET_STARTS,
+        help="fraction of the recorded episodes that start near the target's top, above or inside the "
+        "block, so the data shows the way back to it (0: all start above the blocks)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     parser.add_argument(
@@ -413,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Results of earlier runs are reused only when made with the same settings.
     data_name, dataset_root, backbone = prepare_demo_data(
-        args.workdir, args.num_blocks, args.episodes, args.every_block_as_target
+        args.workdir, args.num_blocks, args.episodes, args.every_block_as_target, args.near_target_starts
     )
     pretraining = args.vlm_pretraining_steps > 0
     run_name = f"{data_name}_{args.steps}_steps"
@@ -444,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_episodes": args.episodes,
         "num_blocks": args.num_blocks,
         "every_block_as_target": args.every_block_as_target,
+        "near_target_starts": args.near_target_starts,
         "vlm_pretraining_steps": args.vlm_pretraining_steps,
         "vlm_pretraining_images": args.vlm_pretraining_images if pretraining else 0,
         "minutes": round((time.monotonic() - started) / 60, 1),

@@ -139,7 +139,11 @@ def stubbed_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
+        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+            "data",
+            tmp_path / "ds",
+            tmp_path / "bb",
+        ),
     )
     monkeypatch.setattr(
         demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
@@ -177,7 +181,11 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block: ("data", tmp_path / "ds", tmp_path / "bb"),
+        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+            "data",
+            tmp_path / "ds",
+            tmp_path / "bb",
+        ),
     )
     pretrained = tmp_path / "backbone_pretrained"
     pretraining_calls, train_calls = [], []
@@ -242,16 +250,26 @@ def test_every_block_as_target_option_records_each_scene_once_per_block(tmp_path
     assert plain[1] != every_block[1]  # its own dataset folder: never reused for the other setting
 
 
+def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(demo, "make_touch_block_dataset", lambda **kwargs: recorded.append(kwargs))
+    monkeypatch.setattr(demo, "write_demo_backbone", lambda directory: directory)
+    roots = [demo.prepare_demo_data(tmp_path, 1, 6, near_target_starts=f)[1] for f in (0.0, 0.25, 0.5)]
+    assert [call["near_target_starts"] for call in recorded] == [0.0, 0.25, 0.5]
+    assert len(set(roots)) == 3 and roots[1].name.endswith("_near_target_starts_0.25")
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], (1, 500, False, 3200)),
-        (["--num-blocks", "3"], (3, 1500, True, 5600)),
-        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 5600)),
+        ([], (1, 500, False, 0.25, 3200)),
+        (["--num-blocks", "3"], (3, 1500, True, 0.25, 5600)),
+        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 0.25, 5600)),
         (
             ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
-            (2, 8, True, 5),
+            (2, 8, True, 0.25, 5),
         ),
+        (["--near-target-starts", "0"], (1, 500, False, 0.0, 3200)),
     ],
 )
 def test_several_blocks_default_to_every_block_as_target_and_longer_training(
@@ -261,8 +279,9 @@ def test_several_blocks_default_to_every_block_as_target_and_longer_training(
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block: (
-            data_calls.append((blocks, episodes, every_block)) or ("data", tmp_path / "ds", tmp_path / "bb")
+        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+            data_calls.append((blocks, episodes, every_block, near_target_starts))
+            or ("data", tmp_path / "ds", tmp_path / "bb")
         ),
     )
     monkeypatch.setattr(
@@ -277,12 +296,11 @@ def test_several_blocks_default_to_every_block_as_target_and_longer_training(
 
     demo.main(["--workdir", str(tmp_path), *argv])
 
-    blocks, episodes, every_block, steps = expected
-    assert data_calls == [(blocks, episodes, every_block)] and train_calls == [steps]
+    *data_settings, steps = expected
+    assert data_calls == [tuple(data_settings)] and train_calls == [steps]
     results = json.loads((tmp_path / f"data_{steps}_steps" / "results.json").read_text())
-    assert (results["num_blocks"], results["train_episodes"], results["every_block_as_target"]) == expected[
-        :3
-    ]
+    recorded = ("num_blocks", "train_episodes", "every_block_as_target", "near_target_starts")
+    assert tuple(results[key] for key in recorded) == tuple(data_settings)
 
 
 def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypatch):
