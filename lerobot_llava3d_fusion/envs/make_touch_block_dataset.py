@@ -14,10 +14,10 @@ there); the expert always gets there well within the step budget, so a miss is r
 ``--near-target-starts F`` starts a fraction F of the episodes (drawn with ``--seed``) at the target
 block's top-centre plus an offset drawn uniformly within ``NEAR_TARGET_START_EXTENT`` per axis,
 instead of the env's start above every block: half of those starts are below the top, most of them
-inside the block, where the end-effector is hidden from the camera. The expert's way back is recorded as
-always, so the data shows what to do when a policy's own small errors take it off the target; the
-action chunks stay deterministic (noise added to the executed actions would fill every chunk with
-corrections of noise the policy never meets, and it would replay them).
+inside the block, where the end-effector is hidden from the camera. The expert's way back is
+recorded as always, so the data shows what to do when a policy's own small errors take it off the
+target; the action chunks stay deterministic (noise added to the executed actions would fill every
+chunk with corrections of noise the policy never meets, and it would replay them).
 
 Features (H x W from --height/--width):
     observation.images.top       image (or video) (H, W, 3) uint8
