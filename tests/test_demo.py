@@ -146,7 +146,9 @@ def stubbed_training(tmp_path, monkeypatch):
         ),
     )
     monkeypatch.setattr(
-        demo, "train", lambda run_dir, dataset, backbone, geometry, steps, pretrained: Path(geometry)
+        demo,
+        "train",
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: Path(geometry),
     )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
 
@@ -199,7 +201,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
@@ -286,7 +288,7 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
             train_calls.append(steps) or Path(geometry)
         ),
     )
@@ -307,6 +309,41 @@ def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypa
     monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
     demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", steps=9000, pretrained_backbone=False)
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
+
+
+def test_batch_size_option_reaches_lerobot_train_and_names_the_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
+    demo.train(tmp_path / "a", tmp_path / "ds", tmp_path / "bb", "depth", 10, False)
+    demo.train(tmp_path / "b", tmp_path / "ds", tmp_path / "bb", "depth", 10, False, batch_size=16)
+    assert not any(arg.startswith("--batch_size") for arg in calls[0])  # the preset's batch
+    assert "--batch_size=16" in calls[1]
+
+    monkeypatch.setattr(
+        demo,
+        "prepare_demo_data",
+        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+            "data",
+            tmp_path / "ds",
+            tmp_path / "bb",
+        ),
+    )
+    train_calls = []
+    monkeypatch.setattr(
+        demo,
+        "train",
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
+            train_calls.append((run_dir.name, batch_size)) or Path(geometry)
+        ),
+    )
+    monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    demo.main(["--workdir", str(tmp_path), "--steps", "3"])
+    demo.main(["--workdir", str(tmp_path), "--steps", "3", "--batch-size", "16"])
+    assert train_calls == [("data_3_steps", None), ("data_3_steps_batch_16", 16)]
+    for run_name, batch_size in (("data_3_steps", demo.PRESET_BATCH_SIZE), ("data_3_steps_batch_16", 16)):
+        results = json.loads((tmp_path / run_name / "results.json").read_text())
+        assert results["train_batch_size"] == batch_size
 
 
 @pytest.mark.parametrize("geometry", ["depth", "none"])
