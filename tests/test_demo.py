@@ -311,7 +311,7 @@ def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypa
     assert {"--steps=9000", "--policy.scheduler_decay_steps=9000"} <= set(calls[0])
 
 
-def test_batch_size_option_reaches_lerobot_train_and_names_the_run(tmp_path, monkeypatch):
+def test_batch_size_option_reaches_lerobot_train(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
     demo.train(tmp_path / "a", tmp_path / "ds", tmp_path / "bb", "depth", 10, False)
@@ -319,15 +319,8 @@ def test_batch_size_option_reaches_lerobot_train_and_names_the_run(tmp_path, mon
     assert not any(arg.startswith("--batch_size") for arg in calls[0])  # the preset's batch
     assert "--batch_size=16" in calls[1]
 
-    monkeypatch.setattr(
-        demo,
-        "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block, near_target_starts: (
-            "data",
-            tmp_path / "ds",
-            tmp_path / "bb",
-        ),
-    )
+
+def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, stubbed_training):
     train_calls = []
     monkeypatch.setattr(
         demo,
@@ -337,7 +330,6 @@ def test_batch_size_option_reaches_lerobot_train_and_names_the_run(tmp_path, mon
         ),
     )
     monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
-    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
     demo.main(["--workdir", str(tmp_path), "--steps", "3"])
     demo.main(["--workdir", str(tmp_path), "--steps", "3", "--batch-size", "16"])
     assert train_calls == [("data_3_steps", None), ("data_3_steps_batch_16", 16)]
