@@ -43,6 +43,7 @@ from tqdm import tqdm
 from .demo import (
     EVAL_START_SEED,
     PRESET,
+    PRESET_BATCH_SIZE,
     REFERENCE_POLICIES,
     prepare_demo_data,
     reference_success,
@@ -53,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 NUM_BLOCKS = 1
 GEOMETRY = "depth"
-BATCH_SIZE = json.loads(PRESET.read_text())["batch_size"]
 # LeRobot's metrics line, e.g. "... updt_s:0.250 data_s:0.010 ...": averages since the previous line.
 _STEP_TIMES = re.compile(r"\bupdt_s:([0-9.]+)\s+data_s:([0-9.]+)")
 
@@ -179,7 +179,7 @@ def train(
         "step_s": measured,
         "train_s": measured * steps,
         "train_wall_s": wall,
-        "samples_per_s": BATCH_SIZE / measured,
+        "samples_per_s": PRESET_BATCH_SIZE / measured,
     }
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             "rows": rows,
             "scripted_references_pc": references,
             "train_seconds_per_variant": args.train_seconds,
-            "batch_size": BATCH_SIZE,
+            "batch_size": PRESET_BATCH_SIZE,
             "eval_episodes": args.eval_episodes,
             "eval_seeds": [EVAL_START_SEED, EVAL_START_SEED + args.eval_episodes - 1],
             "train_episodes": args.episodes,

@@ -48,7 +48,8 @@ from .vlm_pretraining import pretrain_vlm
 logger = logging.getLogger(__name__)
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "touch_block_demo.json"
-PRESET_BATCH_SIZE = json.loads(PRESET.read_text())["batch_size"]
+PRESET_CONFIG = json.loads(PRESET.read_text())
+PRESET_BATCH_SIZE = PRESET_CONFIG["batch_size"]
 VLM_PRETRAINING_LR = 1e-3
 EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 .. episodes - 1
 # Defaults of the command line: scenes in the training set, training steps with one block per scene
@@ -160,7 +161,7 @@ def train(
             f"--output_dir={output_dir}",
         ],
         workdir / f"train_{geometry}.log",
-        training_environment(json.loads(PRESET.read_text())["num_workers"]),
+        training_environment(PRESET_CONFIG["num_workers"]),
     )
     return checkpoint
 
