@@ -3,7 +3,14 @@
 import math
 from dataclasses import dataclass, field
 
-from lerobot.configs import FeatureType, NormalizationMode, PolicyFeature, PreTrainedConfig
+from lerobot.configs import (
+    DEPTH_METER_UNIT,
+    DEPTH_MILLIMETER_UNIT,
+    FeatureType,
+    NormalizationMode,
+    PolicyFeature,
+    PreTrainedConfig,
+)
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
@@ -87,6 +94,11 @@ class Llava3DFusionConfig(PreTrainedConfig):
     camera_extrinsics: dict[str, list[list[float]]] = field(default_factory=dict)
     depth_estimator_name: str | None = None
     geometry_max_depth: float = 10.0  # metres; farther (or non-finite, <= 0) depth is ignored
+    # Unit of the recorded depth maps (observation.depth.<cam>) in training batches: "m" for a dataset
+    # loaded with --dataset.depth_output_unit=m, "mm" for LeRobot's default and for the streaming reader
+    # (--dataset.streaming=true, millimetres whatever depth_output_unit says). Observations at inference
+    # (environments: metres; robots' <cam>_depth: converted by the preprocessor) are not affected.
+    dataset_depth_unit: str = DEPTH_METER_UNIT
     # Initial value of the per-channel geometry gate: 0 leaves a pretrained VLM unchanged at the
     # start; a backbone trained from scratch (the demo's) learns to use geometry far sooner at 1.
     geometry_gate_init: float = 0.0
@@ -215,6 +227,9 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if not 0.0 < self.augment_crop_scale <= 1.0:
             raise ValueError(f"augment_crop_scale must be in (0, 1] (got {self.augment_crop_scale}).")
+        _check_choice(
+            "dataset_depth_unit", self.dataset_depth_unit, (DEPTH_METER_UNIT, DEPTH_MILLIMETER_UNIT)
+        )
         if not 0.0 < self.geometry_max_depth:
             raise ValueError(f"geometry_max_depth must be > 0 metres (got {self.geometry_max_depth}).")
         for name, matrices, size in (

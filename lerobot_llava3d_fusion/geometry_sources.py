@@ -19,13 +19,16 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from lerobot.configs import PolicyFeature
+from lerobot.configs import DEPTH_METER_UNIT, DEPTH_MILLIMETER_UNIT, PolicyFeature
 from lerobot.processor import ProcessorStep
 from torch import Tensor, nn
 
 from .depth_estimation import MonocularDepthEstimator
 from .observation_keys import depth_key, robot_depth_key
-from .robot_depth import DepthToMetresStep, depth_sources
+from .robot_depth import MM_PER_METRE, DepthToMetresStep, depth_sources
+
+# No scene is closer than this everywhere: depth read as millimetres that is, was metres.
+MIN_PLAUSIBLE_DEPTH = 0.01
 
 if TYPE_CHECKING:
     from .configuration_llava3d_fusion import Llava3DFusionConfig
@@ -56,9 +59,15 @@ class GeometrySource(ABC):
         return []
 
     def batch_depth(
-        self, batch: dict[str, Tensor], camera_key: str, batch_size: int, max_depth: float
+        self,
+        batch: dict[str, Tensor],
+        camera_key: str,
+        batch_size: int,
+        max_depth: float,
+        unit: str = DEPTH_METER_UNIT,
     ) -> Tensor | None:
-        """The camera's depth (B, 1, H, W) in metres as the batch carries it, or None if not read from it."""
+        """The camera's depth (B, 1, H, W) in metres, or None if not read from the batch; `unit`: the
+        unit the batch carries it in (`DEPTH_METER_UNIT` or `DEPTH_MILLIMETER_UNIT`)."""
         return None
 
     def build_depth_model(self, config: Llava3DFusionConfig) -> nn.Module | None:
@@ -114,7 +123,12 @@ class RecordedDepth(GeometrySource):
         return [DepthToMetresStep(depth_keys=depth_sources(camera_keys, features))]
 
     def batch_depth(
-        self, batch: dict[str, Tensor], camera_key: str, batch_size: int, max_depth: float
+        self,
+        batch: dict[str, Tensor],
+        camera_key: str,
+        batch_size: int,
+        max_depth: float,
+        unit: str = DEPTH_METER_UNIT,
     ) -> Tensor:
         key = depth_key(camera_key)
         if key not in batch:
@@ -128,14 +142,26 @@ class RecordedDepth(GeometrySource):
             raise ValueError(f"{key}: expected depth of shape (B, 1, H, W), got {tuple(depth.shape)}")
         if torch.isnan(depth).any():
             raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
+        if unit == DEPTH_MILLIMETER_UNIT:
+            depth = depth / MM_PER_METRE
         measured = (depth > 0) & torch.isfinite(depth)  # 0 / inf mark missing depth
-        if measured.any() and not (measured & (depth <= max_depth)).any():
-            # Every measurement out of range: most likely millimetres, LeRobot's default unit for the
-            # depth maps of a dataset. The 3D points would silently switch off.
+        if not measured.any():
+            return depth
+        if not (measured & (depth <= max_depth)).any():
+            # Every measurement out of range: most likely millimetres read as metres. The 3D points
+            # would silently switch off.
             raise ValueError(
                 f"{key}: every depth value is beyond geometry_max_depth={max_depth} m "
-                f"(max {depth[measured].max().item():g}); depth must be in metres. LeRobot datasets "
-                "return depth maps in millimetres unless loaded with --dataset.depth_output_unit=m."
+                f"(max {depth[measured].max().item():g}); depth must be in metres. In training, LeRobot "
+                "datasets return depth maps in millimetres unless loaded with --dataset.depth_output_unit=m, "
+                "and the streaming reader (--dataset.streaming=true) always does: train with "
+                "--policy.dataset_depth_unit=mm."
+            )
+        if unit == DEPTH_MILLIMETER_UNIT and not (measured & (depth >= MIN_PLAUSIBLE_DEPTH)).any():
+            raise ValueError(
+                f"{key}: read as millimetres (dataset_depth_unit='mm'), every depth value is closer than "
+                f"{MIN_PLAUSIBLE_DEPTH * 100:g} cm (max {depth[measured].max().item():g} m): the batch "
+                "carries metres (--dataset.depth_output_unit=m); train with --policy.dataset_depth_unit=m."
             )
         return depth
 

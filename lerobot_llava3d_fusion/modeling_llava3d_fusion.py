@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from lerobot.configs import PreTrainedConfig
+from lerobot.configs import DEPTH_METER_UNIT, PreTrainedConfig
 from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
@@ -157,7 +157,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     # ------------------------------------------------------------------------ batch -> inputs
 
-    def _prepare_inputs(self, batch: dict[str, Tensor]) -> ModelInputs:
+    def _prepare_inputs(self, batch: dict[str, Tensor], depth_unit: str = DEPTH_METER_UNIT) -> ModelInputs:
+        """The model's inputs from a preprocessed batch; `depth_unit`: the unit of its recorded depth maps
+        (training batches: the config's `dataset_depth_unit`; observations at inference: metres)."""
         cfg = self.config
         for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
             if key not in batch:
@@ -192,21 +194,30 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         point_cameras = set(cfg.geometry_camera_keys)
         origin = self._geometry_origin(batch, batch_size) if point_cameras else None  # shared by all cameras
         camera_geometry = [
-            self._prepare_camera_geometry(batch, key, batch_size, origin) if key in point_cameras else None
+            self._prepare_camera_geometry(batch, key, batch_size, origin, depth_unit)
+            if key in point_cameras
+            else None
             for key in cfg.camera_keys
         ]
         state = self._prepare_state(batch, batch_size)
         return ModelInputs(images, camera_geometry, lang_tokens, lang_mask, state, camera_present)
 
     def _prepare_camera_geometry(
-        self, batch: dict[str, Tensor], camera_key: str, batch_size: int, origin: Tensor | None
+        self,
+        batch: dict[str, Tensor],
+        camera_key: str,
+        batch_size: int,
+        origin: Tensor | None,
+        depth_unit: str,
     ) -> CameraGeometry:
         """The depth the geometry source reads from the batch (none when it estimates depth) and the
         camera matrices of one camera, from the batch or the config; `origin` (B, 3) or None."""
         cfg = self.config
         name = camera_name(camera_key)
         device = batch[OBS_LANGUAGE_TOKENS].device
-        depth = cfg.geometry_source.batch_depth(batch, camera_key, batch_size, cfg.geometry_max_depth)
+        depth = cfg.geometry_source.batch_depth(
+            batch, camera_key, batch_size, cfg.geometry_max_depth, depth_unit
+        )
         intrinsics = self._camera_matrix(
             batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
         )
@@ -341,7 +352,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
-        inputs = self._prepare_inputs(batch)
+        inputs = self._prepare_inputs(batch, depth_unit=self.config.dataset_depth_unit)
         if self.training and self.config.augment_crop_scale < 1.0:
             inputs = self._random_crop(inputs)
         actions = batch[ACTION]

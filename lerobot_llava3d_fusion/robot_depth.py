@@ -15,7 +15,8 @@ The mapping to this policy's inputs (:class:`DepthToMetresStep`, part of the pol
         next to observation.images.<cam> (the RGB camera it belongs to)
     integer dtype (a robot's raw frames): millimetres, x 0.001
     floating dtype: metres (LeRobot's own rule, ``lerobot.configs.video.infer_depth_unit``); load
-        datasets with ``--dataset.depth_output_unit=m`` (float millimetres are rejected by the policy)
+        datasets with ``--dataset.depth_output_unit=m``, or train with ``--policy.dataset_depth_unit=mm``
+        (float millimetres are otherwise rejected by the policy)
     intrinsics: ``observation.intrinsics.<cam>`` when present, else the policy config's
         ``camera_intrinsics["<cam>"]`` (3 x 3, for the depth map's pixel grid); for a RealSense read
         them from the camera with :func:`realsense_intrinsics` (or ``python -m

@@ -39,6 +39,25 @@ def test_the_config_values_name_the_sources():
         tiny_config(geometry="lidar")
 
 
+def test_recorded_depth_in_millimetres_is_read_as_metres_and_implausible_units_are_refused():
+    metres = torch.rand(2, 1, DEPTH_SIZE, DEPTH_SIZE) + 0.5
+    metres[0, 0, 0, 0] = 0.0  # a missing measurement stays missing
+    read = GEOMETRY_SOURCES["depth"].batch_depth(
+        {"observation.depth.top": metres * 1000}, CAMERAS[0], batch_size=2, max_depth=10.0, unit="mm"
+    )
+    torch.testing.assert_close(read, metres)
+    with pytest.raises(ValueError, match="dataset_depth_unit=mm"):
+        GEOMETRY_SOURCES["depth"].batch_depth(
+            {"observation.depth.top": metres * 1000}, CAMERAS[0], batch_size=2, max_depth=10.0
+        )
+    with pytest.raises(ValueError, match="dataset_depth_unit=m\\."):
+        GEOMETRY_SOURCES["depth"].batch_depth(
+            {"observation.depth.top": metres}, CAMERAS[0], batch_size=2, max_depth=10.0, unit="mm"
+        )
+    with pytest.raises(ValueError, match=r"dataset_depth_unit must be one of \('m', 'mm'\)"):
+        tiny_config(geometry="depth", dataset_depth_unit="cm")
+
+
 def test_which_cameras_get_3d_points():
     cameras = list(CAMERAS)
     assert GEOMETRY_SOURCES["none"].camera_keys(cameras, FEATURES) == []

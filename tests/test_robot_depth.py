@@ -166,11 +166,26 @@ def test_a_dataset_recorded_from_such_a_robot_trains(tmp_path):
     loss, _ = policy.forward(processed)
     assert torch.isfinite(loss)
 
-    # Loaded in millimetres (LeRobot's default unit): float millimetres are refused, naming the fix.
+    # Loaded in millimetres (LeRobot's default unit): float millimetres are refused, naming both fixes.
     in_mm = LeRobotDataset("local/so100_depth", root=tmp_path / "ds")[1]
-    batch["observation.images.front_depth"] = in_mm["observation.images.front_depth"][None]
-    with pytest.raises(ValueError, match="depth_output_unit=m"):
-        policy.forward(preprocessor(batch))
+    batch_mm = {**batch, "observation.images.front_depth": in_mm["observation.images.front_depth"][None]}
+    with pytest.raises(ValueError, match="depth_output_unit=m.*dataset_depth_unit=mm"):
+        policy.forward(preprocessor(batch_mm))
+
+    # Told so (dataset_depth_unit="mm"), the same weights train on the millimetres exactly as on metres.
+    noise, time = torch.randn(1, 4, 8), torch.full((1,), 0.3)
+    loss_metres, _ = policy.forward(processed, noise=noise, time=time)
+    policy.config.dataset_depth_unit = "mm"
+    loss_millimetres, _ = policy.forward(preprocessor(batch_mm), noise=noise, time=time)
+    torch.testing.assert_close(loss_millimetres, loss_metres)
+    # Metres declared as millimetres are refused too.
+    with pytest.raises(ValueError, match="dataset_depth_unit=m"):
+        policy.forward(processed, noise=noise, time=time)
+    # Observations at inference are metres whatever the training unit (environments; robots via the step).
+    policy.config.dataset_depth_unit = "m"
+    expected_chunk = act(policy, rollout_frame(robot_observation()))
+    policy.config.dataset_depth_unit = "mm"
+    torch.testing.assert_close(act(policy, rollout_frame(robot_observation())), expected_chunk)
 
 
 def test_a_depth_map_the_policy_cannot_place_is_an_error_naming_the_key_and_the_fix():
