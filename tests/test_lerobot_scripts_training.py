@@ -137,6 +137,39 @@ def test_lora_fine_tuning_trains_only_adapters_and_head_and_reloads(
         assert torch.equal(loaded_base[key], value), key
 
 
+# ---- Streaming reader ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_streaming_training_reads_the_depth_in_millimetres_it_is_given(workdir, touch_block_dataset):
+    """LeRobot 0.6.1's streaming reader returns depth maps in millimetres whatever
+    --dataset.depth_output_unit says; --policy.dataset_depth_unit=mm reads them."""
+    streaming = ["--dataset.streaming=true", "--num_workers=1", "--policy.geometry=depth"]
+    refused_dir = workdir / "streaming_metres"
+    args = e2e.train_args(TB_REPO_ID, touch_block_dataset, refused_dir, 2, log_freq=1, batch_size=4)
+    result = e2e.run_lerobot("lerobot_train", [*args, *streaming], workdir / "streaming_metres.log")
+    assert result.returncode != 0 and "--policy.dataset_depth_unit=mm" in result.output, result.describe()
+
+    output_dir = workdir / "streaming_millimetres"
+    args = e2e.train_args(TB_REPO_ID, touch_block_dataset, output_dir, 3, log_freq=1, batch_size=4)
+    extra = [*streaming, "--policy.dataset_depth_unit=mm"]
+    result = e2e.run_lerobot("lerobot_train", [*args, *extra], workdir / "streaming_millimetres.log")
+    assert_ok(result)
+    losses = e2e.parse_train_losses(result.output)
+    assert [step for step, _ in losses] == [1, 2, 3] and all(
+        torch.isfinite(torch.tensor(loss)) for _, loss in losses
+    )
+
+    # The checkpoint keeps the training unit, and acts on an environment's metres as lerobot-eval runs it.
+    checkpoint = e2e.last_checkpoint(output_dir)
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["dataset_depth_unit"] == "mm"
+    noise = torch.randn(
+        1, config["chunk_size"], config["max_action_dim"], generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.isfinite(predict(checkpoint, noise, init_seed=0)).all()
+
+
 # ---- Several processes --------------------------------------------------------------------------------
 
 
