@@ -31,7 +31,9 @@ Features (H x W from --height/--width):
 and the instruction as the frame's task.
 
 LeRobot returns depth maps in millimetres unless told otherwise: train with
-``--dataset.depth_output_unit=m`` (the demo preset sets it), since the policy reads metres.
+``--dataset.depth_output_unit=m`` (the demo preset sets it), since the policy reads metres, or with
+``--policy.dataset_depth_unit=mm`` (needed with ``--dataset.streaming=true``, whose reader always
+returns millimetres).
 
 `meta/stats.json` follows LeRobot except for the camera matrices, whose stats take all their entries
 as one channel, shaped (1, 1, 1), as in every dataset this package writes (see `dataset_stats.py`).
