@@ -265,14 +265,17 @@ def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
     "argv, expected",
     [
         ([], (1, 500, False, 0.25, 3200)),
-        (["--num-blocks", "3"], (3, 1500, True, 0.0, 5600)),
-        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 500, False, 0.0, 5600)),
+        # Several blocks: the near-target starts come on top of 500 scenes x blocks.
+        (["--num-blocks", "3"], (3, 2000, True, 0.25, 5600)),
+        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 667, False, 0.25, 5600)),
         (
             ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
-            (2, 8, True, 0.0, 5),
+            (2, 8, True, 0.25, 5),
         ),
         (["--near-target-starts", "0"], (1, 500, False, 0.0, 3200)),
-        (["--num-blocks", "3", "--near-target-starts", "0.25"], (3, 1500, True, 0.25, 5600)),
+        (["--num-blocks", "3", "--near-target-starts", "0"], (3, 1500, True, 0.0, 5600)),
+        (["--num-blocks", "2", "--near-target-starts", "0.5"], (2, 2000, True, 0.5, 5600)),
+        (["--num-blocks", "3", "--near-target-starts", "1"], (3, 1500, True, 1.0, 5600)),
     ],
 )
 def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch, argv, expected):
