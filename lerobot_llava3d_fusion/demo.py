@@ -14,7 +14,8 @@
 `--geometry depth none` trains and evaluates one policy per geometry setting, to show what depth
 adds. Scenes hold `--num-blocks` blocks (default 1: vision and depth decide success; with more the
 instruction's colour picks the block, and by default each scene is recorded once per block,
-`--every-block-as-target`, with more training steps). `--outcomes` adds where each evaluation's
+`--every-block-as-target`, the episodes starting near the target come on top of those, and the policy
+trains more steps). `--outcomes` adds where each evaluation's
 episodes ended (`envs/touch_block_outcomes.py`).
 Everything runs offline on the CPU; results go to
 `<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, and a run with the same
