@@ -27,7 +27,8 @@ from .depth_estimation import MonocularDepthEstimator
 from .observation_keys import depth_key, robot_depth_key
 from .robot_depth import MM_PER_METRE, DepthToMetresStep, depth_sources
 
-# No scene is closer than this everywhere: depth read as millimetres that is, was metres.
+# Metres. No real depth map lies entirely closer than this: one declared as millimetres that does
+# was recorded in metres.
 MIN_PLAUSIBLE_DEPTH = 0.01
 
 if TYPE_CHECKING:
