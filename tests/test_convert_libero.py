@@ -10,6 +10,7 @@ The slow test trains on the converted dataset with lerobot-train and evaluates i
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,9 +112,9 @@ def test_noop_mask_follows_the_openvla_recipe():
 
 
 def test_recorded_model_paths_are_mapped_to_this_install():
+    ensure_libero_ready()  # before the first libero import, which otherwise prompts on stdin
     from libero.libero import get_libero_path
 
-    ensure_libero_ready()
     local = Path(get_libero_path("assets")) / "stable_scanned_objects" / "plate" / "texture.png"
     assert local.is_file()
     xml = (
@@ -128,6 +129,28 @@ def test_recorded_model_paths_are_mapped_to_this_install():
         localize_model_xml(
             f'<mujoco><asset><mesh name="m" file="{FOREIGN_LIBERO_ASSETS}/no_such_object/mesh.stl"/></asset></mujoco>'
         )
+
+
+def test_model_paths_are_mapped_on_a_machine_without_a_libero_config(tmp_path):
+    """The mapping writes LIBERO's config itself: importing libero without one would prompt on stdin."""
+    config_dir = tmp_path / "libero_config"
+    xml = f'<mujoco><asset><mesh name="m" file="{FOREIGN_ROBOSUITE_ASSETS}/grippers/meshes/panda_gripper/finger.stl"/></asset></mujoco>'
+    script = (
+        "import sys; from lerobot_llava3d_fusion.envs.convert_libero import localize_model_xml; "
+        "print(localize_model_xml(sys.argv[1]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, xml],
+        env={**os.environ, "LIBERO_CONFIG_PATH": str(config_dir)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (config_dir / "config.yaml").is_file()
+    assert FOREIGN_ROBOSUITE_ASSETS not in result.stdout and "finger.stl" in result.stdout
 
 
 def write_layout(path: Path, drop: str) -> Path:

@@ -140,9 +140,9 @@ def test_instruction_perturbation_option_reaches_the_env_constructor():
 @pytest.mark.parametrize("perturbation", ["other_task", "shuffled", "empty"])
 def test_envs_built_by_lerobot_give_the_perturbed_instruction(perturbation):
     """The instruction is set when the env is built: no simulator reset (no rendering) is needed."""
+    ensure_libero_ready()  # before the first libero import, which otherwise prompts on stdin
     from libero.libero import benchmark
 
-    ensure_libero_ready()
     languages = [task.language for task in benchmark.get_benchmark_dict()[SUITE]().tasks]
     cfg = make_env_config("libero_rgbd", task=SUITE, task_ids=[0, 1], instruction_perturbation=perturbation)
     envs = make_env(cfg, n_envs=2)[SUITE]

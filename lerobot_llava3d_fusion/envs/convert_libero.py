@@ -126,6 +126,7 @@ def _bddl_task(bddl_file_name: str, hdf5: Path) -> tuple[str, int]:
     LIBERO's files store the BDDL path of the machine they were made on (``.../bddl_files/<suite>/
     <task>.bddl``); the task is found by folder and file name among the installed suites.
     """
+    ensure_libero_ready()  # the libero import reads its config (and prompts on stdin without one)
     from libero.libero import benchmark
 
     path = Path(str(bddl_file_name).replace("\\", "/"))
@@ -308,6 +309,8 @@ def localize_model_xml(xml: str) -> str:
     import xml.etree.ElementTree as ET
 
     import robosuite
+
+    ensure_libero_ready()  # the libero import reads its config (and prompts on stdin without one)
     from libero.libero import get_libero_path
 
     roots = {
