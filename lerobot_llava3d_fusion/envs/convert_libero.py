@@ -308,9 +308,8 @@ def localize_model_xml(xml: str) -> str:
     """
     import xml.etree.ElementTree as ET
 
+    ensure_libero_ready()  # before robosuite (reads MUJOCO_GL) and libero (reads its config, else prompts)
     import robosuite
-
-    ensure_libero_ready()  # the libero import reads its config (and prompts on stdin without one)
     from libero.libero import get_libero_path
 
     roots = {
