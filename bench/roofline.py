@@ -49,7 +49,7 @@ from common import (
     write_json,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lerobot_llava3d_fusion.model.network import TORCH_DTYPES as DTYPES  # noqa: E402
 
 
 def add_arguments(parser) -> None:

@@ -7,9 +7,9 @@ at the policy's expense. The policy and processor modules are found by LeRobot's
 """
 # ruff: noqa: I001 (the policy registers before the env types)
 
-from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .processor_llava3d_fusion import make_llava3d_fusion_pre_post_processors
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
+from lerobot_llava3d_fusion.processor_llava3d_fusion import make_llava3d_fusion_pre_post_processors
 
-from . import envs  # noqa: E402, F401  (registers the environment types, after the policy)
+from lerobot_llava3d_fusion import envs  # noqa: E402, F401  (registers the environment types, after the policy)
 
 __all__ = ["Llava3DFusionConfig", "make_llava3d_fusion_pre_post_processors"]

@@ -14,10 +14,10 @@ from lerobot.configs import (
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
-from .geometry_sources import GEOMETRY_SOURCES, GeometrySource
-from .observation_keys import camera_name
-from .optim import FusedAdamWConfig
-from .robot_depth import check_depth_features, is_depth_map
+from lerobot_llava3d_fusion.geometry.sources import GEOMETRY_SOURCES, GeometrySource
+from lerobot_llava3d_fusion.observation_keys import camera_name
+from lerobot_llava3d_fusion.optim import FusedAdamWConfig
+from lerobot_llava3d_fusion.geometry.robot_depth import check_depth_features, is_depth_map
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.
@@ -37,7 +37,7 @@ TIME_SAMPLINGS = ("beta", "uniform")
 # system's whole [0, 1] for uniform.
 DEFAULT_TIME_RANGES = {"beta": (0.999, 0.001), "uniform": (1.0, 0.0)}
 TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
-DTYPES = ("float32", "bfloat16")
+DTYPE_NAMES = ("float32", "bfloat16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -207,7 +207,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("geometry_target", self.geometry_target, GEOMETRY_TARGETS)
         self._validate_3d_patches()
         self.geometry_source.check_config(self)
-        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("dtype", self.dtype, DTYPE_NAMES)
         if not 0.0 < self.expert_width_multiplier <= 1.0:
             raise ValueError(
                 f"expert_width_multiplier must be in (0, 1] (got {self.expert_width_multiplier})."

@@ -18,11 +18,11 @@ from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 from torch import Tensor
 
-from .augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
-from .backbone_files import BackboneSource, checkpoint_backbone_source, save_backbone_files
-from .configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
-from .model import DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
-from .observation_keys import GEOMETRY_ORIGIN, camera_name, depth_key, extrinsics_key, intrinsics_key
+from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
+from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
+from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
+from lerobot_llava3d_fusion.observation_keys import GEOMETRY_ORIGIN, camera_name, depth_key, extrinsics_key, intrinsics_key
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -80,7 +80,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         mantissa: a step of 2.5e-6 on a weight of 1.0 would vanish); frozen parameters are stored in
         `config.dtype` to save memory. Compute runs in `config.dtype` under autocast (the model's
         `compute_precision`, and Accelerate's in `lerobot-train`)."""
-        frozen_dtype = DTYPES[self.config.dtype]
+        frozen_dtype = TORCH_DTYPES[self.config.dtype]
         for param in self.parameters():
             param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
 
@@ -126,7 +126,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         )
         full = [
             name
-            for name in ("action_expert", "patch_geometry", "expert_patch_proj")
+            for name in ("action_expert", "geometry_encoder", "expert_patch_proj")
             if getattr(self.model, name, None) is not None
         ]
         return {"target_modules": target_modules, "modules_to_save": full}

@@ -33,9 +33,9 @@ from lerobot.processor import (
 from lerobot.utils.constants import OBS_STATE
 from transformers import AutoTokenizer
 
-from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .observation_keys import DEPTH_PREFIX, GEOMETRY_ORIGIN, GEOMETRY_PREFIXES
-from .vlm import load_tokenizer
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
+from lerobot_llava3d_fusion.observation_keys import DEPTH_PREFIX, GEOMETRY_ORIGIN, GEOMETRY_PREFIXES
+from lerobot_llava3d_fusion.backbones.loading import load_tokenizer
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_check_observation")

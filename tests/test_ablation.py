@@ -1,11 +1,11 @@
-"""The ablation command's own pieces (`lerobot_llava3d_fusion.ablation`); its full run is not a test."""
+"""The ablation command's own pieces (`lerobot_llava3d_fusion.demo.ablation`); its full run is not a test."""
 
 import json
 
 import pytest
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.ablation import (
+from lerobot_llava3d_fusion.demo.ablation import (
     DEFAULT_STEP_VARIANTS,
     DEFAULT_VARIANTS,
     PRESET,

@@ -4,8 +4,8 @@ import torch
 from helpers import preprocess, raw_batch
 from test_policy_geometry import geometry_policy, noise_for, with_depth
 
-from lerobot_llava3d_fusion.augmentation import crop_and_resize, crop_intrinsics
-from lerobot_llava3d_fusion.geometry import backproject_depth
+from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
 
 
 def test_cropped_depth_and_intrinsics_back_project_to_the_points_under_the_cropped_rgb():

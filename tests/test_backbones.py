@@ -36,9 +36,9 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from lerobot_llava3d_fusion.llava3d_checkpoint import map_llava3d_key
+from lerobot_llava3d_fusion.backbones.llava3d import map_llava3d_key
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-from lerobot_llava3d_fusion.vlm import build_tiny_tokenizer, load_backbone
+from lerobot_llava3d_fusion.backbones.loading import build_tiny_tokenizer, load_backbone
 
 VISION_SIZES = {
     "hidden_size": 32,
@@ -475,7 +475,7 @@ def test_a_checkpoint_on_the_hub_brings_its_backbone_files(checkpoints, tmp_path
     """`--policy.path=user/repo`: the backbone folder comes from the repo, not from vlm_model_name."""
     import shutil
 
-    from lerobot_llava3d_fusion import backbone_files
+    from lerobot_llava3d_fusion.backbones import files as backbone_files
 
     vlm_dir, _ = checkpoints["llava-llama-clip"]
     moved = shutil.copytree(vlm_dir, tmp_path / "vlm")
@@ -579,7 +579,7 @@ def test_a_decoder_with_parts_the_fusion_loop_would_skip_is_rejected(tmp_path):
 
 
 def test_a_decoder_whose_forward_computes_more_than_its_layers_is_rejected():
-    from lerobot_llava3d_fusion.fusion import check_decoder_contract
+    from lerobot_llava3d_fusion.model.fusion import check_decoder_contract
 
     class ScaledLlama(LlamaModel):  # the layer layout of Llama, plus an embedding scale in forward
         def forward(self, inputs_embeds=None, **kwargs):
@@ -725,8 +725,8 @@ def original_position_mlp(tensors: dict[str, torch.Tensor]) -> nn.Module:
 def test_llava3d_checkpoint_keeps_its_3d_position_encoder(checkpoints):
     vlm_dir, _ = checkpoints["llava3d-clip"]
     policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
-    assert policy.model.point_encoder_kind == "llava3d_mlp"
-    encoder = policy.model.patch_geometry.encoder
+    assert policy.model.geometry_encoder_kind == "llava3d_mlp"
+    encoder = policy.model.geometry_encoder.position_mlp
     assert encoder.gate is None  # pretrained weights: no gate in front of them
     on_disk = {
         key.removeprefix(LLAVA3D_POSITION_PREFIX): value
@@ -741,7 +741,7 @@ def test_llava3d_checkpoint_keeps_its_3d_position_encoder(checkpoints):
     for key, value in on_disk.items():
         assert torch.equal(carried[key], value), key
     # Nothing else of the 3D path has parameters: the checkpoint's MLP is the whole encoder.
-    assert set(policy.model.patch_geometry.state_dict()) == {f"encoder.{key}" for key in on_disk}
+    assert set(policy.model.geometry_encoder.state_dict()) == {f"position_mlp.{key}" for key in on_disk}
 
 
 def test_llava3d_prefix_patch_features_follow_the_original_equations(checkpoints):
@@ -814,7 +814,7 @@ def test_llava3d_position_mlp_refuses_several_points_per_patch(checkpoints):
 
 
 def test_llava3d_3d_encoder_unused_is_logged(checkpoints, caplog):
-    caplog.set_level("WARNING", logger="lerobot_llava3d_fusion.model")
+    caplog.set_level("WARNING", logger="lerobot_llava3d_fusion.model.network")
     checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
     assert "3D position encoder" not in caplog.text
     checkpoint_policy(checkpoints, "llava3d-clip")  # geometry="none"
@@ -832,7 +832,7 @@ def test_llava3d_with_3d_encoder_survives_save_and_load(checkpoints, tmp_path):
     policy.save_pretrained(tmp_path)
     torch.manual_seed(123)
     reloaded = Llava3DFusionPolicy.from_pretrained(tmp_path)
-    assert reloaded.model.patch_geometry.encoder.gate is None
+    assert reloaded.model.geometry_encoder.position_mlp.gate is None
     assert torch.equal(reloaded.predict_action_chunk(batch, noise=noise), before)
 
 
@@ -843,11 +843,11 @@ def test_llava3d_mlp_on_other_backbones_starts_random_behind_the_gate(checkpoint
     policy = checkpoint_policy(
         checkpoints, "llava-llama-clip", seed=0, **depth_config_fields(), geometry_encoder="llava3d_mlp"
     )
-    encoder = policy.model.patch_geometry.encoder
+    encoder = policy.model.geometry_encoder.position_mlp
     assert encoder.position_embedding_head[0].weight.shape == (VISION_SIZES["hidden_size"], 3)
     assert torch.equal(encoder.gate, torch.zeros(VISION_SIZES["hidden_size"]))
     missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(key.startswith("model.patch_geometry.") for key in missing)
+    assert not unexpected and all(key.startswith("model.geometry_encoder.") for key in missing)
     batch = depth_batch(policy)
     noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
     reference = plain.predict_action_chunk(batch, noise=noise)

@@ -31,8 +31,8 @@ from libero_hdf5 import (  # noqa: E402
     write_libero_hdf5,
 )
 
-from lerobot_llava3d_fusion.envs import convert_libero  # noqa: E402
-from lerobot_llava3d_fusion.envs.convert_libero import (  # noqa: E402
+from lerobot_llava3d_fusion.tools import convert_libero  # noqa: E402
+from lerobot_llava3d_fusion.tools.convert_libero import (  # noqa: E402
     CONVERSION_LOG,
     DemoResult,
     LiberoHDF5Error,
@@ -40,8 +40,8 @@ from lerobot_llava3d_fusion.envs.convert_libero import (  # noqa: E402
     noop_mask,
     read_demo_jobs,
 )
-from lerobot_llava3d_fusion.geometry import backproject_depth  # noqa: E402
-from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready  # noqa: E402
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth  # noqa: E402
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready  # noqa: E402
 
 convert = convert_libero.convert_libero  # the function (same name as its module)
 SIZE = 128  # LIBERO's own files are 128 x 128
@@ -136,7 +136,7 @@ def test_model_paths_are_mapped_on_a_machine_without_a_libero_config(tmp_path):
     config_dir = tmp_path / "libero_config"
     xml = f'<mujoco><asset><mesh name="m" file="{FOREIGN_ROBOSUITE_ASSETS}/grippers/meshes/panda_gripper/finger.stl"/></asset></mujoco>'
     script = (
-        "import sys; from lerobot_llava3d_fusion.envs.convert_libero import localize_model_xml; "
+        "import sys; from lerobot_llava3d_fusion.tools.convert_libero import localize_model_xml; "
         "print(localize_model_xml(sys.argv[1]))"
     )
     result = subprocess.run(
@@ -208,7 +208,7 @@ def test_a_complete_file_is_listed_as_its_task(tmp_path):
 def fake_frames(n: int, value: float) -> list[dict]:
     """Frames with the converter's features, filled with `value` (no simulator)."""
     from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
-    from lerobot_llava3d_fusion.envs.libero_rgbd_dataset import dataset_features
+    from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features
 
     features = dataset_features(LiberoRGBDEnvConfig(observation_height=16, observation_width=16))
     frames = []
@@ -374,7 +374,7 @@ def test_converted_dataset_trains_and_the_checkpoint_runs_in_libero_rgbd(libero_
     path, _ = libero_file
     root = tmp_path / "cli_dataset"
     result = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.convert_libero",
+        "lerobot_llava3d_fusion.tools.convert_libero",
         ["--hdf5", str(path), "--repo-id", REPO_ID, "--root", str(root), "--image-size", str(SIZE),
          "--workers", "2"],
         tmp_path / "convert.log", timeout=600,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from lerobot.datasets import LeRobotDataset, aggregate_stats
 
-from lerobot_llava3d_fusion.envs.dataset_stats import save_episode
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
 
 # LeRobot's LIBERO camera names contain "image", which its stats checks take for a camera.
 MATRICES = {"observation.intrinsics.image": (3, 3), "observation.extrinsics.image2": (4, 4)}

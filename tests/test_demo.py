@@ -10,13 +10,13 @@ import pytest
 import torch
 from lerobot.envs.configs import EnvConfig
 
-from lerobot_llava3d_fusion import demo
+from lerobot_llava3d_fusion.demo import touch_block_demo as demo
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.demo import evaluate_policy, reference_success, write_demo_backbone
+from lerobot_llava3d_fusion.demo.touch_block_demo import evaluate_policy, reference_success, write_demo_backbone
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
-from lerobot_llava3d_fusion.envs.touch_block_outcomes import OutcomeSummary
-from lerobot_llava3d_fusion.vlm import build_word_tokenizer, load_backbone
+from lerobot_llava3d_fusion.demo.touch_block_outcomes import OutcomeSummary
+from lerobot_llava3d_fusion.backbones.loading import build_word_tokenizer, load_backbone
 
 
 def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):

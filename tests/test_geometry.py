@@ -1,13 +1,13 @@
-"""Tests for lerobot_llava3d_fusion.geometry (depth -> per-patch 3D points and their encoding)."""
+"""Tests for lerobot_llava3d_fusion.geometry.patch_points (depth -> per-patch 3D points and their encoding)."""
 
 import math
 
 import pytest
 import torch
 
-from lerobot_llava3d_fusion.geometry import (
-    SinusoidalPatchEncoder,
-    SinusoidalPointEncoder,
+from lerobot_llava3d_fusion.geometry.patch_points import (
+    SinusoidalGeometryEncoder,
+    SinusoidalPositionMLP,
     backproject_depth,
     points_to_patch_samples,
     points_to_patches,
@@ -227,7 +227,7 @@ def test_pool_handles_sizes_not_divisible_by_grid():
     ],
 )
 def test_known_depth_gives_the_known_patch_point(method, expected_top_right):
-    patches = SinusoidalPatchEncoder(hidden_size=8, grid_size=(2, 2), patch_point_method=method)
+    patches = SinusoidalGeometryEncoder(hidden_size=8, grid_size=(2, 2), patch_point_method=method)
     translation = torch.tensor([0.5, -0.25, 1.0])
 
     points, valid = patches.patch_points_of(plane_depth(z=2.0, height=4, width=8), make_intrinsics())
@@ -278,8 +278,8 @@ def test_patch_samples_see_an_edge_inside_a_patch_that_one_point_misses():
     # its top-left pixel on the table, so one nearest point per patch gives patch 0 the same point for
     # both; 2 x 2 samples per patch (pixel columns 0 and 2) see the first block and not the second.
     intrinsics = make_intrinsics(cx=3.5, cy=3.5)
-    one_point = SinusoidalPatchEncoder(16, (2, 2), patch_point_method="nearest", gate_init=1.0)
-    four_points = SinusoidalPatchEncoder(
+    one_point = SinusoidalGeometryEncoder(16, (2, 2), patch_point_method="nearest", gate_init=1.0)
+    four_points = SinusoidalGeometryEncoder(
         16, (2, 2), patch_point_method="nearest", gate_init=1.0, samples_per_side=2
     )
     left, right = block_depth(2), block_depth(3)
@@ -292,7 +292,7 @@ def test_patch_samples_see_an_edge_inside_a_patch_that_one_point_misses():
 
 def test_patch_samples_encoder_ignores_invalid_samples():
     torch.manual_seed(0)
-    encoder = SinusoidalPointEncoder(hidden_size=16, gate_init=1.0, samples_per_patch=4)
+    encoder = SinusoidalPositionMLP(hidden_size=16, gate_init=1.0, samples_per_patch=4)
     samples = torch.randn(2, 3, 4, 3)
     valid = torch.ones(2, 3, 4, dtype=torch.bool)
     valid[0, 1, 2] = False  # one invalid sample in a patch
@@ -352,7 +352,7 @@ def test_encoding_uses_the_documented_wavelengths():
     )  # float32 angles reach ~800 rad
 
 
-# ------------------------------------------------------------------------------------- SinusoidalPointEncoder
+# ------------------------------------------------------------------------------------- SinusoidalPositionMLP
 
 
 def random_patches(batch_size=2, num_patches=6):
@@ -365,7 +365,7 @@ def random_patches(batch_size=2, num_patches=6):
 
 def test_encoder_is_exactly_zero_at_init_and_gate_receives_gradient():
     torch.manual_seed(0)
-    encoder = SinusoidalPointEncoder(hidden_size=32)
+    encoder = SinusoidalPositionMLP(hidden_size=32)
     patch_points, patch_valid = random_patches()
 
     output = encoder(patch_points, patch_valid)
@@ -378,7 +378,7 @@ def test_encoder_is_exactly_zero_at_init_and_gate_receives_gradient():
 
 def test_encoder_output_after_opening_gate_and_zero_on_invalid_patches():
     torch.manual_seed(0)
-    encoder = SinusoidalPointEncoder(hidden_size=32)
+    encoder = SinusoidalPositionMLP(hidden_size=32)
     patch_points, patch_valid = random_patches()
     with torch.no_grad():
         encoder.gate.fill_(0.5)
@@ -394,7 +394,7 @@ def test_encoder_output_after_opening_gate_and_zero_on_invalid_patches():
 
 
 def test_encoder_output_dtype_follows_parameters():
-    encoder = SinusoidalPointEncoder(hidden_size=16).to(torch.bfloat16)
+    encoder = SinusoidalPositionMLP(hidden_size=16).to(torch.bfloat16)
     patch_points, patch_valid = random_patches()
 
     output = encoder(patch_points, patch_valid)
@@ -404,9 +404,9 @@ def test_encoder_output_dtype_follows_parameters():
 
 def test_invalid_depth_gives_finite_features_and_gradients():
     torch.manual_seed(0)
-    module = SinusoidalPatchEncoder(hidden_size=16, grid_size=(2, 2))
+    module = SinusoidalGeometryEncoder(hidden_size=16, grid_size=(2, 2))
     with torch.no_grad():
-        module.encoder.gate.fill_(1.0)
+        module.position_mlp.gate.fill_(1.0)
     depth = torch.rand(1, 1, 4, 4) + 1.0
     depth[0, 0, 0:2, 0:2] = torch.tensor([[0.0, -1.0], [float("nan"), float("inf")]])  # fully invalid patch
     depth[0, 0, 2, 2] = 1e6  # beyond max_depth inside an otherwise valid patch
@@ -421,21 +421,21 @@ def test_invalid_depth_gives_finite_features_and_gradients():
     assert torch.all(depth.grad[0, 0, 0:2, 0:2] == 0.0) and depth.grad[0, 0, 2, 2] == 0.0
     for name, parameter in module.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-    assert module.encoder.gate.grad.abs().sum().item() > 0.0
+    assert module.position_mlp.gate.grad.abs().sum().item() > 0.0
 
 
 def test_sinusoidal_patch_encoder_matches_composed_functions():
     torch.manual_seed(0)
-    module = SinusoidalPatchEncoder(hidden_size=8, grid_size=(3, 4), min_depth=0.5, max_depth=3.0)
+    module = SinusoidalGeometryEncoder(hidden_size=8, grid_size=(3, 4), min_depth=0.5, max_depth=3.0)
     with torch.no_grad():
-        module.encoder.gate.fill_(1.0)
+        module.position_mlp.gate.fill_(1.0)
     depth = torch.rand(2, 1, 12, 16) * 4.0  # some below min_depth, some above max_depth
     intrinsics = make_intrinsics()
 
     output = module(depth, intrinsics)
 
     points, valid = backproject_depth(depth, intrinsics, min_depth=0.5, max_depth=3.0)
-    expected = module.encoder(*pool_points_to_patches(points, valid, (3, 4)))
+    expected = module.position_mlp(*pool_points_to_patches(points, valid, (3, 4)))
     assert output.shape == (2, 12, 8)
     assert torch.equal(output, expected)
 
@@ -481,27 +481,27 @@ def test_sinusoidal_patch_encoder_matches_composed_functions():
         (lambda: sinusoidal_3d_encoding(torch.ones(4, 3), 0, 8.0), "num_frequencies"),
         (lambda: sinusoidal_3d_encoding(torch.ones(4, 3), 4, 0.001), "max_wavelength"),
         (
-            lambda: SinusoidalPointEncoder(8)(torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.bool)),
+            lambda: SinusoidalPositionMLP(8)(torch.ones(1, 4, 2), torch.ones(1, 4, dtype=torch.bool)),
             "patch_points",
         ),
         (
-            lambda: SinusoidalPointEncoder(8)(torch.ones(1, 4, 3), torch.ones(1, 5, dtype=torch.bool)),
+            lambda: SinusoidalPositionMLP(8)(torch.ones(1, 4, 3), torch.ones(1, 5, dtype=torch.bool)),
             "patch_valid",
         ),
-        (lambda: SinusoidalPatchEncoder(8, grid_size=(2,)), "grid_size"),
+        (lambda: SinusoidalGeometryEncoder(8, grid_size=(2,)), "grid_size"),
         (
-            lambda: SinusoidalPointEncoder(8, samples_per_patch=4)(
+            lambda: SinusoidalPositionMLP(8, samples_per_patch=4)(
                 torch.ones(1, 4, 3), torch.ones(1, 4, dtype=torch.bool)
             ),
             "4 samples per patch",
         ),
         (
-            lambda: SinusoidalPointEncoder(8, samples_per_patch=4)(
+            lambda: SinusoidalPositionMLP(8, samples_per_patch=4)(
                 torch.ones(1, 4, 4, 3), torch.ones(1, 4, dtype=torch.bool)
             ),
             "patch_valid",
         ),
-        (lambda: SinusoidalPatchEncoder(8, grid_size=(2, 2), samples_per_side=0), "samples_per_side"),
+        (lambda: SinusoidalGeometryEncoder(8, grid_size=(2, 2), samples_per_side=0), "samples_per_side"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(call, argument):

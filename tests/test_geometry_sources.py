@@ -6,7 +6,7 @@ from helpers import CAMERAS, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from test_policy_geometry import DEPTH_SIZE, INTRINSICS, geometry_policy, prefix_of
 
-from lerobot_llava3d_fusion.geometry_sources import (
+from lerobot_llava3d_fusion.geometry.sources import (
     GEOMETRY_SOURCES,
     EstimatedDepth,
     GeometrySource,
@@ -14,7 +14,7 @@ from lerobot_llava3d_fusion.geometry_sources import (
     RecordedDepth,
 )
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-from lerobot_llava3d_fusion.robot_depth import DepthToMetresStep
+from lerobot_llava3d_fusion.geometry.robot_depth import DepthToMetresStep
 
 # The top camera records depth under the policy's key, the wrist camera under a LeRobot robot's.
 FEATURES = {
@@ -114,7 +114,7 @@ def test_a_new_source_is_one_registry_entry(monkeypatch):
             geometry_gate_init=1.0,
         )
     )
-    assert plane.model.patch_geometry is not None
+    assert plane.model.geometry_encoder is not None
     batch = preprocess(plane, raw_batch())
     # Its 3D points are those of the same plane recorded as depth.
     recorded = geometry_policy(geometry_gate_init=1.0)

@@ -8,7 +8,8 @@ from lerobot.policies.rtc.action_queue import ActionQueue
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.rollout.inference.rtc import supports_rtc_inference
 
-from lerobot_llava3d_fusion import fusion, make_llava3d_fusion_pre_post_processors
+from lerobot_llava3d_fusion import make_llava3d_fusion_pre_post_processors
+from lerobot_llava3d_fusion.model import fusion
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
 

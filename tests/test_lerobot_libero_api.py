@@ -18,7 +18,7 @@ from lerobot.envs.utils import _LazyAsyncVectorEnv
 
 from lerobot_llava3d_fusion.envs import libero_rgbd_sim
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
-from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
 
 # Arguments `create_libero_rgbd_envs` passes to the env besides the config's `gym_kwargs`.
 ENV_ARGUMENTS = {"task_suite", "task_id", "task_suite_name", "camera_name", "init_states", "episode_length",

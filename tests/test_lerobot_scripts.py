@@ -34,6 +34,7 @@ import e2e_utils as e2e  # noqa: E402
 from lerobot.configs.train import TrainPipelineConfig  # noqa: E402
 
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig  # noqa: E402
+from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
 
 REPO_ROOT = e2e.REPO_ROOT
 IMAGE_SIZE = 32  # touch_block and LIBERO images (the tiny vision tower works at 32 px anyway)
@@ -85,7 +86,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def touch_block_dataset(workdir) -> Path:
-    from lerobot_llava3d_fusion.envs.make_touch_block_dataset import make_touch_block_dataset
+    from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 
     root = workdir / "touch_block_dataset"
     make_touch_block_dataset(root, TB_REPO_ID, num_episodes=3, seed=0, height=IMAGE_SIZE, width=IMAGE_SIZE)
@@ -116,7 +117,7 @@ def touch_block_checkpoint(touch_block_run) -> Path:
 
 @pytest.fixture(scope="module")
 def libero_ready():
-    from lerobot_llava3d_fusion.libero_setup import LiberoSetupError, ensure_libero_ready
+    from lerobot_llava3d_fusion.tools.libero_setup import LiberoSetupError, ensure_libero_ready
 
     try:
         return ensure_libero_ready()
@@ -200,7 +201,7 @@ def test_touch_block_eval_of_the_trained_checkpoint(workdir, touch_block_checkpo
 def test_touch_block_outcomes_of_the_trained_checkpoint(workdir, touch_block_checkpoint):
     summary_path = workdir / "touch_block_outcomes.json"
     result = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.touch_block_outcomes",
+        "lerobot_llava3d_fusion.demo.touch_block_outcomes",
         [
             f"--policy-path={touch_block_checkpoint}",
             "--episodes=3",
@@ -331,7 +332,7 @@ LIBERO_TRAIN_STEPS = 120
 def test_recorded_libero_dataset_trains_with_depth(workdir, libero_ready):
     root = workdir / "libero_rgbd_dataset"
     record = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.record_libero_rgbd",
+        "lerobot_llava3d_fusion.tools.record_libero_rgbd",
         [f"--root={root}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
          "--task-ids", "0", "--episodes=2", "--steps=12", f"--image-size={IMAGE_SIZE}"],
         workdir / "libero_record.log",
@@ -514,7 +515,7 @@ def test_checkpoint_expecting_another_state_size_names_the_state(workdir):
     assert re.search(r"\b8\b", message) and re.search(r"\b3\b", message), f"unclear error:\n{message}"
 
 
-# ---- Training recipes in configs/ ------------------------------------------------------------------------
+# ---- Training recipes in presets/ ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -528,7 +529,7 @@ def test_checkpoint_expecting_another_state_size_names_the_state(workdir):
 def test_libero_recipes_parse_into_a_train_pipeline_config(
     name, vlm_model_name, batch_size, train_expert_only, monkeypatch
 ):
-    """`lerobot-train --config_path=configs/<name>.json` parses (draccus, as lerobot's parser does) and
+    """`lerobot-train --config_path=presets/<name>.json` parses (draccus, as lerobot's parser does) and
     validates; no model is built and nothing is downloaded."""
     from lerobot.envs.configs import LiberoEnv
     from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
@@ -536,7 +537,7 @@ def test_libero_recipes_parse_into_a_train_pipeline_config(
     from lerobot_llava3d_fusion import Llava3DFusionConfig
     from lerobot_llava3d_fusion.optim import FusedAdamWConfig
 
-    path = REPO_ROOT / "configs" / f"{name}.json"
+    path = preset_path(name)
     raw = json.loads(path.read_text())
     assert raw["policy"]["device"] == "cuda"  # the recipe is for a GPU; on CPU LeRobot falls back
 

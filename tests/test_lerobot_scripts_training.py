@@ -33,7 +33,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def touch_block_dataset(workdir) -> Path:
-    from lerobot_llava3d_fusion.envs.make_touch_block_dataset import make_touch_block_dataset
+    from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 
     root = workdir / "touch_block_dataset"
     make_touch_block_dataset(root, TB_REPO_ID, num_episodes=3, seed=0, height=IMAGE_SIZE, width=IMAGE_SIZE)

@@ -20,8 +20,8 @@ from lerobot.envs.utils import preprocess_observation  # noqa: E402
 from lerobot.processor import LiberoProcessorStep  # noqa: E402
 
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, LiberoRGBDProcessorStep  # noqa: E402
-from lerobot_llava3d_fusion.geometry import backproject_depth, flip_intrinsics  # noqa: E402
-from lerobot_llava3d_fusion.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth, flip_intrinsics  # noqa: E402
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
 
 SUITE = "libero_spatial"
 SIZE = 128
@@ -287,7 +287,7 @@ def test_wrist_camera_follows_the_end_effector(rollout):
 def test_recorder_writes_a_loadable_dataset(tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    from lerobot_llava3d_fusion.envs.record_libero_rgbd import main
+    from lerobot_llava3d_fusion.tools.record_libero_rgbd import main
 
     root, size = tmp_path / "ds", 64
     main(

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lerobot_llava3d_fusion.geometry import backproject_depth, points_to_patches
-from lerobot_llava3d_fusion.llava3d_geometry import Llava3DPatchEncoder, Llava3DPositionEncoder, voxel_pool
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth, points_to_patches
+from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DGeometryEncoder, Llava3DPositionMLP, voxel_pool
 
 INTRINSICS = torch.tensor([[10.0, 0.0, 5.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
 
@@ -27,7 +27,7 @@ def test_position_encoder_is_the_original_mlp_gated_or_not():
     torch.manual_seed(0)
     points = torch.randn(2, 5, 3)
     valid = torch.tensor([[True] * 5, [True, True, False, True, True]])
-    plain = Llava3DPositionEncoder(16, gated=False)
+    plain = Llava3DPositionMLP(16, gated=False)
     head = plain.position_embedding_head
     assert [type(m).__name__ for m in head] == ["Linear", "LayerNorm", "ReLU", "Linear"]
     expected = head[3](torch.relu(head[1](head[0](points))))
@@ -36,11 +36,11 @@ def test_position_encoder_is_the_original_mlp_gated_or_not():
     assert torch.equal(output[1, 2], torch.zeros(16)) and torch.equal(output[1, 3], expected[1, 3])
     assert plain.gate is None
 
-    gated = Llava3DPositionEncoder(16, gated=True)
+    gated = Llava3DPositionMLP(16, gated=True)
     assert torch.equal(gated(points, valid), torch.zeros(2, 5, 16))  # gate starts at 0
     gated(points, valid).sum().backward()
     assert gated.gate.grad.abs().sum() > 0
-    assert torch.equal(Llava3DPositionEncoder(16, gated=True, gate_init=1.0).gate, torch.ones(16))
+    assert torch.equal(Llava3DPositionMLP(16, gated=True, gate_init=1.0).gate, torch.ones(16))
 
 
 def test_voxel_pool_averages_patches_sharing_a_voxel():
@@ -96,7 +96,7 @@ def test_voxel_pool_keeps_one_token_per_patch_when_every_patch_has_its_own_voxel
 
 
 def test_llava3d_patch_encoder_gives_known_world_points_for_a_known_pose():
-    patches = Llava3DPatchEncoder(8, (2, 3), gated=False)
+    patches = Llava3DGeometryEncoder(8, (2, 3), gated=False)
     plane = torch.ones(1, 1, 8, 12)  # 1 m everywhere
     pose = torch.eye(4)
     pose[:3, 3] = torch.tensor([1.0, 2.0, 3.0])
@@ -110,5 +110,5 @@ def test_llava3d_patch_encoder_gives_known_world_points_for_a_known_pose():
     torch.testing.assert_close(camera_points[0], expected)
     torch.testing.assert_close(world_points[0], expected + pose[:3, 3])
     torch.testing.assert_close(
-        patches(plane, INTRINSICS, pose), patches.encoder(world_points, torch.ones(1, 6, dtype=torch.bool))
+        patches(plane, INTRINSICS, pose), patches.position_mlp(world_points, torch.ones(1, 6, dtype=torch.bool))
     )

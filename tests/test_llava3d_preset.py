@@ -1,4 +1,4 @@
-"""`configs/libero_llava3d.json`: the original system's own choices for LIBERO, through LeRobot's scripts.
+"""`presets/libero_llava3d.json`: the original system's own choices for LIBERO, through LeRobot's scripts.
 
 The preset names the real checkpoints (`ChaimZhu/LLaVA-3D-7B`, `openai/clip-vit-large-patch14-336`);
 the end-to-end test points `vlm_model_name` / `vision_tower_name` at tiny checkpoints written in the
@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
 from test_backbones import save_llava3d, save_vision_tower  # noqa: E402
+from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
 
-PRESET = e2e.REPO_ROOT / "configs" / "libero_llava3d.json"
+PRESET = preset_path("libero_llava3d")
 IMAGE_SIZE = 32  # the tiny CLIP tower's input size
 LIBERO_SUITE = "libero_spatial"
 TRAIN_STEPS = 3
@@ -41,7 +42,7 @@ def assert_original_choices(policy) -> None:
 
 
 def test_preset_parses_into_a_train_pipeline_config(monkeypatch):
-    """`lerobot-train --config_path=configs/libero_llava3d.json` parses and validates (no model built)."""
+    """`lerobot-train --config_path=presets/libero_llava3d.json` parses and validates (no model built)."""
     from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 
     from lerobot_llava3d_fusion import Llava3DFusionConfig
@@ -67,7 +68,7 @@ def test_preset_parses_into_a_train_pipeline_config(monkeypatch):
 
 @pytest.fixture(scope="module")
 def libero_ready():
-    from lerobot_llava3d_fusion.libero_setup import LiberoSetupError, ensure_libero_ready
+    from lerobot_llava3d_fusion.tools.libero_setup import LiberoSetupError, ensure_libero_ready
 
     try:
         return ensure_libero_ready()
@@ -81,7 +82,7 @@ def test_preset_trains_and_evaluates_on_libero_with_lerobot_scripts(tmp_path, li
     clip = save_vision_tower(tmp_path / "clip", "clip")  # a CLIP checkpoint as openai/clip-vit-*
     dataset = tmp_path / "libero_rgbd"
     record = e2e.run_module(
-        "lerobot_llava3d_fusion.envs.record_libero_rgbd",
+        "lerobot_llava3d_fusion.tools.record_libero_rgbd",
         [f"--root={dataset}", "--repo-id=local/libero_rgbd", f"--suite={LIBERO_SUITE}",
          "--task-ids", "0", "--episodes=1", "--steps=12", f"--image-size={IMAGE_SIZE}"],
         tmp_path / "record.log",

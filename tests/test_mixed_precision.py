@@ -96,7 +96,7 @@ def test_float32_policy_does_not_autocast():
 
 
 def test_back_projection_stays_float32_under_bf16_autocast():
-    from lerobot_llava3d_fusion.geometry import backproject_depth
+    from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
 
     depth = 0.5 + torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
     intrinsics = torch.tensor([[10.0, 0.0, 5.5], [0.0, 10.0, 5.5], [0.0, 0.0, 1.0]])

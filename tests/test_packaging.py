@@ -54,7 +54,7 @@ def test_wheel_installs_the_libero_converter_command(wheel, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
         text = archive.read(entry_points).decode()
-    assert "llava3d-fusion-convert-libero = lerobot_llava3d_fusion.envs.convert_libero:main" in text
+    assert "llava3d-fusion-convert-libero = lerobot_llava3d_fusion.tools.convert_libero:main" in text
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],

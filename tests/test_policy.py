@@ -6,7 +6,7 @@ import torch
 from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.optim import OptimizerConfig
 
-from lerobot_llava3d_fusion.model import ModelInputs
+from lerobot_llava3d_fusion.model.network import ModelInputs
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig
 
@@ -435,7 +435,7 @@ def test_dataset_without_camera_or_action_is_rejected():
 
 
 def test_head_shape_mismatch_is_rejected(policy):
-    from lerobot_llava3d_fusion.fusion import check_head_shapes
+    from lerobot_llava3d_fusion.model.fusion import check_head_shapes
 
     vlm_layers = policy.model.fusion.vlm_layers
     wrong = torch.nn.ModuleList(
@@ -478,7 +478,7 @@ def test_compiled_denoising_step_samples_the_same_actions():
 @pytest.mark.parametrize("method", ["uniform", "beta"])
 def test_training_times_cover_the_interval_of_their_method(method):
     """uniform: the whole [0, 1] as the original system draws it; beta: pi0's [0.001, 1]."""
-    from lerobot_llava3d_fusion.flow_matching import sample_time
+    from lerobot_llava3d_fusion.model.flow_matching import sample_time
 
     config = tiny_config(time_sampling=method)
     torch.manual_seed(0)

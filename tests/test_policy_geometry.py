@@ -55,14 +55,14 @@ def test_geometry_starts_neutral_and_is_used_once_the_gate_opens():
     plain = Llava3DFusionPolicy(tiny_config())
     policy = geometry_policy()
     missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("model.patch_geometry.") for k in missing)
+    assert not unexpected and all(k.startswith("model.geometry_encoder.") for k in missing)
     batch = preprocess(plain, with_depth(raw_batch()))
     noise = noise_for(policy)
     reference = plain.predict_action_chunk(batch, noise=noise)
     # Gate at zero: switching geometry on leaves the pretrained model's actions unchanged.
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), reference, atol=1e-6, rtol=0)
     with torch.no_grad():
-        policy.model.patch_geometry.encoder.gate.fill_(1.0)
+        policy.model.geometry_encoder.position_mlp.gate.fill_(1.0)
     opened = policy.predict_action_chunk(batch, noise=noise)
     assert not torch.allclose(opened, reference, atol=1e-4)
     # ... and the actions now depend on the depth values.
@@ -73,12 +73,12 @@ def test_geometry_starts_neutral_and_is_used_once_the_gate_opens():
 def test_geometry_gate_init_opens_the_gate_from_the_start():
     opened = geometry_policy(seed=0, geometry_gate_init=1.0)
     assert torch.equal(
-        opened.model.patch_geometry.encoder.gate, torch.ones_like(opened.model.patch_geometry.encoder.gate)
+        opened.model.geometry_encoder.position_mlp.gate, torch.ones_like(opened.model.geometry_encoder.position_mlp.gate)
     )
     # The same weights with the gate set by hand give the same actions: the option only sets the gate.
     by_hand = geometry_policy(seed=0)
     with torch.no_grad():
-        by_hand.model.patch_geometry.encoder.gate.fill_(1.0)
+        by_hand.model.geometry_encoder.position_mlp.gate.fill_(1.0)
     batch = preprocess(opened, with_depth(raw_batch()))
     noise = noise_for(opened)
     torch.testing.assert_close(
@@ -96,7 +96,7 @@ def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
     loss, _ = policy.forward(batch)
     loss.backward()
     assert torch.isfinite(loss)
-    assert policy.model.patch_geometry.encoder.gate.grad is not None
+    assert policy.model.geometry_encoder.position_mlp.gate.grad is not None
     noise = noise_for(policy)
     cached = policy.predict_action_chunk(batch, noise=noise)
     policy.config.use_cache = False
@@ -107,8 +107,8 @@ def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
 def test_several_points_per_patch_train_and_reach_the_actions(target):
     fields = dict(geometry_target=target, geometry_gate_init=1.0, geometry_patch_points="nearest")
     policy = geometry_policy(**fields, geometry_samples_per_patch_side=3)
-    first_layer = policy.model.patch_geometry.encoder.mlp[0]
-    assert first_layer.in_features == 9 * 6 * policy.model.patch_geometry.encoder.num_frequencies
+    first_layer = policy.model.geometry_encoder.position_mlp.mlp[0]
+    assert first_layer.in_features == 9 * 6 * policy.model.geometry_encoder.position_mlp.num_frequencies
     batch = preprocess(policy, with_depth(raw_batch()))
     loss, _ = policy.forward(batch)
     loss.backward()
@@ -337,7 +337,7 @@ def test_nan_depth_and_bad_matrices_raise():
 def test_invalid_depth_gives_finite_actions_and_gradients():
     policy = geometry_policy()
     with torch.no_grad():
-        policy.model.patch_geometry.encoder.gate.fill_(1.0)
+        policy.model.geometry_encoder.position_mlp.gate.fill_(1.0)
     batch = preprocess(policy, with_depth(raw_batch()))
     batch["observation.depth.top"] = torch.zeros_like(batch["observation.depth.top"])  # all invalid
     batch["observation.depth.wrist"][:, :, :5] = float("inf")
@@ -439,22 +439,22 @@ TOWER_WIDTH = 32
 
 def test_llava3d_mlp_encoder_on_the_tiny_backbone_is_gated_on_the_tower_width():
     policy = geometry_policy(geometry_encoder="llava3d_mlp")
-    geometry = policy.model.patch_geometry
+    geometry = policy.model.geometry_encoder
     assert geometry.grid_size == (GRID, GRID) and geometry.patch_point_method == "nearest"
-    assert geometry.encoder.position_embedding_head[0].weight.shape == (TOWER_WIDTH, 3)
-    assert torch.equal(geometry.encoder.gate, torch.zeros(TOWER_WIDTH))
+    assert geometry.position_mlp.position_embedding_head[0].weight.shape == (TOWER_WIDTH, 3)
+    assert torch.equal(geometry.position_mlp.gate, torch.zeros(TOWER_WIDTH))
     assert (
         geometry_policy(
             geometry_encoder="llava3d_mlp", geometry_patch_points="mean"
-        ).model.patch_geometry.patch_point_method
+        ).model.geometry_encoder.patch_point_method
         == "mean"
     )
-    assert geometry_policy().model.patch_geometry.patch_point_method == "mean"  # sinusoidal default
+    assert geometry_policy().model.geometry_encoder.patch_point_method == "mean"  # sinusoidal default
 
 
 def test_none_source_gives_the_prefix_of_no_geometry_input():
     plain = Llava3DFusionPolicy(tiny_config())  # geometry="none"
-    assert plain.config.geometry_camera_keys == [] and plain.model.patch_geometry is None
+    assert plain.config.geometry_camera_keys == [] and plain.model.geometry_encoder is None
     batch = preprocess(plain, with_depth(raw_batch()))  # depth in the batch is not read
     inputs = plain._prepare_inputs(batch)
     assert inputs.camera_geometry == [None, None]
@@ -519,12 +519,12 @@ def test_voxel_pooling_merges_two_cameras_looking_at_the_same_plane(encoder):
     model = policy.model
     inputs = policy._prepare_inputs(batch)
     features = model.image_features(inputs.images)
-    points, valid = model.patch_geometry.patch_points_of(plane, torch.tensor(INTRINSICS))
+    points, valid = model.geometry_encoder.patch_points_of(plane, torch.tensor(INTRINSICS))
     mean = (features[0] + features[1]) / 2
     if encoder == "llava3d_mlp":  # projector(mean over the voxel of (tower features + MLP(xyz)))
-        expected = model.image_encoder.projector(mean + model.patch_geometry.encoder(points, valid))
+        expected = model.image_encoder.projector(mean + model.geometry_encoder.position_mlp(points, valid))
     else:  # projector(mean tower features) + gated sinusoidal encoding of the mean point
-        expected = model.image_encoder.projector(mean) + model.patch_geometry.encoder(points, valid)
+        expected = model.image_encoder.projector(mean) + model.geometry_encoder.position_mlp(points, valid)
     for sample in range(2):
         assert_same_tokens_in_some_order(prefix[sample, : GRID**2], expected[sample])
 
@@ -581,7 +581,7 @@ def test_voxel_pooling_pads_samples_with_different_token_counts():
     loss, _ = policy.forward(batch)
     loss.backward()
     assert torch.isfinite(loss)
-    head_grad = policy.model.patch_geometry.encoder.position_embedding_head[0].weight.grad
+    head_grad = policy.model.geometry_encoder.position_mlp.position_embedding_head[0].weight.grad
     assert head_grad is not None and torch.isfinite(head_grad).all() and head_grad.abs().sum() > 0
 
 

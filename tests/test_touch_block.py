@@ -25,14 +25,14 @@ from torch import nn
 from lerobot_llava3d_fusion.envs import touch_block as tb
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
 from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
-from lerobot_llava3d_fusion.envs.make_touch_block_dataset import (
+from lerobot_llava3d_fusion.demo.make_touch_block_dataset import (
     HOLD_FRAMES,
     NEAR_TARGET_START_EXTENT,
     dataset_features,
     main,
     make_touch_block_dataset,
 )
-from lerobot_llava3d_fusion.envs.touch_block_outcomes import OutcomeSummary, run_until_each_ends
+from lerobot_llava3d_fusion.demo.touch_block_outcomes import OutcomeSummary, run_until_each_ends
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
     "observation.images.top": (lambda h, w: (3, h, w), torch.float32),

@@ -38,7 +38,7 @@ def write_backbone(directory: Path) -> Path:
     """A tiny LLaVA checkpoint laid out as a Hub download: weights, config, tokenizer, image processor."""
     from transformers import SiglipImageProcessor
 
-    from lerobot_llava3d_fusion.vlm import build_tiny_llava
+    from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava
 
     torch.manual_seed(0)
     model, tokenizer = build_tiny_llava("qwen2")
@@ -62,7 +62,7 @@ def stored_dtypes(checkpoint: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path, monkeypatch):
-    from lerobot_llava3d_fusion.envs.make_touch_block_dataset import make_touch_block_dataset
+    from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 
     dataset = tmp_path / "dataset"
     make_touch_block_dataset(dataset, REPO_ID, num_episodes=2, seed=0, height=IMAGE_SIZE, width=IMAGE_SIZE)

@@ -6,7 +6,7 @@ import torch
 from transformers import SiglipImageProcessor
 
 from lerobot_llava3d_fusion.envs import touch_block
-from lerobot_llava3d_fusion.envs.touch_block_captions import (
+from lerobot_llava3d_fusion.demo.touch_block_captions import (
     WHAT_COLOUR,
     WHERE_BLOCK,
     WHERE_GRIPPER,
@@ -15,8 +15,8 @@ from lerobot_llava3d_fusion.envs.touch_block_captions import (
     project,
     touch_block_image_text_pairs,
 )
-from lerobot_llava3d_fusion.vlm import build_tiny_llava, build_word_tokenizer, load_backbone
-from lerobot_llava3d_fusion.vlm_pretraining import (
+from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer, load_backbone
+from lerobot_llava3d_fusion.demo.vlm_pretraining import (
     ImageTextPair,
     PairBatcher,
     pretrain_vlm,

@@ -4,4 +4,4 @@
 metric depth and camera matrices). Neither import loads a simulator.
 """
 
-from . import configs, libero_rgbd  # noqa: F401  (register --env.type=touch_block / libero_rgbd)
+from lerobot_llava3d_fusion.envs import configs, libero_rgbd  # noqa: F401  (register --env.type=touch_block / libero_rgbd)

@@ -20,7 +20,7 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 
-from ..observation_keys import (
+from lerobot_llava3d_fusion.observation_keys import (
     CAMERA_MATRIX_SHAPES,
     DEPTH,
     GEOMETRY_ENTRIES,
@@ -29,8 +29,8 @@ from ..observation_keys import (
     geometry_key,
     parse_env_geometry_key,
 )
-from . import touch_block  # registers the gymnasium id
-from .registration import env_type, processor_step
+from lerobot_llava3d_fusion.envs import touch_block  # registers the gymnasium id
+from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
 
 # Dims of each geometry entry without the batch dim: depth (1, H, W), matrices (3, 3) / (4, 4).
 _UNBATCHED_NDIMS = {DEPTH: 3, **{entry: len(shape) for entry, shape in CAMERA_MATRIX_SHAPES.items()}}

@@ -23,7 +23,7 @@ processors), for each camera ``cam`` in ``image`` (agent view) and ``image2`` (w
   robot base at (-0.66, 0, 0.912) in LIBERO's table scenes. The wrist camera's pose changes each step.
 - ``observation.state``: float32 (B, 8) as LeRobot's LIBERO builds it.
 
-``lerobot_llava3d_fusion.geometry.backproject_depth(depth, K, extrinsics)`` turns these into world points.
+``lerobot_llava3d_fusion.geometry.patch_points.backproject_depth(depth, K, extrinsics)`` turns these into world points.
 
 Route through LeRobot: the gym env (:mod:`.libero_rgbd_sim`) adds top-level arrays
 ``depth_<cam>`` / ``intrinsics_<cam>`` / ``extrinsics_<cam>`` to its observation;
@@ -33,7 +33,7 @@ tensors; :class:`LiberoRGBDProcessorStep` (registered as ``libero_rgbd_processor
 ``K`` to the rotation and moves everything to the keys above (names in :mod:`..observation_keys`).
 
 Importing this module needs neither LIBERO nor its config: LIBERO is set up and imported when envs
-are created. ``python -m lerobot_llava3d_fusion.envs.record_libero_rgbd`` records small datasets from
+are created. ``python -m lerobot_llava3d_fusion.tools.record_libero_rgbd`` records small datasets from
 the simulator.
 """
 
@@ -49,8 +49,8 @@ from lerobot.envs.utils import parse_camera_names
 from lerobot.processor import LiberoProcessorStep, PolicyProcessorPipeline
 from lerobot.processor.pipeline import ObservationProcessorStep
 
-from ..geometry import flip_intrinsics
-from ..observation_keys import (
+from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
+from lerobot_llava3d_fusion.observation_keys import (
     CAMERA_MATRIX_SHAPES,
     DEPTH,
     EXTRINSICS,
@@ -60,9 +60,9 @@ from ..observation_keys import (
     geometry_key,
     parse_env_geometry_key,
 )
-from .instruction_perturbation import check_perturbation
-from .libero_rgbd_sim import create_libero_rgbd_envs
-from .registration import env_type, processor_step
+from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation
+from lerobot_llava3d_fusion.envs.libero_rgbd_sim import create_libero_rgbd_envs
+from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
 
 # LeRobot's LiberoEnv maps robosuite camera obs keys to these names when no mapping is given.
 _DEFAULT_CAMERA_NAME_MAPPING = {"agentview_image": "image", "robot0_eye_in_hand_image": "image2"}

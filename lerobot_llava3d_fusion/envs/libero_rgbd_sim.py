@@ -39,10 +39,10 @@ from gymnasium import spaces
 from lerobot.envs.configs import LiberoEnv as LiberoEnvConfig
 from lerobot.envs.utils import _LazyAsyncVectorEnv
 
-from ..geometry import flip_intrinsics
-from ..libero_setup import ensure_libero_ready
-from ..observation_keys import CAMERA_MATRIX_SHAPES, DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
-from .instruction_perturbation import perturb_instruction
+from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
+from lerobot_llava3d_fusion.observation_keys import CAMERA_MATRIX_SHAPES, DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
+from lerobot_llava3d_fusion.envs.instruction_perturbation import perturb_instruction
 
 logger = logging.getLogger(__name__)
 

@@ -51,8 +51,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ..observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
-from .instruction_perturbation import check_perturbation, perturb_instruction
+from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
+from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation, perturb_instruction
 
 GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
 CAMERA_NAME = "top"

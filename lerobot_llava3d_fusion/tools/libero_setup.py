@@ -13,7 +13,7 @@ config before anything imports ``libero.libero``.
 
 Usage::
 
-    python -m lerobot_llava3d_fusion.libero_setup      # idempotent, prints the config dir
+    python -m lerobot_llava3d_fusion.tools.libero_setup      # idempotent, prints the config dir
 
 or ``ensure_libero_ready()`` from Python (call it before importing ``lerobot.envs.libero``).
 """

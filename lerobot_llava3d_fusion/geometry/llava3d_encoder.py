@@ -6,9 +6,9 @@ vision tower's patch grid; a learned MLP, ``Linear(3, C) -> LayerNorm(C) -> ReLU
 vision width C, turns each patch's xyz into a vector that is ADDED to the tower's patch feature; the patches
 of all views are averaged per voxel; and only then does the projector map them into the LLM.
 
-Here the same steps run on the policy's inputs: :class:`Llava3DPatchEncoder` gives each camera's patches
+Here the same steps run on the policy's inputs: :class:`Llava3DGeometryEncoder` gives each camera's patches
 their points (:func:`~.geometry.backproject_depth` + :func:`~.geometry.points_to_patches`, world frame with
-extrinsics, camera frame without, metres) and :class:`Llava3DPositionEncoder` their position vectors;
+extrinsics, camera frame without, metres) and :class:`Llava3DPositionMLP` their position vectors;
 :func:`voxel_pool` merges the patches of all cameras that share a voxel. Patches without valid depth get
 no 3D term and are never merged (the original has no notion of missing depth).
 """
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .geometry import DepthToPatchPoints, check_patch_points
+from lerobot_llava3d_fusion.geometry.patch_points import DepthToPatchPoints, check_patch_points
 
-__all__ = ["Llava3DPatchEncoder", "Llava3DPositionEncoder", "VoxelTokens", "voxel_pool"]
+__all__ = ["Llava3DGeometryEncoder", "Llava3DPositionMLP", "VoxelTokens", "voxel_pool"]
 
 
-class Llava3DPositionEncoder(nn.Module):
+class Llava3DPositionMLP(nn.Module):
     """Per-patch xyz ``(B, N, 3)`` -> ``(B, N, C)`` vector to add to the tower's patch features.
 
     ``position_embedding_head`` is LLaVA-3D's ``PositionEmbeddingLearnedMLP`` head with the same indices,
@@ -56,7 +56,7 @@ class Llava3DPositionEncoder(nn.Module):
         return embedding * patch_valid.unsqueeze(-1).to(dtype)
 
 
-class Llava3DPatchEncoder(DepthToPatchPoints):
+class Llava3DGeometryEncoder(DepthToPatchPoints):
     """Depth + camera -> per-patch points on the tower's feature grid, and their LLaVA-3D position vectors."""
 
     def __init__(
@@ -70,7 +70,7 @@ class Llava3DPatchEncoder(DepthToPatchPoints):
         max_depth: float = 100.0,
     ):
         super().__init__(grid_size, patch_point_method, min_depth, max_depth)
-        self.encoder = Llava3DPositionEncoder(width, gated, gate_init)
+        self.position_mlp = Llava3DPositionMLP(width, gated, gate_init)
 
 
 @dataclass

@@ -6,7 +6,7 @@ it goes to the named block and stops next to its top (imprecision in x/y or in h
 runs a checkpoint on touch_block episodes as `lerobot-eval` does (LeRobot's env factory, processors
 and `select_action`, the same seeds) and summarises the env's last-step `info` of every episode:
 
-    python -m lerobot_llava3d_fusion.envs.touch_block_outcomes --policy-path CKPT --num-blocks 3 \
+    python -m lerobot_llava3d_fusion.demo.touch_block_outcomes --policy-path CKPT --num-blocks 3 \
         --episodes 50 [--seed 1000] [--env-option instruction_perturbation=other_task ...] \
         [--output-json outcomes.json]
 

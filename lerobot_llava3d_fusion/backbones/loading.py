@@ -37,10 +37,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from .backbone import Backbone, load_image_normalisation, read_checkpoint_config
-from .configuration_llava3d_fusion import TINY_VLM_NAME
-from .fusion import check_decoder_contract
-from .llava3d_checkpoint import (
+from lerobot_llava3d_fusion.backbones.backbone import Backbone, load_image_normalisation, read_checkpoint_config
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import TINY_VLM_NAME
+from lerobot_llava3d_fusion.model.fusion import check_decoder_contract
+from lerobot_llava3d_fusion.backbones.llava3d import (
     LLAVA3D_ARCHITECTURES,
     LLAVA3D_MODEL_TYPES,
     load_llava3d_backbone,

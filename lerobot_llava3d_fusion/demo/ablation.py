@@ -1,5 +1,5 @@
 """Ablation of the action expert and the flow-matching choices on the touch_block demo, at equal
-training time (`python -m lerobot_llava3d_fusion.ablation`).
+training time (`python -m lerobot_llava3d_fusion.demo.ablation`).
 
 The demo's task and recipe (1 block per scene, `geometry=depth`, `configs/touch_block_demo.json`,
 its small backbone trained from scratch), with one thing changed per variant:
@@ -40,7 +40,7 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from .demo import (
+from lerobot_llava3d_fusion.demo.touch_block_demo import (
     EVAL_START_SEED,
     PRESET,
     PRESET_BATCH_SIZE,
@@ -48,7 +48,7 @@ from .demo import (
     prepare_demo_data,
     reference_success,
 )
-from .envs.configs import touch_block_eval_observation
+from lerobot_llava3d_fusion.envs.configs import touch_block_eval_observation
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def chunk_latency(checkpoint: Path, num_steps: int, observation: dict, repeats: 
     """Median seconds of one `predict_action_chunk` (batch 1, prefix cache on) with `num_steps` steps."""
     from lerobot.policies import make_pre_post_processors
 
-    from .modeling_llava3d_fusion import Llava3DFusionPolicy
+    from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
     policy = Llava3DFusionPolicy.from_pretrained(checkpoint)
     policy.config.num_steps = num_steps

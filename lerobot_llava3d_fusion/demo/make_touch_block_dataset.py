@@ -1,6 +1,6 @@
 """Record scripted-expert touch-block episodes as a local LeRobotDataset (LeRobot 0.6.1 format).
 
-    python -m lerobot_llava3d_fusion.envs.make_touch_block_dataset \
+    python -m lerobot_llava3d_fusion.demo.make_touch_block_dataset \
         --root DIR --repo-id local/touch_block --episodes 200 --seed 0
 
 The result is read offline with ``lerobot-train --dataset.repo_id=local/touch_block
@@ -54,9 +54,9 @@ from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 from lerobot.utils.utils import init_logging
 from tqdm import tqdm
 
-from ..observation_keys import DEPTH, EXTRINSICS, INTRINSICS, camera_geometry_features, geometry_key
-from . import touch_block
-from .dataset_stats import save_episode
+from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, camera_geometry_features, geometry_key
+from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
 
 logger = logging.getLogger(__name__)
 

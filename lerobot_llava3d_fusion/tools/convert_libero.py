@@ -3,7 +3,7 @@
     llava3d-fusion-convert-libero --hdf5 LIBERO/libero/datasets/libero_spatial \\
         --repo-id local/libero_spatial_rgbd --root data/libero_spatial_rgbd
 
-(or ``python -m lerobot_llava3d_fusion.envs.convert_libero ...``). Every ``*_demo.hdf5`` file holds
+(or ``python -m lerobot_llava3d_fusion.tools.convert_libero ...``). Every ``*_demo.hdf5`` file holds
 the demonstrations of one task, in the layout of LIBERO's downloader: a ``data`` group whose attrs
 hold ``env_args`` (JSON), ``problem_info`` (JSON with ``language_instruction``) and
 ``bddl_file_name``; per demo ``data/demo_<i>/actions`` (T, 7) and ``data/demo_<i>/states`` (T, n),
@@ -42,7 +42,7 @@ from __future__ import annotations
 if __name__ == "__main__":
     # `python -m` runs this file as `__main__`: hand over to the package's copy of the module, which
     # imports (and so registers) the env types only once.
-    from lerobot_llava3d_fusion.envs.convert_libero import main
+    from lerobot_llava3d_fusion.tools.convert_libero import main
 
     raise SystemExit(main())
 
@@ -61,11 +61,11 @@ from typing import Any
 
 import numpy as np
 
-from ..libero_setup import ensure_libero_ready
-from .dataset_stats import save_episode
-from .libero_rgbd import LiberoRGBDEnvConfig
-from .libero_rgbd_dataset import dataset_features, frame_from_batch
-from .libero_rgbd_sim import libero_rgbd_env_class, libero_suite
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
+from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features, frame_from_batch
+from lerobot_llava3d_fusion.envs.libero_rgbd_sim import libero_rgbd_env_class, libero_suite
 
 logger = logging.getLogger(__name__)
 

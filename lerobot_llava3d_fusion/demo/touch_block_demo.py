@@ -39,16 +39,17 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from .envs import touch_block
-from .envs.make_touch_block_dataset import make_touch_block_dataset
-from .envs.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
-from .envs.touch_block_outcomes import touch_block_outcomes
-from .vlm import build_tiny_llava, build_word_tokenizer
-from .vlm_pretraining import pretrain_vlm
+from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
+from lerobot_llava3d_fusion.demo.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
+from lerobot_llava3d_fusion.demo.touch_block_outcomes import touch_block_outcomes
+from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer
+from lerobot_llava3d_fusion.demo.vlm_pretraining import pretrain_vlm
+from lerobot_llava3d_fusion.presets import preset_path
 
 logger = logging.getLogger(__name__)
 
-PRESET = Path(__file__).resolve().parent.parent / "configs" / "touch_block_demo.json"
+PRESET = preset_path("touch_block_demo")
 PRESET_CONFIG = json.loads(PRESET.read_text())
 PRESET_BATCH_SIZE = PRESET_CONFIG["batch_size"]
 VLM_PRETRAINING_LR = 1e-3
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         "--outcomes",
         action="store_true",
         help="also report where each evaluation's episodes ended: at the named block or another, and "
-        "how far off in x/y and height (python -m lerobot_llava3d_fusion.envs.touch_block_outcomes)",
+        "how far off in x/y and height (python -m lerobot_llava3d_fusion.demo.touch_block_outcomes)",
     )
     parser.add_argument(
         "--vlm-pretraining-steps",

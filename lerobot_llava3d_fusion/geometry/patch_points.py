@@ -31,8 +31,8 @@ from torch import Tensor, nn
 __all__ = [
     "PATCH_POINT_METHODS",
     "DepthToPatchPoints",
-    "SinusoidalPatchEncoder",
-    "SinusoidalPointEncoder",
+    "SinusoidalGeometryEncoder",
+    "SinusoidalPositionMLP",
     "backproject_depth",
     "flip_intrinsics",
     "check_patch_points",
@@ -394,10 +394,10 @@ class DepthToPatchPoints(nn.Module):
 
     def forward(self, depth: Tensor, intrinsics: Tensor, extrinsics: Tensor | None = None) -> Tensor:
         """``(B, gh * gw, width)`` encoder vectors of one camera's patches."""
-        return self.encoder(*self.patch_points_of(depth, intrinsics, extrinsics))
+        return self.position_mlp(*self.patch_points_of(depth, intrinsics, extrinsics))
 
 
-class SinusoidalPointEncoder(nn.Module):
+class SinusoidalPositionMLP(nn.Module):
     """Per-patch 3D point -> gated ``hidden_size`` vector to add to the patch token.
 
     ``sinusoidal_3d_encoding -> Linear -> SiLU -> Linear(hidden_size)``, multiplied channel-wise by
@@ -460,7 +460,7 @@ class SinusoidalPointEncoder(nn.Module):
         return self.gate * features * patch_valid.unsqueeze(-1).to(dtype)
 
 
-class SinusoidalPatchEncoder(DepthToPatchPoints):
+class SinusoidalGeometryEncoder(DepthToPatchPoints):
     """Depth image + camera -> ``(B, gh * gw, hidden_size)`` gated sinusoidal vectors to add to the patch
     tokens (after the projector)."""
 
@@ -478,6 +478,6 @@ class SinusoidalPatchEncoder(DepthToPatchPoints):
         samples_per_side: int = 1,
     ):
         super().__init__(grid_size, patch_point_method, min_depth, max_depth, samples_per_side)
-        self.encoder = SinusoidalPointEncoder(
+        self.position_mlp = SinusoidalPositionMLP(
             hidden_size, num_frequencies, max_wavelength, min_wavelength, gate_init, samples_per_side**2
         )

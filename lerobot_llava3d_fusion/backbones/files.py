@@ -20,7 +20,7 @@ from huggingface_hub import snapshot_download
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
-from .configuration_llava3d_fusion import TINY_VLM_NAME, Llava3DFusionConfig
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import TINY_VLM_NAME, Llava3DFusionConfig
 
 logger = logging.getLogger(__name__)
 

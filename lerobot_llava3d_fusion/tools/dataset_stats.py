@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from lerobot.datasets import LeRobotDataset, aggregate_stats, write_stats
 
-from ..observation_keys import is_camera_matrix_key
+from lerobot_llava3d_fusion.observation_keys import is_camera_matrix_key
 
 
 def one_channel_stats(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

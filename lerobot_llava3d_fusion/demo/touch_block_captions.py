@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..vlm_pretraining import ImageTextPair
-from . import touch_block
+from lerobot_llava3d_fusion.demo.vlm_pretraining import ImageTextPair
+from lerobot_llava3d_fusion.envs import touch_block
 
 WHERE_BLOCK = "where is the {colour} block"
 WHERE_GRIPPER = "where is the gripper"

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .backbone import Backbone, ImageEncoder
-from .backbone_files import BackboneSource
-from .configuration_llava3d_fusion import Llava3DFusionConfig
-from .flow_matching import FlowMatchingActionExpert, sample_time
-from .fusion import LLaVA3DWithActionExpertModel
-from .geometry import DepthToPatchPoints, SinusoidalPatchEncoder
-from .llava3d_checkpoint import LLAVA3D_POSITION_PREFIX
-from .llava3d_geometry import Llava3DPatchEncoder, voxel_pool
-from .vlm import load_backbone
+from lerobot_llava3d_fusion.backbones.backbone import Backbone, ImageEncoder
+from lerobot_llava3d_fusion.backbones.files import BackboneSource
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
+from lerobot_llava3d_fusion.model.flow_matching import FlowMatchingActionExpert, sample_time
+from lerobot_llava3d_fusion.model.fusion import LLaVA3DWithActionExpertModel
+from lerobot_llava3d_fusion.geometry.patch_points import DepthToPatchPoints, SinusoidalGeometryEncoder
+from lerobot_llava3d_fusion.backbones.llava3d import LLAVA3D_POSITION_PREFIX, load_llava3d_position_mlp
+from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DGeometryEncoder, voxel_pool
+from lerobot_llava3d_fusion.backbones.loading import load_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class ModelInputs(NamedTuple):
     camera_present: list[Tensor | None]  # per camera None (present) or (B,) bool, False = empty camera
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Llava3DFusionModel(nn.Module):
@@ -65,7 +65,7 @@ class Llava3DFusionModel(nn.Module):
     Parts, built in this order (the attribute names are the checkpoints' state-dict keys):
     `image_encoder` (vision tower + projector), `embed_tokens` + `fusion` (the LLM's layers fused with
     the action expert's), `action_expert` (flow-matching heads: state, noisy actions, time, velocity),
-    `depth_estimator` (the network the geometry source runs for depth, if any), `patch_geometry` (the
+    `depth_estimator` (the network the geometry source runs for depth, if any), `geometry_encoder` (the
     3D point encoder) and `expert_patch_proj` (only for geometry_target="expert").
     """
 
@@ -94,7 +94,7 @@ class Llava3DFusionModel(nn.Module):
             image_pooling=config.image_pooling,
             vision_tower_name=self.backbone_source.vision_tower,
             tiny_llm_type=config.tiny_llm_type,
-            dtype=DTYPES[config.dtype],
+            dtype=TORCH_DTYPES[config.dtype],
         )
 
     def _build_vision(self, backbone: Backbone) -> None:
@@ -141,22 +141,22 @@ class Llava3DFusionModel(nn.Module):
         )
 
     def _build_3d_encoder(self, backbone: Backbone) -> None:
-        """What turns cameras' metric depth into 3D-aware tokens: the 3D point encoder (`patch_geometry`,
+        """What turns cameras' metric depth into 3D-aware tokens: the 3D point encoder (`geometry_encoder`,
         None when the geometry source gives no points) and, when the 3D-aware tokens go to the expert,
         their projection to its width (`expert_patch_proj`)."""
         config = self.config
         source = config.geometry_source
         # The encoder (README "Geometry"): LLaVA-3D's position MLP by default for its own checkpoints.
-        self.point_encoder_kind = config.geometry_encoder or (
+        self.geometry_encoder_kind = config.geometry_encoder or (
             "llava3d_mlp" if backbone.is_llava3d else "sinusoidal"
         )
         if backbone.position_encoder_state is not None and (
-            not source.needs_3d_encoder or self.point_encoder_kind != "llava3d_mlp"
+            not source.needs_3d_encoder or self.geometry_encoder_kind != "llava3d_mlp"
         ):
             reason = (
                 f"geometry={config.geometry!r}"
                 if not source.needs_3d_encoder
-                else f"geometry_encoder={self.point_encoder_kind!r}"
+                else f"geometry_encoder={self.geometry_encoder_kind!r}"
             )
             logger.warning(
                 "%s: the checkpoint's 3D position encoder (%s*) is unused with %s.",
@@ -165,9 +165,9 @@ class Llava3DFusionModel(nn.Module):
                 reason,
             )
         if not source.needs_3d_encoder:
-            self.patch_geometry = None
+            self.geometry_encoder = None
             return
-        self.patch_geometry = self._build_point_encoder(backbone)
+        self.geometry_encoder = self._build_point_encoder(backbone)
         if config.geometry_target == "expert":
             self.expert_patch_proj = nn.Linear(self.embed_tokens.embedding_dim, self.fusion.expert_width)
 
@@ -175,16 +175,16 @@ class Llava3DFusionModel(nn.Module):
         """Depth -> per-patch points -> vectors, on the grid and width where they are added."""
         config = self.config
         patch_point_method = config.geometry_patch_points or (
-            "nearest" if self.point_encoder_kind == "llava3d_mlp" else "mean"
+            "nearest" if self.geometry_encoder_kind == "llava3d_mlp" else "mean"
         )
-        if self.point_encoder_kind == "llava3d_mlp":
+        if self.geometry_encoder_kind == "llava3d_mlp":
             if config.geometry_samples_per_patch_side > 1:
                 raise ValueError(
                     f"{config.vlm_model_name} uses LLaVA-3D's position MLP (one point per patch): "
                     "geometry_samples_per_patch_side > 1 needs geometry_encoder='sinusoidal'."
                 )
             # On the tower's own grid and width: the term is added before the projector (and its pooling).
-            encoder = Llava3DPatchEncoder(
+            encoder = Llava3DGeometryEncoder(
                 backbone.feature_width,
                 backbone.feature_grid,
                 gated=not backbone.is_llava3d,
@@ -192,12 +192,12 @@ class Llava3DFusionModel(nn.Module):
                 patch_point_method=patch_point_method,
                 max_depth=config.geometry_max_depth,
             )
-            _load_llava3d_position_encoder(encoder.encoder, backbone, config)
+            load_llava3d_position_mlp(encoder.position_mlp, backbone, config)
             return encoder
         # Sinusoidal: added to the projected patch tokens (LLM width, patch grid), or to the expert's
         # pooled 3D-aware tokens (expert width, coarse grid).
         to_expert = config.geometry_target == "expert"
-        return SinusoidalPatchEncoder(
+        return SinusoidalGeometryEncoder(
             self.fusion.expert_width if to_expert else self.embed_tokens.embedding_dim,
             EXPERT_3D_TOKEN_GRID if to_expert else backbone.patch_grid,
             max_depth=config.geometry_max_depth,
@@ -217,7 +217,7 @@ class Llava3DFusionModel(nn.Module):
         Euler integration stay float32), or nothing for float32, leaving any outer autocast alone."""
         if self.config.dtype == "float32":
             return nullcontext()
-        return torch.autocast(self.embed_tokens.weight.device.type, dtype=DTYPES[self.config.dtype])
+        return torch.autocast(self.embed_tokens.weight.device.type, dtype=TORCH_DTYPES[self.config.dtype])
 
     # --------------------------------------------------------------------------------- prefix
 
@@ -243,7 +243,7 @@ class Llava3DFusionModel(nn.Module):
         """One camera's per-patch 3D points (B, P_3d, 3) and their validity (B, P_3d), from the metric
         depth its geometry source gives (recorded, or estimated from `image`)."""
         depth, intrinsics = self.config.geometry_source.metric_depth(image, camera, self.depth_estimator)
-        points, valid = self.patch_geometry.patch_points_of(depth, intrinsics, camera.extrinsics)
+        points, valid = self.geometry_encoder.patch_points_of(depth, intrinsics, camera.extrinsics)
         if camera.origin is not None:  # (B, 3) -> broadcast over the patch (and sample) dims
             origin_shape = (points.shape[0],) + (1,) * (points.ndim - 2) + (3,)
             points = points - camera.origin.to(points.dtype).reshape(origin_shape)
@@ -267,7 +267,7 @@ class Llava3DFusionModel(nn.Module):
         """
         camera_present = camera_present or [None] * len(images)
         features = self.image_features(images)  # per camera (B, P_tower, C)
-        llava3d = self.point_encoder_kind == "llava3d_mlp"
+        llava3d = self.geometry_encoder_kind == "llava3d_mlp"
         voxel_size = self.config.geometry_voxel_size
         image_tokens, token_masks, expert_tokens, voxel_inputs = [], [], [], []
 
@@ -287,7 +287,7 @@ class Llava3DFusionModel(nn.Module):
                 continue
             points, valid = self.camera_patch_points(images[index], camera)
             if llava3d:  # LLaVA-3D: tower features + MLP(xyz), then the projector
-                features_3d = camera_features + self.patch_geometry.encoder(points, valid).to(
+                features_3d = camera_features + self.geometry_encoder.position_mlp(points, valid).to(
                     camera_features.dtype
                 )
                 if voxel_size is not None:
@@ -303,7 +303,7 @@ class Llava3DFusionModel(nn.Module):
                 voxel_inputs.append((camera_features, points, valid))
             else:  # sinusoidal: projector, then the gated encoding
                 tokens = self.image_encoder.project(camera_features)
-                embedding = self.patch_geometry.encoder(points, valid)
+                embedding = self.geometry_encoder.position_mlp(points, valid)
                 if self.config.geometry_target == "prefix":
                     add_camera_tokens(index, tokens + embedding)
                 else:
@@ -313,7 +313,7 @@ class Llava3DFusionModel(nn.Module):
             voxels = voxel_pool(*(torch.cat(parts, dim=1) for parts in zip(*voxel_inputs)), voxel_size)
             tokens = self.image_encoder.projector(voxels.features)  # (B, V, D); image_pooling is 1
             if not llava3d:
-                tokens = tokens + self.patch_geometry.encoder(voxels.points, voxels.valid)
+                tokens = tokens + self.geometry_encoder.position_mlp(voxels.points, voxels.valid)
             image_tokens.append(tokens)
             token_masks.append(voxels.mask)
         text_tokens = self.embed_tokens(lang_tokens)
@@ -398,29 +398,6 @@ class Llava3DFusionModel(nn.Module):
             )
 
         return transformer
-
-
-def _load_llava3d_position_encoder(encoder: nn.Module, backbone, config: Llava3DFusionConfig) -> None:
-    """Put an original LLaVA-3D checkpoint's pretrained 3D position MLP into `encoder`, when loaded."""
-    if not backbone.is_llava3d or not config.load_vlm_weights:
-        return  # other backbones start from random weights behind the gate; random init keeps them random
-    state = backbone.position_encoder_state
-    if state is None:
-        raise ValueError(
-            f"{config.vlm_model_name}: geometry_encoder='llava3d_mlp' loads the checkpoint's 3D position "
-            f"encoder, but it has no {LLAVA3D_POSITION_PREFIX}position_embedding_head.* tensors; use "
-            "geometry_encoder='sinusoidal' for a checkpoint without one."
-        )
-    expected = {
-        key: tuple(value.shape) for key, value in encoder.position_embedding_head.state_dict().items()
-    }
-    found = {key.removeprefix("position_embedding_head."): tuple(value.shape) for key, value in state.items()}
-    if found != expected:
-        raise ValueError(
-            f"{config.vlm_model_name}: its 3D position encoder has shapes {found}, expected {expected} for a "
-            f"vision width of {backbone.feature_width} (check vision_tower_name)."
-        )
-    encoder.load_state_dict(state)
 
 
 def _with_context(context: Tensor | None, suffix: Tensor) -> Tensor:

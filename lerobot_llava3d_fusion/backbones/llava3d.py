@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -28,13 +29,16 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from .backbone import (
+from lerobot_llava3d_fusion.backbones.backbone import (
     Backbone,
     _raise_on_bad_keys,
     load_image_normalisation,
     read_checkpoint_config,
     safetensors_files,
 )
+
+if TYPE_CHECKING:
+    from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,7 @@ LLAVA3D_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 # The 3D position MLP of the video tower (SpatialAwareModule.positional_embedding):
 # Sequential(Linear(3, C), LayerNorm(C), ReLU, Linear(C, C)) on the vision width C, whose output is added
 # to the tower's patch features before mm_projector. Its keys keep the Sequential's indices
-# ("position_embedding_head.{0,1,3}.{weight,bias}"), the layout of `Llava3DPositionEncoder`.
+# ("position_embedding_head.{0,1,3}.{weight,bias}"), the layout of `Llava3DPositionMLP`.
 LLAVA3D_POSITION_PREFIX = "model.video_tower.video_tower.positional_embedding."
 
 LLAVA3D_POSITION_KEYS = tuple(
@@ -313,3 +317,26 @@ def map_llava3d_key(key: str) -> tuple[str, str] | None:
 def load_llava3d_tokenizer(name: str, config: dict) -> PreTrainedTokenizerBase:
     """AutoConfig does not know the original's model_type: tell AutoTokenizer its LLM is a Llama."""
     return AutoTokenizer.from_pretrained(name, config=llama_config_from_llava3d(name, config))
+
+
+def load_llava3d_position_mlp(encoder: nn.Module, backbone: Backbone, config: Llava3DFusionConfig) -> None:
+    """Put an original LLaVA-3D checkpoint's pretrained 3D position MLP into `encoder`, when loaded."""
+    if not backbone.is_llava3d or not config.load_vlm_weights:
+        return  # other backbones start from random weights behind the gate; random init keeps them random
+    state = backbone.position_encoder_state
+    if state is None:
+        raise ValueError(
+            f"{config.vlm_model_name}: geometry_encoder='llava3d_mlp' loads the checkpoint's 3D position "
+            f"encoder, but it has no {LLAVA3D_POSITION_PREFIX}position_embedding_head.* tensors; use "
+            "geometry_encoder='sinusoidal' for a checkpoint without one."
+        )
+    expected = {
+        key: tuple(value.shape) for key, value in encoder.position_embedding_head.state_dict().items()
+    }
+    found = {key.removeprefix("position_embedding_head."): tuple(value.shape) for key, value in state.items()}
+    if found != expected:
+        raise ValueError(
+            f"{config.vlm_model_name}: its 3D position encoder has shapes {found}, expected {expected} for a "
+            f"vision width of {backbone.feature_width} (check vision_tower_name)."
+        )
+    encoder.load_state_dict(state)

@@ -3,7 +3,7 @@
 For exercising pipelines (the actions teach nothing); real data comes from LIBERO's demonstrations
 through ``llava3d-fusion-convert-libero``::
 
-    python -m lerobot_llava3d_fusion.envs.record_libero_rgbd --root DIR --repo-id local/libero_rgbd \\
+    python -m lerobot_llava3d_fusion.tools.record_libero_rgbd --root DIR --repo-id local/libero_rgbd \\
         --suite libero_spatial --task-ids 0 --episodes 2 --steps 20
 """
 
@@ -19,9 +19,9 @@ from lerobot.datasets import LeRobotDataset
 from lerobot.envs.utils import preprocess_observation
 from tqdm import tqdm
 
-from .dataset_stats import save_episode
-from .libero_rgbd import LiberoRGBDEnvConfig
-from .libero_rgbd_dataset import dataset_features, frame_from_batch
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
+from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features, frame_from_batch
 
 logger = logging.getLogger(__name__)
 

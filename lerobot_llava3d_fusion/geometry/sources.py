@@ -23,24 +23,24 @@ from lerobot.configs import DEPTH_METER_UNIT, DEPTH_MILLIMETER_UNIT, PolicyFeatu
 from lerobot.processor import ProcessorStep
 from torch import Tensor, nn
 
-from .depth_estimation import MonocularDepthEstimator
-from .observation_keys import depth_key, robot_depth_key
-from .robot_depth import MM_PER_METRE, DepthToMetresStep, depth_sources
+from lerobot_llava3d_fusion.geometry.depth_estimation import MonocularDepthEstimator
+from lerobot_llava3d_fusion.observation_keys import depth_key, robot_depth_key
+from lerobot_llava3d_fusion.geometry.robot_depth import MM_PER_METRE, DepthToMetresStep, depth_sources
 
 # Metres. No real depth map lies entirely closer than this: one declared as millimetres that does
 # was recorded in metres.
 MIN_PLAUSIBLE_DEPTH = 0.01
 
 if TYPE_CHECKING:
-    from .configuration_llava3d_fusion import Llava3DFusionConfig
-    from .model import CameraGeometry
+    from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
+    from lerobot_llava3d_fusion.model.network import CameraGeometry
 
 
 class GeometrySource(ABC):
     """One way of giving cameras metric depth, from the config through the batch to the model."""
 
     name: ClassVar[str]  # the config value
-    # The model builds a 3D point encoder (`patch_geometry`) only for sources that give points.
+    # The model builds a 3D point encoder (`geometry_encoder`) only for sources that give points.
     needs_3d_encoder: ClassVar[bool] = True
 
     def check_config(self, config: Llava3DFusionConfig) -> None:

@@ -12,7 +12,7 @@ Each training sequence is ``[image patch tokens][prompt tokens][answer tokens][e
 image tokens made exactly as the policy makes them (same resize, normalisation, tower layer and
 projector); the loss is the cross-entropy of the answer and eos tokens under the LLM's causal mask.
 
-    python -m lerobot_llava3d_fusion.vlm_pretraining --backbone DIR --pairs DIR --output DIR --steps 2000
+    python -m lerobot_llava3d_fusion.demo.vlm_pretraining --backbone DIR --pairs DIR --output DIR --steps 2000
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from .backbone import ImageEncoder, load_image_normalisation
-from .vlm import LLAVA_MODEL_CLASSES, backbone_from_llava, load_tokenizer
+from lerobot_llava3d_fusion.backbones.backbone import ImageEncoder, load_image_normalisation
+from lerobot_llava3d_fusion.backbones.loading import LLAVA_MODEL_CLASSES, backbone_from_llava, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

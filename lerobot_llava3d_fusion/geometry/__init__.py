@@ -1,0 +1,1 @@
+"""3D geometry: depth back-projection, per-patch points, geometry encoders and geometry sources."""
