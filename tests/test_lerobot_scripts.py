@@ -34,7 +34,6 @@ import e2e_utils as e2e  # noqa: E402
 from lerobot.configs.train import TrainPipelineConfig  # noqa: E402
 
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig  # noqa: E402
-from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
 
 REPO_ROOT = e2e.REPO_ROOT
 IMAGE_SIZE = 32  # touch_block and LIBERO images (the tiny vision tower works at 32 px anyway)
@@ -513,59 +512,3 @@ def test_checkpoint_expecting_another_state_size_names_the_state(workdir):
     # The error must say which feature does not match and how: the policy's 8 against the env's 3.
     assert "observation.state" in message, f"unclear error:\n{message}"
     assert re.search(r"\b8\b", message) and re.search(r"\b3\b", message), f"unclear error:\n{message}"
-
-
-# ---- Training recipes in presets/ ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "name, vlm_model_name, batch_size, train_expert_only",
-    [
-        ("libero_spatial", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf", 32, False),
-        # 7.6 B trainable parameters with float32 master weights and AdamW would not fit one GPU.
-        ("libero_7b", "llava-hf/llava-onevision-qwen2-7b-ov-hf", 8, True),
-    ],
-)
-def test_libero_recipes_parse_into_a_train_pipeline_config(
-    name, vlm_model_name, batch_size, train_expert_only, monkeypatch
-):
-    """`lerobot-train --config_path=presets/<name>.json` parses (draccus, as lerobot's parser does) and
-    validates; no model is built and nothing is downloaded."""
-    from lerobot.envs.configs import LiberoEnv
-    from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
-
-    from lerobot_llava3d_fusion import Llava3DFusionConfig
-    from lerobot_llava3d_fusion.optim import FusedAdamWConfig
-
-    path = preset_path(name)
-    raw = json.loads(path.read_text())
-    assert raw["policy"]["device"] == "cuda"  # the recipe is for a GPU; on CPU LeRobot falls back
-
-    # As `lerobot-train --config_path=...` does (lerobot.configs.parser.wrap), then
-    # TrainPipelineConfig.validate, which reads the CLI (sys.argv) for --policy.path.
-    monkeypatch.setattr(sys, "argv", ["lerobot-train", f"--config_path={path}"])
-    cfg = draccus.parse(TrainPipelineConfig, config_path=str(path), args=[])
-    cfg.validate()
-
-    assert cfg.dataset.repo_id == "HuggingFaceVLA/libero"
-    policy = cfg.policy
-    assert isinstance(policy, Llava3DFusionConfig) and policy.type == "llava3d_fusion"
-    assert policy.vlm_model_name == vlm_model_name and policy.load_vlm_weights
-    assert policy.dtype == "bfloat16" and policy.image_pooling == 3
-    assert 27 % policy.image_pooling == 0  # SigLIP-so400m at 384 px, 14 px patches: a 27 x 27 grid -> 9 x 9
-    assert (policy.chunk_size, policy.n_action_steps) == (50, 10)
-    assert policy.expert_mode == "separate" and policy.expert_width_multiplier == 0.5
-    assert policy.freeze_vision_encoder and not policy.push_to_hub
-    assert policy.train_expert_only == train_expert_only
-    assert policy.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert cfg.batch_size == batch_size and cfg.steps == 30_000
-    assert isinstance(cfg.env, LiberoEnv) and cfg.env.type == "libero" and cfg.env.task == "libero_spatial"
-    assert (cfg.env.observation_height, cfg.env.observation_width) == (256, 256)  # the dataset's image size
-    assert 0 < cfg.env_eval_freq <= cfg.steps and cfg.env_eval_freq == 5000
-    assert not cfg.wandb.enable
-    # The policy's optimizer and scheduler presets.
-    assert cfg.use_policy_training_preset
-    assert isinstance(cfg.optimizer, FusedAdamWConfig) and cfg.optimizer.lr == policy.optimizer_lr
-    assert cfg.optimizer.fused
-    assert isinstance(cfg.scheduler, CosineDecayWithWarmupSchedulerConfig)
-    assert cfg.scheduler.num_decay_steps == cfg.steps
