@@ -736,3 +736,127 @@ def test_outcomes_tell_which_block_a_policy_went_to(success_target):
     assert summary.ended_nearest_the_target_pc == summary.success_pc == (100.0 if followed else 0.0)
     if followed:
         assert summary.median_xy_error_cm < 0.5 and summary.median_abs_height_error_cm < 0.5
+
+
+# --- robustness: a moved camera and sensor-like depth ------------------------------------------------
+
+
+def _top_centre_pixel_point(obs, top):
+    """World point back-projected (backproject_depth) at the pixel where `top` (3,) projects; None
+    when that is outside the image."""
+    from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
+
+    k, e = obs["intrinsics"].astype(np.float64), obs["extrinsics"].astype(np.float64)
+    camera = e[:3, :3].T @ (top - e[:3, 3])
+    u, v = (k @ (camera / camera[2]))[:2]
+    points, valid = backproject_depth(
+        torch.from_numpy(obs["depth"][None]), torch.from_numpy(obs["intrinsics"]), torch.from_numpy(obs["extrinsics"])
+    )
+    row, col = round(v), round(u)
+    if not (0 <= row < obs["depth"].shape[1] and 0 <= col < obs["depth"].shape[2]):
+        return None
+    assert valid[0, row, col]
+    return points[0, row, col].double().numpy()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_moved_camera_sees_the_same_block_tops_in_the_world(seed):
+    nominal = tb.TouchBlockEnv(num_blocks=3)
+    moved = tb.TouchBlockEnv(num_blocks=3, camera_translation_perturbation=0.05, camera_rotation_perturbation=5.0)
+    nominal_obs, _ = nominal.reset(seed=seed)
+    moved_obs, _ = moved.reset(seed=seed)
+    # Same scene, start and instruction; another camera pose, reported exactly.
+    np.testing.assert_array_equal(nominal.scene.footprint_centres, moved.scene.footprint_centres)
+    np.testing.assert_array_equal(nominal_obs["agent_pos"], moved_obs["agent_pos"])
+    assert nominal.task_description == moved.task_description
+    assert not np.allclose(moved_obs["extrinsics"], nominal_obs["extrinsics"])
+    np.testing.assert_allclose(moved_obs["extrinsics"], moved.renderer.camera_pose.extrinsics, atol=1e-6)
+    rotation = moved_obs["extrinsics"][:3, :3].astype(np.float64)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-6)
+
+    compared = 0
+    for top in moved.renderer.block_top_centres(moved.scene):
+        points = [_top_centre_pixel_point(obs, top) for obs in (nominal_obs, moved_obs)]
+        if any(point is None or abs(point[2] - top[2]) > 0.005 for point in points):
+            continue  # out of the moved view, or the end-effector hides this top in one of the views
+        # The pixel nearest the top-centre: the same world point up to the pixel's footprint on the top
+        # (~2.5 mm at 64 x 64), whichever camera measured it; its height is exact.
+        np.testing.assert_allclose(points[0], points[1], atol=0.004)
+        np.testing.assert_allclose(points[1], top, atol=0.004)
+        np.testing.assert_allclose(points[1][2], top[2], atol=1e-4)
+        compared += 1
+    assert compared >= 1
+
+
+def test_moved_camera_shows_block_walls_and_keeps_exact_table_depth():
+    env = tb.TouchBlockEnv(num_blocks=3, camera_translation_perturbation=0.1, camera_rotation_perturbation=10.0)
+    obs, _ = env.reset(seed=0)
+    k, e = obs["intrinsics"], obs["extrinsics"]
+    table = np.all(obs["pixels"]["top"] == tb.TABLE_RGB, axis=-1)
+    # Every table pixel back-projects onto the table plane, whatever the pose.
+    np.testing.assert_allclose(back_project(obs["depth"], k, e, *np.nonzero(table))[2], 0.0, atol=1e-5)
+    # Block pixels lie on or inside their block: between the table and the block's top.
+    blocks_rgb, blocks_depth = env.renderer.render_blocks(env.scene)
+    for colour, height in zip(env.scene.colours, env.scene.heights, strict=True):
+        z = back_project(blocks_depth, k, e, *np.nonzero(colour_mask(blocks_rgb, colour)))[2]
+        assert z.size > 0 and z.min() > -1e-5 and z.max() < height + 1e-5
+    # A moved camera sees some walls: block pixels below the top.
+    all_blocks = ~np.all(blocks_rgb == tb.TABLE_RGB, axis=-1)
+    z = back_project(blocks_depth, k, e, *np.nonzero(all_blocks))[2]
+    assert (z < env.scene.heights.min() - 0.005).any()
+
+
+def test_camera_draws_follow_the_reset_seed_and_zero_keeps_the_nominal_camera():
+    env = tb.TouchBlockEnv(camera_translation_perturbation=0.02, camera_rotation_perturbation=2.0)
+    poses = [env.reset(seed=seed)[0]["extrinsics"] for seed in (1, 1, 2)]
+    np.testing.assert_array_equal(poses[0], poses[1])
+    assert not np.array_equal(poses[0], poses[2])
+    offset = poses[0][:3, 3] - np.array([0.0, 0.0, tb.CAMERA_HEIGHT])
+    assert np.abs(offset).max() <= 0.02
+    straight_down = np.diag([1.0, -1.0, -1.0, 1.0])
+    straight_down[2, 3] = tb.CAMERA_HEIGHT
+    np.testing.assert_array_equal(tb.TouchBlockEnv().reset(seed=1)[0]["extrinsics"], straight_down)
+
+
+def test_sensor_depth_noise_in_the_env_and_bad_robustness_options():
+    exact = tb.TouchBlockEnv().reset(seed=0)[0]
+    env = tb.TouchBlockEnv(depth_noise="sensor")
+    noisy = env.reset(seed=0)[0]
+    np.testing.assert_array_equal(noisy["pixels"]["top"], exact["pixels"]["top"])
+    valid = noisy["depth"] > 0
+    assert 0.9 < valid.mean() < 1.0  # a few holes
+    assert 0 < np.abs(noisy["depth"][valid] - exact["depth"][valid]).max() < 0.02
+    assert not np.array_equal(env.step(np.zeros(3))[0]["depth"], noisy["depth"])  # fresh noise per frame
+    check_env(env, skip_render_check=True)
+    for options, field in [
+        ({"camera_translation_perturbation": -0.01}, "camera_translation_perturbation"),
+        ({"camera_translation_perturbation": 0.7}, "camera_translation_perturbation"),
+        ({"camera_rotation_perturbation": 45.0}, "camera_rotation_perturbation"),
+        ({"depth_noise": "kinect"}, "depth_noise"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            tb.TouchBlockEnv(**options)
+        with pytest.raises(ValueError, match=field):
+            TouchBlockEnvConfig(**options)
+
+
+def test_robustness_flags_reach_the_envs_lerobot_makes():
+    flags = [
+        "--env.type=touch_block",
+        "--env.camera_translation_perturbation=0.05",
+        "--env.camera_rotation_perturbation=5",
+        "--env.depth_noise=sensor",
+    ]
+    cfg = draccus.parse(config_class=EvalCommandLine, args=flags).env
+    envs = make_env(cfg, n_envs=1, use_async_envs=False)
+    vec_env = next(iter(next(iter(envs.values())).values()))
+    try:
+        sub_env = vec_env.envs[0].unwrapped
+        assert (sub_env.camera_translation_perturbation, sub_env.camera_rotation_perturbation) == (0.05, 5.0)
+        assert sub_env.depth_noise == "sensor"
+        observation, _ = vec_env.reset(seed=[3])
+        np.testing.assert_allclose(
+            observation["extrinsics"][0], sub_env.renderer.camera_pose.extrinsics, atol=1e-6
+        )
+    finally:
+        vec_env.close()

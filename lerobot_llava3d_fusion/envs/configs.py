@@ -31,6 +31,7 @@ from lerobot_llava3d_fusion.observation_keys import (
 )
 from lerobot_llava3d_fusion.envs import touch_block  # registers the gymnasium id
 from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 
 # Dims of each geometry entry without the batch dim: depth (1, H, W), matrices (3, 3) / (4, 4).
 _UNBATCHED_NDIMS = {DEPTH: 3, **{entry: len(shape) for entry, shape in CAMERA_MATRIX_SHAPES.items()}}
@@ -90,6 +91,11 @@ class TouchBlockEnvConfig(EnvConfig):
     instruction the policy receives; with ``other_task`` (another block of the scene)
     `success_target` judges success at the block the original instruction named (``original``) or
     at the one the policy was told (``instruction``). See `touch_block.TouchBlockEnv`.
+
+    Robustness: `camera_translation_perturbation` (m, largest shift along each axis) and
+    `camera_rotation_perturbation` (degrees, largest turn about each camera axis) move the camera at
+    each reset, drawn from the reset seed (0: the nominal straight-down camera); `depth_noise`
+    (``none`` or ``sensor``: a RealSense D400's noise, holes and millimetre steps).
     """
 
     task: str | None = "TouchBlock-v0"
@@ -103,6 +109,9 @@ class TouchBlockEnvConfig(EnvConfig):
     render_mode: str = "rgb_array"
     instruction_perturbation: str = "none"
     success_target: str = "original"
+    camera_translation_perturbation: float = 0.0
+    camera_rotation_perturbation: float = 0.0
+    depth_noise: str = "none"
     features: dict[str, PolicyFeature] = field(
         default_factory=lambda: {
             ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(3,)),
@@ -135,6 +144,8 @@ class TouchBlockEnvConfig(EnvConfig):
         touch_block.check_instruction_options(
             self.instruction_perturbation, self.success_target, self.num_blocks
         )
+        touch_block.check_camera_options(self.camera_translation_perturbation, self.camera_rotation_perturbation)
+        check_depth_noise(self.depth_noise)
         h, w = self.observation_height, self.observation_width
         self.features[f"pixels/{touch_block.CAMERA_NAME}"] = PolicyFeature(
             type=FeatureType.VISUAL, shape=(h, w, 3)
@@ -162,6 +173,9 @@ class TouchBlockEnvConfig(EnvConfig):
             "episode_length": self.episode_length,
             "instruction_perturbation": self.instruction_perturbation,
             "success_target": self.success_target,
+            "camera_translation_perturbation": self.camera_translation_perturbation,
+            "camera_rotation_perturbation": self.camera_rotation_perturbation,
+            "depth_noise": self.depth_noise,
             "max_episode_steps": self.episode_length,
         }
 

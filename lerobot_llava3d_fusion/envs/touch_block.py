@@ -14,16 +14,19 @@ at a fixed mid-range height succeeds in a minority of episodes, against ~100% wh
 read from depth. Judging the end rather than a "stop" action also means a hesitant policy (one
 whose actions shrink towards zero) keeps going instead of ending its episode there.
 
-One pinhole camera looks straight down from ``(0, 0, camera_height)``. It yields
+One pinhole camera looks, nominally, straight down from ``(0, 0, camera_height)``. It yields
 
 * an RGB image in which the colours and the x/y layout are visible but block heights are not:
   surfaces are flat-coloured (no shading, no shadows) and every block is a *frustum block*, the
-  extrusion of a square table footprint along the camera rays (its walls point at the camera
-  centre). Seen from the camera, a block therefore covers exactly its footprint's pixels whatever
-  its height and no wall is ever visible, so the RGB carries no size or parallax cue. With the
-  defaults the walls lean by at most ~14 degrees from vertical;
-* a metric depth image (z along the camera axis). Because the camera looks straight down, a block
-  top of height ``h`` has depth exactly ``camera_height - h`` and the table has ``camera_height``;
+  extrusion of a square table footprint along the rays of the nominal camera (its walls point at
+  the nominal camera centre). Seen from there, a block therefore covers exactly its footprint's
+  pixels whatever its height and no wall is ever visible, so the RGB carries no size or parallax
+  cue. With the defaults the walls lean by at most ~14 degrees from vertical. The blocks are
+  world-fixed solids: a moved camera (`camera_translation_perturbation`,
+  `camera_rotation_perturbation`) sees the same blocks, walls included, from its own pose;
+* a metric depth image (z along the camera axis). From the nominal camera a block top of height
+  ``h`` has depth exactly ``camera_height - h`` and the table has ``camera_height``;
+  `depth_noise="sensor"` makes it what a RealSense D400 would report instead;
 * its intrinsics (OpenCV convention, ``u`` = column) and camera-to-world extrinsics, so depth
   back-projects into the same world frame as the end-effector state.
 
@@ -35,9 +38,10 @@ For language-sensitivity evaluations the instruction the policy receives can be 
 another block of the scene, and `success_target` says whether success is then judged at the block
 the original instruction named or at the one the policy was told.
 
-Rendering is a handful of vectorised numpy operations: block membership is a per-pixel test of
-where the pixel's ray meets the table (exact for frustum blocks) and the end-effector is an
-analytic ray/sphere intersection. Static blocks are rendered once per episode.
+Rendering is a handful of vectorised numpy operations: each pixel's ray is intersected with the
+table plane and with every block (a convex solid of six faces, clipped face by face) and the
+nearest hit gives colour and depth; the end-effector is an analytic ray/sphere intersection. Static
+blocks are rendered once per episode.
 
 Importing this module registers the gymnasium id ``lerobot_llava3d_fusion/TouchBlock-v0``.
 """
@@ -53,6 +57,7 @@ from gymnasium import spaces
 
 from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation, perturb_instruction
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
 
 GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
 CAMERA_NAME = "top"
@@ -85,6 +90,8 @@ END_EFFECTOR_START_Z = (0.20, 0.30)  # start height range (m), above every block
 WORKSPACE_LOW = np.array([-0.2, -0.2, 0.0])  # end-effector position bounds (m)
 WORKSPACE_HIGH = np.array([0.2, 0.2, 0.4])
 VIEW_HALF_EXTENT = 0.2  # half of the table extent seen along the smaller image side (m)
+CAMERA_HEIGHT = 1.0  # nominal camera centre above the table origin (m)
+MAX_CAMERA_ROTATION_PERTURBATION = 30.0  # degrees; beyond it the camera may look past the table
 
 
 @dataclass(frozen=True)
@@ -137,13 +144,85 @@ def sample_scene(rng: np.random.Generator, num_blocks: int) -> Scene:
     )
 
 
+@dataclass(frozen=True)
+class CameraPose:
+    """A camera pose: `rotation` (3, 3) camera-to-world (OpenCV axes: x right, y down, z forward) and
+    `position` (3,) the camera centre in the world (m)."""
+
+    rotation: np.ndarray
+    position: np.ndarray
+
+    @property
+    def extrinsics(self) -> np.ndarray:
+        """(4, 4) float64 camera-to-world transform."""
+        extrinsics = np.eye(4)
+        extrinsics[:3, :3], extrinsics[:3, 3] = self.rotation, self.position
+        return extrinsics
+
+
+def nominal_camera_pose(camera_height: float) -> CameraPose:
+    """The straight-down camera at (0, 0, camera_height): its x axis is world +x, its y axis world -y
+    (image rows grow towards -y) and its z axis world -z."""
+    return CameraPose(np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, camera_height]))
+
+
+def perturbed_camera_pose(
+    nominal: CameraPose, rng: np.random.Generator, max_translation: float, max_rotation_deg: float
+) -> CameraPose:
+    """`nominal` moved by a shift drawn uniformly in [-max_translation, max_translation] (m) along each
+    world axis and turned by angles drawn uniformly in [-max_rotation_deg, max_rotation_deg] about each
+    of the camera's own axes (x, then y, then z)."""
+    shift = rng.uniform(-max_translation, max_translation, size=3)
+    angles = rng.uniform(-max_rotation_deg, max_rotation_deg, size=3)
+    turn = np.eye(3)
+    for axis, angle in enumerate(np.deg2rad(angles)):  # about the camera's own (already turned) axes
+        turn = turn @ _axis_rotation(axis, angle)
+    return CameraPose(nominal.rotation @ turn, nominal.position + shift)
+
+
+def _axis_rotation(axis: int, angle: float) -> np.ndarray:
+    """(3, 3) rotation by `angle` radians about coordinate axis `axis` (0 = x, 1 = y, 2 = z)."""
+    i, j = [k for k in range(3) if k != axis]
+    rotation = np.eye(3)
+    rotation[i, i] = rotation[j, j] = np.cos(angle)
+    rotation[i, j], rotation[j, i] = -np.sin(angle), np.sin(angle)
+    return rotation
+
+
+def _ray_convex_solid(
+    origin: np.ndarray, directions: np.ndarray, normals: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where rays enter a convex solid {x : normals @ x <= offsets} (Cyrus-Beck clipping).
+
+    Args:
+        origin: (3,) ray origin, outside the solid.
+        directions: (P, 3) ray directions; a ray's points are origin + t * direction, t >= 0.
+        normals: (F, 3) outward face normals; offsets: (F,).
+
+    Returns:
+        hit: (P,) bool, whether the ray meets the solid; t_enter: (P,) its entry parameter.
+    """
+    along = directions @ normals.T  # (P, F): how fast each face's constraint grows along the ray
+    slack = offsets - normals @ origin  # (F,): >= 0 where the origin satisfies the face's constraint
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_face = slack / along  # (P, F): where the ray crosses each face plane
+    t_enter = np.where(along < 0, t_face, 0.0).max(axis=1)
+    t_exit = np.where(along > 0, t_face, np.inf).min(axis=1)
+    parallel_outside = ((along == 0) & (slack < 0)).any(axis=1)
+    return (t_enter <= t_exit) & ~parallel_outside, t_enter
+
+
 class TouchBlockRenderer:
-    """Ray-casting renderer for a straight-down pinhole camera at (0, 0, camera_height).
+    """Ray-casting renderer of the table, the blocks and the end-effector from any camera pose.
+
+    The blocks are world-fixed convex solids: frustum blocks whose walls point at the nominal camera
+    centre (0, 0, camera_height), top at the block height, bottom on the table. Seen from the nominal
+    camera they cover exactly their footprints and show no wall; from a moved camera their walls show.
 
     Attributes:
         intrinsics: (3, 3) float32, OpenCV pinhole matrix: ``x = (u - cx) * z / fx``, u = column.
-        extrinsics: (4, 4) float32, camera-to-world transform. The camera x axis is world +x, its y
-            axis world -y (image rows grow towards -y) and its z axis world -z.
+        camera_pose: the pose the next renders are made from (`nominal_camera_pose` until changed).
+        extrinsics: (4, 4) float32, camera-to-world transform of `camera_pose`.
     """
 
     def __init__(
@@ -159,54 +238,76 @@ class TouchBlockRenderer:
             raise ValueError(f"view_half_extent must be positive, got {view_half_extent}")
         self.height, self.width, self.camera_height = height, width, camera_height
 
-        # Square pixels; the smaller image side spans 2 * view_half_extent on the table.
+        # Square pixels; the smaller image side spans 2 * view_half_extent on the table (nominal camera).
         focal = min(height, width) * camera_height / (2 * view_half_extent)
         cx, cy = (width - 1) / 2, (height - 1) / 2  # integer pixel coordinates are pixel centres
-        self._rotation = np.diag([1.0, -1.0, -1.0])  # camera-to-world
-        self._position = np.array([0.0, 0.0, camera_height])
         self.intrinsics = np.array([[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]], dtype=np.float32)
-        extrinsics = np.eye(4)
-        extrinsics[:3, :3], extrinsics[:3, 3] = self._rotation, self._position
-        self.extrinsics = extrinsics.astype(np.float32)
+        # Camera-frame ray of every pixel centre, scaled to unit camera depth: (H, W, 3), so that a
+        # ray parameter t is the camera z-depth of its point.
+        ray_x, ray_y = np.meshgrid((np.arange(width) - cx) / focal, (np.arange(height) - cy) / focal)
+        self._camera_rays = np.stack([ray_x, ray_y, np.ones_like(ray_x)], axis=-1)
+        self.set_camera_pose(nominal_camera_pose(camera_height))
 
-        # Camera-frame ray of every pixel centre, scaled to unit camera depth: (H, W) each.
-        self._ray_x, self._ray_y = np.meshgrid(
-            (np.arange(width) - cx) / focal, (np.arange(height) - cy) / focal
-        )
-        # Where each pixel's ray meets the table (camera y is world -y).
-        self._table_x = self._ray_x * camera_height
-        self._table_y = -self._ray_y * camera_height
+    def set_camera_pose(self, pose: CameraPose) -> None:
+        """Renders from `pose` from now on (a camera above the table, looking down at it)."""
+        self.camera_pose = pose
+        self.extrinsics = pose.extrinsics.astype(np.float32)
+        self._world_rays = self._camera_rays @ pose.rotation.T  # (H, W, 3)
+
+    def block_solids(self, scene: Scene) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each block as (normals (6, 3), offsets (6,)): the solid {x : normals @ x <= offsets}."""
+        apex_height = self.camera_height
+        solids = []
+        for centre, height in zip(scene.footprint_centres, scene.heights, strict=True):
+            normals, offsets = [[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]], [height, 0.0]  # top, bottom
+            for axis in (0, 1):
+                for side in (-1.0, 1.0):
+                    # The wall through the footprint edge {x_axis = edge, z = 0} and the apex
+                    # (0, 0, apex_height): side * (apex_height * x_axis + edge * z) <= side * apex_height * edge.
+                    edge = centre[axis] + side * BLOCK_HALF_SIZE
+                    normal = np.zeros(3)
+                    normal[axis], normal[2] = side * apex_height, side * edge
+                    normals.append(normal)
+                    offsets.append(side * apex_height * edge)
+            solids.append((np.array(normals, dtype=np.float64), np.array(offsets, dtype=np.float64)))
+        return solids
 
     def render_blocks(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
-        """Renders table and blocks.
+        """Renders table and blocks: the nearest surface along each pixel's ray.
 
         Returns:
             rgb: (H, W, 3) uint8.
-            depth: (1, H, W) float32, metres along the camera z axis.
+            depth: (1, H, W) float32, metres along the camera z axis; 0 where a ray meets nothing.
         """
-        rgb = np.empty((self.height, self.width, 3), dtype=np.uint8)
-        rgb[:] = TABLE_RGB
-        depth = np.full((self.height, self.width), self.camera_height)
-        for (x0, y0), h, colour in zip(scene.footprint_centres, scene.heights, scene.colours, strict=True):
-            # A frustum block covers a pixel iff the pixel's ray meets the table inside its footprint.
-            mask = (np.abs(self._table_x - x0) <= BLOCK_HALF_SIZE) & (
-                np.abs(self._table_y - y0) <= BLOCK_HALF_SIZE
-            )
-            rgb[mask] = PALETTE[colour]
-            depth[mask] = self.camera_height - h  # exact for a camera looking straight down
-        return rgb, depth[None].astype(np.float32)
+        origin = self.camera_pose.position
+        rays = self._world_rays.reshape(-1, 3)  # (P, 3)
+        rgb = np.zeros((rays.shape[0], 3), dtype=np.uint8)
+        depth = np.full(rays.shape[0], np.inf)
+        with np.errstate(divide="ignore"):
+            t_table = np.where(rays[:, 2] < 0, -origin[2] / rays[:, 2], np.inf)
+        on_table = np.isfinite(t_table)
+        rgb[on_table], depth[on_table] = TABLE_RGB, t_table[on_table]
+        for (normals, offsets), colour in zip(self.block_solids(scene), scene.colours, strict=True):
+            hit, t_enter = _ray_convex_solid(origin, rays, normals, offsets)
+            nearer = hit & (t_enter < depth)
+            rgb[nearer], depth[nearer] = PALETTE[colour], t_enter[nearer]
+        depth[~np.isfinite(depth)] = 0.0
+        return rgb.reshape(self.height, self.width, 3), depth.reshape(1, self.height, self.width).astype(np.float32)
 
     def add_end_effector(
         self, rgb: np.ndarray, depth: np.ndarray, position: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Z-buffers the end-effector sphere centred at world `position` (3,) into copies of rgb/depth."""
-        q = self._rotation.T @ (np.asarray(position, dtype=np.float64) - self._position)  # camera frame
-        # Points on a pixel ray are z * (ray_x, ray_y, 1); solve |z * a - q|^2 = r^2 for the near z.
-        a_dot_q = self._ray_x * q[0] + self._ray_y * q[1] + q[2]
-        a_sq = self._ray_x**2 + self._ray_y**2 + 1.0
+        pose = self.camera_pose
+        q = pose.rotation.T @ (np.asarray(position, dtype=np.float64) - pose.position)  # camera frame
+        rays = self._camera_rays
+        # Points on a pixel ray are z * a; solve |z * a - q|^2 = r^2 for the near z.
+        a_dot_q = rays @ q
+        a_sq = (rays**2).sum(axis=-1)
         disc = a_dot_q**2 - a_sq * (q @ q - END_EFFECTOR_RADIUS**2)
         z = (a_dot_q - np.sqrt(np.maximum(disc, 0.0))) / a_sq
-        hit = (disc >= 0) & (z > 0) & (z < depth[0])
+        visible = (depth[0] == 0) | (z < depth[0])  # nothing behind (0) or nearer than the scene
+        hit = (disc >= 0) & (z > 0) & visible
         rgb, depth = rgb.copy(), depth.copy()
         rgb[hit] = END_EFFECTOR_RGB
         depth[0][hit] = z[hit]
@@ -265,7 +366,27 @@ def check_instruction_options(instruction_perturbation: str, success_target: str
         )
 
 
-def _matrix_space(matrix: np.ndarray) -> spaces.Box:
+def check_camera_options(translation_perturbation: float, rotation_perturbation: float) -> None:
+    """Raises a ValueError for camera perturbations that would not keep the camera above the
+    workspace, looking at the table."""
+    max_translation = CAMERA_HEIGHT - WORKSPACE_HIGH[2] - END_EFFECTOR_RADIUS
+    if not 0 <= translation_perturbation < max_translation:
+        raise ValueError(
+            f"camera_translation_perturbation must be in [0, {max_translation:.2f}) m (the camera stays "
+            f"above the workspace), got {translation_perturbation}"
+        )
+    if not 0 <= rotation_perturbation <= MAX_CAMERA_ROTATION_PERTURBATION:
+        raise ValueError(
+            f"camera_rotation_perturbation must be in [0, {MAX_CAMERA_ROTATION_PERTURBATION:g}] degrees "
+            f"(the camera keeps looking at the table), got {rotation_perturbation}"
+        )
+
+
+def _matrix_space(matrix: np.ndarray, fixed: bool) -> spaces.Box:
+    """A fixed camera's constant matrix is bounded by its own entries. A moving camera's extrinsics
+    hold rotation entries in [-1, 1] and a position within 2 * CAMERA_HEIGHT of the table origin."""
+    if not fixed:
+        return spaces.Box(-2 * CAMERA_HEIGHT, 2 * CAMERA_HEIGHT, matrix.shape, np.float32)
     return spaces.Box(float(matrix.min()), float(matrix.max()), matrix.shape, np.float32)
 
 
@@ -300,6 +421,14 @@ class TouchBlockEnv(gym.Env):
     unperturbed env). With ``other_task`` it names another block of the scene, and the target is the
     block the original instruction named (`success_target="original"`) or the one the perturbed
     instruction names (``"instruction"``, only with ``other_task``).
+
+    Robustness options: `camera_translation_perturbation` (m) and `camera_rotation_perturbation`
+    (degrees) move the camera at each reset by a shift drawn uniformly in [-t, t] along each world
+    axis and a turn drawn uniformly in [-r, r] about each camera axis (`perturbed_camera_pose`),
+    drawn from the env's seeded generator after everything else (a seed gives the scene, start and
+    instruction of the unperturbed env); 0 keeps the nominal straight-down camera. The observed
+    intrinsics/extrinsics are those of the rendered view. `depth_noise="sensor"` replaces the exact
+    depth of every observation by what a RealSense D400 would report (`geometry.depth_noise`).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": FPS}
@@ -316,6 +445,9 @@ class TouchBlockEnv(gym.Env):
         episode_length: int = DEFAULT_EPISODE_LENGTH,
         instruction_perturbation: str = "none",
         success_target: str = "original",
+        camera_translation_perturbation: float = 0.0,
+        camera_rotation_perturbation: float = 0.0,
+        depth_noise: str = "none",
     ):
         super().__init__()
         if episode_length < 1:
@@ -334,7 +466,14 @@ class TouchBlockEnv(gym.Env):
         self.instruction_perturbation, self.success_target = instruction_perturbation, success_target
         self.num_blocks, self.max_step, self.success_radius = num_blocks, max_step, success_radius
         self.render_mode = render_mode
-        self.renderer = TouchBlockRenderer(observation_height, observation_width)
+        check_camera_options(camera_translation_perturbation, camera_rotation_perturbation)
+        check_depth_noise(depth_noise)
+        self.camera_translation_perturbation = camera_translation_perturbation
+        self.camera_rotation_perturbation = camera_rotation_perturbation
+        self.depth_noise = depth_noise
+        self.renderer = TouchBlockRenderer(observation_height, observation_width, camera_height=CAMERA_HEIGHT)
+        fixed_camera = camera_translation_perturbation == 0 and camera_rotation_perturbation == 0
+        exact_depth = fixed_camera and depth_noise == "none"
 
         h, w = observation_height, observation_width
         self.observation_space = spaces.Dict(
@@ -343,10 +482,12 @@ class TouchBlockEnv(gym.Env):
                 "agent_pos": spaces.Box(
                     WORKSPACE_LOW.astype(np.float32), WORKSPACE_HIGH.astype(np.float32), dtype=np.float32
                 ),
-                DEPTH_ENTRY: spaces.Box(0.0, self.renderer.camera_height, (1, h, w), np.float32),
-                # The camera is fixed; bound its constant matrices by their own entries.
-                INTRINSICS_ENTRY: _matrix_space(self.renderer.intrinsics),
-                EXTRINSICS_ENTRY: _matrix_space(self.renderer.extrinsics),
+                # A moved camera looks at the table obliquely (at most ~60 degrees off its axis).
+                DEPTH_ENTRY: spaces.Box(
+                    0.0, self.renderer.camera_height * (1 if exact_depth else 4), (1, h, w), np.float32
+                ),
+                INTRINSICS_ENTRY: _matrix_space(self.renderer.intrinsics, fixed=True),
+                EXTRINSICS_ENTRY: _matrix_space(self.renderer.extrinsics, fixed=fixed_camera),
             }
         )
         self.action_space = spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -358,6 +499,7 @@ class TouchBlockEnv(gym.Env):
         self._blocks_rgb: np.ndarray | None = None
         self._blocks_depth: np.ndarray | None = None
         self._rgb: np.ndarray | None = None
+        self._depth_noise_rng: np.random.Generator | None = None
 
     @property
     def task_description(self) -> str:
@@ -396,6 +538,9 @@ class TouchBlockEnv(gym.Env):
                     f"start_offset must be 3 finite numbers (m), got {options['start_offset']!r}"
                 )
             self.ee_position = np.clip(self.target_position + start_offset, WORKSPACE_LOW, WORKSPACE_HIGH)
+        self.renderer.set_camera_pose(self._draw_camera_pose())
+        if self.depth_noise == "sensor":
+            self._depth_noise_rng = np.random.default_rng(self.np_random.integers(2**63))
         self._blocks_rgb, self._blocks_depth = self.renderer.render_blocks(self.scene)
         self._elapsed_steps = 0
         return self._observation(), {"is_success": False, **self._position_info()}
@@ -422,10 +567,20 @@ class TouchBlockEnv(gym.Env):
             raise RuntimeError("call reset() before render()")
         return self._rgb.copy()
 
+    def _draw_camera_pose(self) -> CameraPose:
+        nominal = nominal_camera_pose(self.renderer.camera_height)
+        if self.camera_translation_perturbation == 0 and self.camera_rotation_perturbation == 0:
+            return nominal
+        return perturbed_camera_pose(
+            nominal, self.np_random, self.camera_translation_perturbation, self.camera_rotation_perturbation
+        )
+
     def _observation(self) -> dict[str, Any]:
         self._rgb, depth = self.renderer.add_end_effector(
             self._blocks_rgb, self._blocks_depth, self.ee_position
         )
+        if self.depth_noise == "sensor":
+            depth = sensor_depth_noise(depth, self._depth_noise_rng)
         return {
             "pixels": {CAMERA_NAME: self._rgb.copy()},
             "agent_pos": self.ee_position.astype(np.float32),
