@@ -5,6 +5,8 @@ They set LIBERO up themselves (``ensure_libero_ready``) and need no network and 
 ``libero`` reset to compare against, and 2 short 64-pixel episodes for the recorder; about a minute.
 """
 
+import json
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,10 +24,13 @@ from lerobot.processor import LiberoProcessorStep  # noqa: E402
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, LiberoRGBDProcessorStep  # noqa: E402
 from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth, flip_intrinsics  # noqa: E402
 from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
+from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
 
 SUITE = "libero_spatial"
 SIZE = 128
 CAMERAS = ("image", "image2")
+# LeRobot's camera names -> robosuite's (LiberoEnv's default camera_name and its mapping).
+ROBOSUITE_CAMERAS = {"image": "agentview", "image2": "robot0_eye_in_hand"}
 TABLE_Z = 0.90  # LIBERO's table top in the MuJoCo world frame (table body at 0.875 + top half-thickness)
 
 
@@ -181,9 +186,14 @@ def rollout() -> dict:
     env_preprocessor, _ = cfg.get_env_processors()
     try:
         observation, _ = vec_env.reset(seed=0)
+        sim = vec_env.envs[0]._env.sim
         captured = {
             "reset": policy_observation(vec_env, observation, env_preprocessor),
-            "plate": torch.tensor(vec_env.envs[0]._env.sim.data.get_body_xpos("plate_1_main")),
+            "plate": torch.tensor(sim.data.get_body_xpos("plate_1_main")),
+            "fovy": {
+                cam: float(sim.model.cam_fovy[sim.model.camera_name2id(robosuite_camera)])
+                for cam, robosuite_camera in ROBOSUITE_CAMERAS.items()
+            },
         }
         up = np.array([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0]], dtype=np.float32)
         for _ in range(3):
@@ -231,6 +241,24 @@ def test_depth_is_valid_and_metric(rollout):
         rotation = obs[f"observation.extrinsics.{cam}"][0, :3, :3]
         assert torch.allclose(rotation @ rotation.T, torch.eye(3), atol=1e-5)
         assert torch.isclose(torch.linalg.det(rotation), torch.tensor(1.0), atol=1e-5)
+
+
+def test_estimated_depth_preset_holds_the_simulators_camera_intrinsics(rollout):
+    """`libero_estimated_depth` gives LeRobot's LIBERO cameras (256 px) the intrinsics of the simulator's:
+    fx = fy = (H / 2) / tan(fovy / 2) from each camera's fovy, in the convention the env delivers."""
+    preset = json.loads(preset_path("libero_estimated_depth").read_text())
+    size = preset["env"]["observation_height"]
+    assert preset["env"]["observation_width"] == size == 256
+    # Pixel centres at integer coordinates: the env's SIZE grid is the preset's grid scaled by s.
+    s = SIZE / size
+    to_env_grid = torch.tensor([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5], [0.0, 0.0, 1.0]])
+    for cam, fovy in rollout["fovy"].items():
+        k = torch.tensor(preset["policy"]["camera_intrinsics"][cam], dtype=torch.float64)
+        focal = (size / 2) / math.tan(math.radians(fovy) / 2)
+        torch.testing.assert_close(k[1, 1].item(), focal, rtol=1e-9, atol=0.0, msg=cam)
+        # What libero_rgbd reports for the same camera (mirrored view: fx < 0), at its own grid size.
+        delivered = rollout["reset"][f"observation.intrinsics.{cam}"][0]
+        torch.testing.assert_close(to_env_grid @ k.float(), delivered, rtol=1e-5, atol=1e-4, msg=cam)
 
 
 def test_backprojected_table_is_flat_at_table_height(rollout):
