@@ -24,7 +24,16 @@ from unittest import mock
 
 import torch
 from lerobot.configs import FeatureType, PolicyFeature
-from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipImageProcessor, SiglipVisionConfig
+from transformers import (
+    AutoModelForDepthEstimation,
+    CLIPVisionConfig,
+    DepthAnythingConfig,
+    DPTImageProcessor,
+    LlamaConfig,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.backbones.loading import build_tiny_tokenizer, siglip_llava_config
@@ -32,6 +41,7 @@ from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.presets import preset_names, preset_path
 
 GIB = 1024**3
+ESTIMATOR_MODULE = "lerobot_llava3d_fusion.geometry.depth_estimation"
 
 # Published sizes of the presets' backbones (their Hub config.json files).
 SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
@@ -51,6 +61,14 @@ BACKBONES = {
         LlamaConfig, dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                           num_attention_heads=32, num_key_value_heads=32),
         CLIPVisionConfig, CLIP_L_336),
+}
+# The depth model of `geometry=estimator` presets (frozen): Depth Anything V2 Small's published sizes.
+DEPTH_ESTIMATORS = {
+    "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf": dict(
+        backbone_config=dict(model_type="dinov2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                             patch_size=14, image_size=518, out_indices=[3, 6, 9, 12], reshape_hidden_states=False),
+        neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64, reassemble_hidden_size=384,
+        depth_estimation_type="metric", max_depth=20),
 }
 
 
@@ -89,8 +107,16 @@ def count_parameters(policy_fields: dict) -> tuple[int, int]:
             input_features=libero_features(fields.get("geometry") == "depth"),
             output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))},
         )
-        # On the meta device nothing is computed: skip the decoder check that runs a few tokens at load.
-        with torch.device("meta"), mock.patch("lerobot_llava3d_fusion.backbones.loading.check_decoder_contract"):
+        # On the meta device nothing is computed: skip the decoder check that runs a few tokens at load;
+        # a depth estimator is built from its published sizes instead of downloaded.
+        estimator = DEPTH_ESTIMATORS.get(fields.get("depth_estimator_name"))
+        with (
+            torch.device("meta"),
+            mock.patch("lerobot_llava3d_fusion.backbones.loading.check_decoder_contract"),
+            mock.patch(f"{ESTIMATOR_MODULE}.AutoModelForDepthEstimation.from_pretrained",
+                       lambda name: AutoModelForDepthEstimation.from_config(DepthAnythingConfig(**estimator))),
+            mock.patch(f"{ESTIMATOR_MODULE}.AutoImageProcessor", mock.Mock(from_pretrained=lambda name: DPTImageProcessor())),
+        ):
             policy = Llava3DFusionPolicy(config)
     parameters = list(policy.parameters())
     return sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad)
@@ -115,7 +141,7 @@ def main() -> None:
         total, trained = count_parameters(policy)
         parts = memory_bytes(total, trained, policy.get("dtype", "float32"))
         rows.append((name, total, trained, parts, sum(parts.values())))
-    print("| preset | parameters (trained) | weights | gradients | AdamW state | sum (GiB) |")
+    print("| preset | parameters (trained) | weights (GiB) | gradients (GiB) | AdamW state (GiB) | sum (GiB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, total, trained, parts, whole in rows:
         print(
