@@ -157,6 +157,11 @@ class Llava3DFusionConfig(PreTrainedConfig):
     # to every camera with its depth and intrinsics alike (1.0: off). LeRobot's dataset transforms
     # (`--dataset.image_transforms`) move RGB only: keep their `affine` off with geometry.
     augment_crop_scale: float = 1.0
+    # Training augmentation: recorded depth made sensor-like (a RealSense D400's distance-squared
+    # noise, holes at edges and at random, 1 mm steps; `geometry/depth_noise.py`) before it is
+    # back-projected, so that a policy trained in simulation meets real depth prepared. Needs
+    # geometry="depth".
+    augment_depth_noise: bool = False
 
     # Finetuning.
     freeze_vision_encoder: bool = True
@@ -227,6 +232,13 @@ class Llava3DFusionConfig(PreTrainedConfig):
         _check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if not 0.0 < self.augment_crop_scale <= 1.0:
             raise ValueError(f"augment_crop_scale must be in (0, 1] (got {self.augment_crop_scale}).")
+        if not isinstance(self.augment_depth_noise, bool):
+            raise ValueError(f"augment_depth_noise must be true or false (got {self.augment_depth_noise!r}).")
+        if self.augment_depth_noise and self.geometry != "depth":
+            raise ValueError(
+                "augment_depth_noise makes recorded depth sensor-like: it needs geometry='depth' "
+                f"(got geometry={self.geometry!r})."
+            )
         _check_choice(
             "dataset_depth_unit", self.dataset_depth_unit, (DEPTH_METER_UNIT, DEPTH_MILLIMETER_UNIT)
         )

@@ -6,6 +6,7 @@ model outputs back into LeRobot actions; the network itself lives in `model.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +20,7 @@ from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LAN
 from torch import Tensor
 
 from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
+from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
 from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
 from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
@@ -334,6 +336,16 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             camera_geometry.append(camera)
         return inputs._replace(images=images, camera_geometry=camera_geometry)
 
+    def _sensor_depth_noise(self, inputs: ModelInputs) -> ModelInputs:
+        """Training augmentation: every recorded depth map made sensor-like (`geometry/depth_noise.py`),
+        at its recorded resolution and before any crop, as a real camera would deliver it."""
+        camera_geometry = [
+            camera if camera is None or camera.depth is None
+            else dataclasses.replace(camera, depth=sensor_depth_noise(camera.depth))
+            for camera in inputs.camera_geometry
+        ]
+        return inputs._replace(camera_geometry=camera_geometry)
+
     @property
     def device_of_model(self) -> torch.device:
         return next(self.parameters()).device
@@ -353,6 +365,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
         inputs = self._prepare_inputs(batch, depth_unit=self.config.dataset_depth_unit)
+        if self.training and self.config.augment_depth_noise:
+            inputs = self._sensor_depth_noise(inputs)
         if self.training and self.config.augment_crop_scale < 1.0:
             inputs = self._random_crop(inputs)
         actions = batch[ACTION]

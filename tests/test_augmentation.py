@@ -1,5 +1,6 @@
 """The random-crop augmentation moves RGB, depth and intrinsics together: 3D stays under its pixel."""
 
+import pytest
 import torch
 from helpers import preprocess, raw_batch
 from test_policy_geometry import geometry_policy, noise_for, with_depth
@@ -64,3 +65,43 @@ def test_training_crops_randomly_and_inference_never_crops():
         atol=0,
         rtol=0,
     )
+
+
+def _depth_reaching_the_model(policy, batch):
+    """The depth maps (one per camera) that `policy.forward` hands to its network."""
+    seen = []
+    network_forward = policy.model.forward
+
+    def recording_forward(inputs, *args, **kwargs):
+        seen.extend(camera.depth.clone() for camera in inputs.camera_geometry if camera is not None)
+        return network_forward(inputs, *args, **kwargs)
+
+    policy.model.forward = recording_forward
+    try:
+        policy.forward(batch, noise=noise_for(policy), time=torch.tensor([0.3, 0.6]))
+    finally:
+        del policy.model.forward
+    return seen
+
+
+def test_sensor_depth_noise_augments_training_batches_only_when_enabled():
+    batch = preprocess(geometry_policy(), with_depth(raw_batch()))
+    exact = _depth_reaching_the_model(geometry_policy().train(), batch)
+    assert len(exact) == 2
+
+    augmented = geometry_policy(augment_depth_noise=True)
+    noisy = _depth_reaching_the_model(augmented.train(), batch)
+    for clean, sensor in zip(exact, noisy, strict=True):
+        valid = sensor > 0
+        assert 0.5 < valid.float().mean() < 1.0  # holes, the rest kept
+        steps = sensor[valid].double() / 0.001
+        torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)  # millimetre steps
+        assert 0 < (sensor - clean)[valid].abs().max() < 0.03  # noise of a few millimetres
+    # Evaluation (and lerobot-eval's inference) sees the depth as recorded.
+    for clean, seen in zip(exact, _depth_reaching_the_model(augmented.eval(), batch), strict=True):
+        torch.testing.assert_close(seen, clean, atol=0, rtol=0)
+
+
+def test_depth_noise_augmentation_needs_recorded_depth():
+    with pytest.raises(ValueError, match="augment_depth_noise"):
+        geometry_policy(geometry="none", augment_depth_noise=True)
