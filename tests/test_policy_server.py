@@ -1,0 +1,268 @@
+"""``llava3d-fusion-policy-server`` on loopback, driven by LeRobot's own ``RobotClient``.
+
+A tiny ``geometry=depth`` checkpoint, a robot with a RealSense-like depth camera (``fake_depth_robot``),
+the server on 127.0.0.1 in this process: action chunks equal what ``predict_action_chunk`` gives on
+the same observation (as ``lerobot-rollout`` builds it) with the same noise; bad observations are
+refused with a message the client receives, and the server keeps serving; malicious pickles are refused
+without running their payload. Every gRPC call has a deadline; the fixture stops what it starts.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pickle  # noqa: E402
+import socket  # noqa: E402
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fake_depth_robot import (  # noqa: E402
+    JOINTS,
+    SIZE,
+    TASK,
+    FakeDepthRobotConfig,
+    depth_robot_dataset_features,
+    depth_robot_observation,
+)
+from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
+from lerobot.policies import make_pre_post_processors  # noqa: E402
+from lerobot.policies.utils import build_inference_frame  # noqa: E402
+from lerobot.utils.feature_utils import dataset_to_policy_features  # noqa: E402
+
+from lerobot_llava3d_fusion import Llava3DFusionConfig, make_llava3d_fusion_pre_post_processors  # noqa: E402
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy  # noqa: E402
+from lerobot_llava3d_fusion.tools.remote_observation import resize_depth_nearest, resize_intrinsics  # noqa: E402
+from lerobot_llava3d_fusion.tools.safe_unpickle import UnsafePickleError, safe_loads  # noqa: E402
+
+K = [[30.0, 0.0, 15.5], [0.0, 30.0, 15.5], [0.0, 0.0, 1.0]]
+CHUNK, MAX_ACTION_DIM, NOISE_SEED = 4, 8, 7
+DEADLINE_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved tiny geometry=depth policy whose inputs are the fake robot's features, open geometry gate."""
+    features = dataset_to_policy_features(depth_robot_dataset_features())
+    torch.manual_seed(0)
+    config = Llava3DFusionConfig(
+        vlm_model_name="tiny", chunk_size=CHUNK, n_action_steps=CHUNK, num_steps=2, max_state_dim=8,
+        max_action_dim=MAX_ACTION_DIM, device="cpu", geometry="depth", geometry_gate_init=1.0,
+        camera_intrinsics={"front": K}, input_features=features,
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (len(JOINTS),))},
+    )  # fmt: skip
+    policy = Llava3DFusionPolicy(config)
+    directory = tmp_path_factory.mktemp("depth_checkpoint")
+    policy.save_pretrained(directory)
+    preprocessor, postprocessor = make_llava3d_fusion_pre_post_processors(config, dataset_stats=None)
+    preprocessor.save_pretrained(directory)
+    postprocessor.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server on 127.0.0.1 (LeRobot's async-inference modules write logs/ into the working dir)."""
+    workdir = tmp_path_factory.mktemp("server_workdir")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    from lerobot_llava3d_fusion.tools.policy_server import Llava3DFusionServerConfig, start_server
+
+    config = Llava3DFusionServerConfig(port=free_port(), noise_seed=NOISE_SEED, obs_queue_timeout=10)
+    grpc_server, policy_server = start_server(config)
+    try:
+        yield config, policy_server
+    finally:
+        grpc_server.stop(grace=None).wait(timeout=10)
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def client(server, checkpoint, tmp_path_factory):
+    """LeRobot's unmodified RobotClient on the fake depth robot, connected and instructed."""
+    from lerobot.async_inference.configs import RobotClientConfig
+    from lerobot.async_inference.robot_client import RobotClient
+
+    config, _ = server
+    robot = FakeDepthRobotConfig(calibration_dir=tmp_path_factory.mktemp("calibration"))
+    client = RobotClient(
+        RobotClientConfig(
+            policy_type="llava3d_fusion", pretrained_name_or_path=str(checkpoint), robot=robot,
+            actions_per_chunk=CHUNK, task=TASK, server_address=f"127.0.0.1:{config.port}",
+        )
+    )  # fmt: skip
+    assert client.start()
+    try:
+        yield client
+    finally:
+        client.stop()
+
+
+def send(client, raw: dict, timestep: int) -> None:
+    """What RobotClient.send_observation sends, with a deadline; raises grpc.RpcError when refused."""
+    from lerobot.async_inference.helpers import TimedObservation
+
+    observation = TimedObservation(timestamp=0.0, timestep=timestep, observation=raw, must_go=True)
+    send_raw_bytes(client, pickle.dumps(observation))
+
+
+def send_raw_bytes(client, data: bytes) -> None:
+    from lerobot.transport import services_pb2
+    from lerobot.transport.utils import send_bytes_in_chunks
+
+    chunks = send_bytes_in_chunks(data, services_pb2.Observation, silent=True)
+    client.stub.SendObservations(chunks, timeout=DEADLINE_S)
+
+
+def receive_chunk(client) -> torch.Tensor:
+    """One GetActions answer as the client reads it: (actions_per_chunk, action_dim)."""
+    from lerobot.transport import services_pb2
+
+    answer = client.stub.GetActions(services_pb2.Empty(), timeout=DEADLINE_S)
+    assert answer.data, "the server answered no chunk"
+    timed_actions = pickle.loads(answer.data)  # the client's own step (trusts its server)
+    return torch.stack([action.get_action() for action in timed_actions])
+
+
+def expected_chunk(checkpoint, raw: dict) -> torch.Tensor:
+    """The checkpoint's chunk on the frame lerobot-rollout builds from the same observation, same noise."""
+    policy = Llava3DFusionPolicy.from_pretrained(checkpoint)
+    preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=str(checkpoint))
+    frame = build_inference_frame(dict(raw), torch.device("cpu"), depth_robot_dataset_features(), task=TASK)
+    noise = torch.randn(1, CHUNK, MAX_ACTION_DIM, generator=torch.Generator().manual_seed(NOISE_SEED))
+    return postprocessor(policy.predict_action_chunk(preprocessor(frame), noise=noise))[0]
+
+
+def robot_observation(seed: int) -> dict:
+    return {**depth_robot_observation(seed), "task": TASK}
+
+
+def test_chunks_through_the_server_equal_predict_action_chunk_and_use_the_depth(client, checkpoint):
+    raw = robot_observation(seed=0)
+    send(client, raw, timestep=0)
+    served = receive_chunk(client)
+    assert served.shape == (CHUNK, len(JOINTS))
+    torch.testing.assert_close(served, expected_chunk(checkpoint, raw), atol=1e-5, rtol=0)
+
+    farther = robot_observation(seed=0)
+    farther["front_depth"] = farther["front_depth"] * 2  # the depth reaches the geometry
+    send(client, farther, timestep=10)
+    assert (receive_chunk(client) - served).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda raw: raw.pop("front_depth"), "front_depth"),
+        (lambda raw: raw.update(front_depth=np.zeros((SIZE, SIZE, 3), np.uint16)), "expected a depth map"),
+        (lambda raw: raw.update(front=np.zeros((SIZE, SIZE), np.uint8)), "expected an RGB image"),
+        (lambda raw: raw.pop(JOINTS[1]), JOINTS[1]),
+    ],
+    ids=["missing depth", "depth with 3 channels", "grey image", "missing joint"],
+)
+def test_a_bad_observation_is_refused_with_its_reason_and_the_server_keeps_serving(client, checkpoint, change, named):
+    raw = robot_observation(seed=1)
+    change(raw)
+    with pytest.raises(grpc.RpcError) as refused:
+        send(client, raw, timestep=20)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in refused.value.details()
+    # LeRobot's client logs the refusal and carries on (send_observation returns False).
+    from lerobot.async_inference.helpers import TimedObservation
+
+    assert not client.send_observation(TimedObservation(0.0, 21, raw, must_go=True))
+
+    good = robot_observation(seed=2)
+    send(client, good, timestep=30)
+    torch.testing.assert_close(receive_chunk(client), expected_chunk(checkpoint, good), atol=1e-5, rtol=0)
+
+
+class WritesAFile:
+    """A pickle whose loading runs a shell command (what `pickle.loads` would do with it)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_malicious_pickle_is_refused_without_running_its_payload(client, tmp_path):
+    from lerobot.transport import services_pb2
+
+    marker = tmp_path / "payload_ran"
+    with pytest.raises(grpc.RpcError) as refused:
+        send_raw_bytes(client, pickle.dumps(WritesAFile(marker)))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "system" in refused.value.details()
+    with pytest.raises(grpc.RpcError):
+        client.stub.SendPolicyInstructions(
+            services_pb2.PolicySetup(data=pickle.dumps(WritesAFile(marker))), timeout=DEADLINE_S
+        )
+    assert not marker.exists()
+    # The payload hidden inside a tensor's storage archive (torch.load's own unpickler) is refused too.
+    with pytest.raises(pickle.UnpicklingError):
+        safe_loads(pickle.dumps(StorageArchive(marker)))
+    assert not marker.exists()
+
+
+class StorageArchive:
+    """Pickles like a tensor storage: ``torch.storage._load_from_bytes(<torch.save archive>)``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import io
+
+        buffer = io.BytesIO()
+        torch.save(WritesAFile(self.path), buffer)
+        return torch.storage._load_from_bytes, (buffer.getvalue(),)
+
+
+def test_protocol_messages_round_trip_through_the_restricted_unpickler():
+    from lerobot.async_inference.helpers import RemotePolicyConfig, TimedAction, TimedObservation
+
+    observation = TimedObservation(1.5, 3, {**depth_robot_observation(), "task": TASK, "t": torch.arange(3.0)})
+    loaded = safe_loads(pickle.dumps(observation))
+    assert loaded.timestep == 3 and loaded.observation["task"] == TASK
+    np.testing.assert_array_equal(loaded.observation["front_depth"], observation.observation["front_depth"])
+    torch.testing.assert_close(loaded.observation["t"], torch.arange(3.0))
+    specs = RemotePolicyConfig("llava3d_fusion", "ckpt", depth_robot_dataset_features(), CHUNK)
+    assert safe_loads(pickle.dumps(specs)) == specs
+    actions = [TimedAction(0.0, 0, torch.ones(4))]
+    assert safe_loads(pickle.dumps(actions))[0].action.equal(torch.ones(4))
+    with pytest.raises(UnsafePickleError, match="posix.system|os.system"):
+        safe_loads(pickle.dumps(WritesAFile("/nonexistent/never")))
+
+
+def test_depth_is_resized_by_nearest_neighbour_and_intrinsics_follow():
+    depth = torch.randint(400, 1500, (1, 1, 8, 8), dtype=torch.int32).to(torch.uint16)
+    doubled = depth.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # a 16 x 16 sensor, same view
+    resized = resize_depth_nearest(doubled, (8, 8))
+    assert resized.dtype == torch.uint16 and torch.equal(resized, depth)  # values picked, never blended
+    k = torch.tensor(K)
+    k_doubled = resize_intrinsics(k, (8, 8), (16, 16))
+    torch.testing.assert_close(resize_intrinsics(k_doubled, (16, 16), (8, 8)), k)
+    assert k_doubled[0, 0] == 60.0 and k_doubled[0, 2] == 31.5  # pixel centres: (15.5 + 0.5) * 2 - 0.5
+
+
+def test_the_server_binds_loopback_unless_told_and_its_command_documents_its_flags(tmp_path):
+    import subprocess
+    import sys
+
+    from e2e_utils import subprocess_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lerobot_llava3d_fusion.tools.policy_server", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--host" in result.stdout and "127.0.0.1" in result.stdout and "--noise_seed" in result.stdout
