@@ -1,12 +1,11 @@
 """Llava3DFusionPolicy: the LeRobot contract around `Llava3DFusionModel`.
 
-It checks and turns LeRobot batches (after the policy preprocessor) into model inputs, and turns
-model outputs back into LeRobot actions; the network itself lives in `model.py`.
+It turns LeRobot batches (after the policy preprocessor) into model inputs (`model/inputs.py`, which
+checks them) and model outputs back into LeRobot actions; the network itself lives in `model/`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,15 +15,14 @@ from lerobot.configs import DEPTH_METER_UNIT, PreTrainedConfig
 from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
-from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
+from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
-from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
 from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
-from lerobot_llava3d_fusion.configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
-from lerobot_llava3d_fusion.observation_keys import GEOMETRY_ORIGIN, camera_name, depth_key, extrinsics_key, intrinsics_key
+from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -40,6 +38,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         config.validate_features()
         self.config = config
         self.model = Llava3DFusionModel(config, backbone_source)
+        self._batch_to_inputs = BatchToModelInputs(config, self.model.image_size)
         self.model.fusion.gradient_checkpointing = config.gradient_checkpointing
         self._apply_freeze_flags()
         self._set_storage_dtypes()
@@ -160,159 +159,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     # ------------------------------------------------------------------------ batch -> inputs
 
     def _prepare_inputs(self, batch: dict[str, Tensor], depth_unit: str = DEPTH_METER_UNIT) -> ModelInputs:
-        """The model's inputs from a preprocessed batch; `depth_unit`: the unit of its recorded depth maps
-        (training batches: the config's `dataset_depth_unit`; observations at inference: metres)."""
-        cfg = self.config
-        for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
-            if key not in batch:
-                raise KeyError(
-                    f"{key!r} missing from the batch: run the policy's preprocessor (it tokenizes the task)."
-                )
-        lang_tokens, lang_mask = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool()
-        if not lang_mask.any(dim=1).all():
-            raise ValueError(
-                "a sample has an empty task: llava3d_fusion needs a task instruction per sample."
-            )
-
-        batch_size = lang_tokens.shape[0]
-        images, camera_present = [], []
-        for key in cfg.camera_keys:
-            if key not in batch and key.startswith(EMPTY_CAMERA_PREFIX):
-                # pi0's empty camera: a blank image whose tokens are masked out.
-                size = self.model.image_size
-                images.append(torch.zeros(batch_size, 3, size, size, device=lang_tokens.device))
-                camera_present.append(torch.zeros(batch_size, dtype=torch.bool, device=lang_tokens.device))
-                continue
-            if key not in batch:
-                present = sorted(k for k in batch if k.startswith("observation."))
-                raise KeyError(f"camera {key!r} missing from the batch; observation keys present: {present}")
-            image = batch[key]
-            if image.ndim != 4 or image.shape[1] != 3:
-                raise ValueError(f"{key}: expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
-            _check_finite(key, image)
-            images.append(image)
-            camera_present.append(None)
-
-        point_cameras = set(cfg.geometry_camera_keys)
-        origin = self._geometry_origin(batch, batch_size) if point_cameras else None  # shared by all cameras
-        camera_geometry = [
-            self._prepare_camera_geometry(batch, key, batch_size, origin, depth_unit)
-            if key in point_cameras
-            else None
-            for key in cfg.camera_keys
-        ]
-        state = self._prepare_state(batch, batch_size)
-        return ModelInputs(images, camera_geometry, lang_tokens, lang_mask, state, camera_present)
-
-    def _prepare_camera_geometry(
-        self,
-        batch: dict[str, Tensor],
-        camera_key: str,
-        batch_size: int,
-        origin: Tensor | None,
-        depth_unit: str,
-    ) -> CameraGeometry:
-        """The depth the geometry source reads from the batch (none when it estimates depth) and the
-        camera matrices of one camera, from the batch or the config; `origin` (B, 3) or None."""
-        cfg = self.config
-        name = camera_name(camera_key)
-        device = batch[OBS_LANGUAGE_TOKENS].device
-        depth = cfg.geometry_source.batch_depth(
-            batch, camera_key, batch_size, cfg.geometry_max_depth, depth_unit
-        )
-        intrinsics = self._camera_matrix(
-            batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
-        )
-        if intrinsics is None:
-            raise KeyError(
-                f"no intrinsics for camera {name!r}: put {intrinsics_key(camera_key)!r} in the observation or "
-                f"set camera_intrinsics[{name!r}] in the policy config."
-            )
-        _check_pinhole(intrinsics_key(camera_key), intrinsics)
-        if depth is not None:
-            self._check_depth_grid(
-                camera_key, depth, intrinsics, from_config=intrinsics_key(camera_key) not in batch
-            )
-        extrinsics = self._camera_matrix(
-            batch, extrinsics_key(camera_key), cfg.camera_extrinsics.get(name), 4, device
-        )
-        if extrinsics is not None:
-            _check_rigid_transform(extrinsics_key(camera_key), extrinsics)
-        return CameraGeometry(
-            intrinsics=intrinsics,
-            depth=depth,
-            extrinsics=extrinsics,
-            origin=origin,
-        )
-
-    def _geometry_origin(self, batch: dict[str, Tensor], batch_size: int) -> Tensor | None:
-        """(B, 3) raw state position the 3D points are measured from (`geometry_origin="state"`), else None."""
-        if self.config.geometry_origin != "state":
-            return None
-        if GEOMETRY_ORIGIN not in batch:
-            raise KeyError(
-                f"geometry_origin='state' needs {GEOMETRY_ORIGIN!r}, the raw state position the policy's "
-                "preprocessor copies before normalizing the state: run the batch through that preprocessor "
-                "(make_pre_post_processors / the checkpoint's policy_preprocessor)."
-            )
-        origin = batch[GEOMETRY_ORIGIN]
-        if tuple(origin.shape) != (batch_size, 3):
-            raise ValueError(
-                f"{GEOMETRY_ORIGIN}: expected shape ({batch_size}, 3), got {tuple(origin.shape)}"
-            )
-        _check_finite(GEOMETRY_ORIGIN, origin)
-        return origin
-
-    def _check_depth_grid(
-        self, camera_key: str, depth: Tensor, intrinsics: Tensor, from_config: bool
-    ) -> None:
-        """The intrinsics must describe the depth image's pixel grid, or back-projection is silently wrong."""
-        height, width = depth.shape[-2:]
-        key = depth_key(camera_key)
-        recorded = self.config.input_features[key].shape[-2:] if key in self.config.input_features else None
-        if from_config and recorded is not None and tuple(recorded) != (height, width):
-            raise ValueError(
-                f"{key} is {height}x{width}, but camera_intrinsics[{camera_name(camera_key)!r}] of the config "
-                f"describe the {recorded[0]}x{recorded[1]} depth the policy was trained on: resize the "
-                "depth to that resolution, or give per-frame intrinsics for this one in "
-                f"{intrinsics_key(camera_key)!r}."
-            )
-        principal_x, principal_y = intrinsics[..., 0, 2], intrinsics[..., 1, 2]
-        if ((principal_x < 0) | (principal_x > width) | (principal_y < 0) | (principal_y > height)).any():
-            raise ValueError(
-                f"{key} is {height}x{width}, but {intrinsics_key(camera_key)} puts the principal point at "
-                f"(cx, cy) = ({principal_x.max().item():g}, {principal_y.max().item():g}), outside it: the "
-                f"intrinsics are for an image of about {2 * principal_y.max().item():.0f}x"
-                f"{2 * principal_x.max().item():.0f}. They must describe the depth image's own pixel grid "
-                "(scale fx, fy, cx, cy with the depth's resolution)."
-            )
-
-    @staticmethod
-    def _camera_matrix(batch, key: str, fallback, size: int, device) -> Tensor | None:
-        matrix = batch[key] if key in batch else (torch.tensor(fallback, device=device) if fallback else None)
-        if matrix is None:
-            return None
-        matrix = matrix.float()
-        if matrix.shape[-2:] != (size, size):
-            raise ValueError(
-                f"{key}: expected a {size}x{size} matrix per sample, got shape {tuple(matrix.shape)}"
-            )
-        _check_finite(key, matrix)
-        return matrix
-
-    def _prepare_state(self, batch: dict[str, Tensor], batch_size: int) -> Tensor:
-        cfg = self.config
-        state_feature = cfg.robot_state_feature
-        if state_feature is None:
-            return torch.zeros(batch_size, cfg.max_state_dim, device=self.device_of_model)
-        if OBS_STATE not in batch:
-            raise KeyError(f"{OBS_STATE!r} missing from the batch (the policy was configured with a state).")
-        state = batch[OBS_STATE]
-        expected = state_feature.shape[-1]
-        if state.ndim != 2 or state.shape[-1] != expected:
-            raise ValueError(f"{OBS_STATE}: expected shape (B, {expected}), got {tuple(state.shape)}")
-        _check_finite(OBS_STATE, state)
-        return pad_vector(state.float(), cfg.max_state_dim)
+        """The model's inputs from a preprocessed batch, checked (`model/inputs.py`)."""
+        return self._batch_to_inputs(batch, depth_unit)
 
     def _random_crop(self, inputs: ModelInputs) -> ModelInputs:
         """Training augmentation: one random crop per camera and sample, applied alike to the image, its
@@ -336,16 +184,6 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             camera_geometry.append(camera)
         return inputs._replace(images=images, camera_geometry=camera_geometry)
 
-    def _sensor_depth_noise(self, inputs: ModelInputs) -> ModelInputs:
-        """Training augmentation: every recorded depth map made sensor-like (`geometry/depth_noise.py`),
-        at its recorded resolution and before any crop, as a real camera would deliver it."""
-        camera_geometry = [
-            camera if camera is None or camera.depth is None
-            else dataclasses.replace(camera, depth=sensor_depth_noise(camera.depth))
-            for camera in inputs.camera_geometry
-        ]
-        return inputs._replace(camera_geometry=camera_geometry)
-
     @property
     def device_of_model(self) -> torch.device:
         return next(self.parameters()).device
@@ -365,8 +203,6 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
         inputs = self._prepare_inputs(batch, depth_unit=self.config.dataset_depth_unit)
-        if self.training and self.config.augment_depth_noise:
-            inputs = self._sensor_depth_noise(inputs)
         if self.training and self.config.augment_crop_scale < 1.0:
             inputs = self._random_crop(inputs)
         actions = batch[ACTION]
@@ -375,7 +211,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             raise ValueError(
                 f"{ACTION}: expected shape (B, {expected[0]}, {expected[1]}), got {tuple(actions.shape)}"
             )
-        _check_finite(ACTION, actions)
+        check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
 
         losses = self.model(inputs, padded_actions, noise=noise, time=time)
@@ -476,39 +312,3 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             self._action_queue.extend(chunk[:, :n_steps].transpose(0, 1))  # queue of (B, action_dim)
         return self._action_queue.popleft()
 
-
-# Camera matrices are metric and must reach the policy as recorded; one that was normalised (or is
-# simply not a camera matrix) fails these checks instead of silently bending the 3D positions. A focal
-# length may be negative: a mirrored image (LIBERO's, see envs/libero_rgbd.py) has fx < 0 and
-# back-projects exactly with it.
-def _check_pinhole(key: str, intrinsics: Tensor) -> None:
-    last_row = intrinsics.new_tensor([0.0, 0.0, 1.0])
-    focal = intrinsics[..., [0, 1], [0, 1]]
-    if not (
-        torch.allclose(intrinsics[..., 2, :], last_row.expand_as(intrinsics[..., 2, :]))
-        and (focal != 0).all()
-    ):
-        raise ValueError(
-            f"{key} is not a pinhole matrix [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy != 0 (got "
-            f"{intrinsics.reshape(-1, 3, 3)[0].tolist()}). Camera matrices must reach the policy as recorded: "
-            "were they normalised?"
-        )
-
-
-def _check_rigid_transform(key: str, extrinsics: Tensor) -> None:
-    rotation = extrinsics[..., :3, :3]
-    identity = torch.eye(3, device=extrinsics.device).expand_as(rotation)
-    with torch.autocast(extrinsics.device.type, enabled=False):  # a float32 check under bf16 training
-        gram = rotation @ rotation.transpose(-1, -2)
-    last_row = extrinsics.new_tensor([0.0, 0.0, 0.0, 1.0]).expand_as(extrinsics[..., 3, :])
-    if not (torch.allclose(extrinsics[..., 3, :], last_row) and torch.allclose(gram, identity, atol=1e-3)):
-        raise ValueError(
-            f"{key} is not a rigid camera-to-world transform [[R, t], [0, 0, 0, 1]] with R a rotation (got "
-            f"{extrinsics.reshape(-1, 4, 4)[0].tolist()}). Camera matrices must reach the policy as recorded: "
-            "were they normalised?"
-        )
-
-
-def _check_finite(key: str, tensor: Tensor) -> None:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{key} contains NaN or inf values.")
