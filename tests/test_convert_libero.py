@@ -31,9 +31,11 @@ from libero_hdf5 import (  # noqa: E402
     write_libero_hdf5,
 )
 
+from libero_kill_points import fake_frames, use_fake_rendering  # noqa: E402
+
 from lerobot_llava3d_fusion.tools import convert_libero  # noqa: E402
 from lerobot_llava3d_fusion.tools.convert_libero import (  # noqa: E402
-    CONVERSION_LOG,
+    JOURNAL,
     DemoResult,
     LiberoHDF5Error,
     localize_model_xml,
@@ -205,22 +207,6 @@ def test_a_complete_file_is_listed_as_its_task(tmp_path):
     ]
 
 
-def fake_frames(n: int, value: float) -> list[dict]:
-    """Frames with the converter's features, filled with `value` (no simulator)."""
-    from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
-    from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features
-
-    features = dataset_features(LiberoRGBDEnvConfig(observation_height=16, observation_width=16))
-    frames = []
-    for _ in range(n):
-        frame = {"task": TASK}
-        for key, feature in features.items():
-            dtype = np.uint8 if feature["dtype"] == "image" and feature["shape"][-1] == 3 else np.float32
-            frame[key] = np.full(feature["shape"], value, dtype=dtype)
-        frames.append(frame)
-    return frames
-
-
 def test_failed_replays_are_dropped_unless_kept(tmp_path, monkeypatch):
     """The writer's bookkeeping with --replay actions, with rendering replaced by fixed results."""
     ensure_libero_ready()
@@ -234,7 +220,7 @@ def test_failed_replays_are_dropped_unless_kept(tmp_path, monkeypatch):
 
     def fake_render(job):
         success, length = outcome[job.demo]
-        return DemoResult(job, fake_frames(length, float(length)), recorded_steps=3, success=success)
+        return DemoResult(job, fake_frames([float(length)] * length, TASK), recorded_steps=3, success=success)
 
     monkeypatch.setattr(convert_libero, "render_demo", fake_render)
     dropped = convert([path], REPO_ID, tmp_path / "dropped", image_size=16, replay="actions")
@@ -242,7 +228,7 @@ def test_failed_replays_are_dropped_unless_kept(tmp_path, monkeypatch):
     dataset = load(tmp_path / "dropped")
     assert dataset.meta.total_episodes == 2 and len(dataset) == 3 + 4
     assert dataset[3]["observation.state"][0].item() == 4.0  # episode 1 is demo_2
-    log = [json.loads(line) for line in (tmp_path / "dropped" / CONVERSION_LOG).read_text().splitlines()]
+    log = json.loads((tmp_path / "dropped" / JOURNAL).read_text())["demos"]
     assert [(e["demo"], e["success"], e["episode_index"]) for e in log] == [
         ("demo_0", True, 0), ("demo_1", False, None), ("demo_2", True, 1)
     ]  # fmt: skip
@@ -255,6 +241,130 @@ def test_failed_replays_are_dropped_unless_kept(tmp_path, monkeypatch):
         convert([path], REPO_ID, tmp_path / "kept", image_size=16, replay="actions")
     with pytest.raises(ValueError, match="--keep-failed"):
         convert([path], REPO_ID, tmp_path / "other", keep_failed=True)
+
+
+# ---- Interruptions (no simulator) -------------------------------------------------------------------
+
+
+def four_demo_file(folder: Path) -> Path:
+    """A file in LIBERO's layout with demo_0..demo_3 (rendered by `libero_kill_points.fake_render`)."""
+    path = folder / SUITE / "task_demo.hdf5"
+    path.parent.mkdir(parents=True)
+    write_layout(path, drop="")
+    with h5py.File(path, "a") as handle:
+        for index in (1, 2, 3):
+            handle.copy("data/demo_0", f"data/demo_{index}")
+    return path
+
+
+def run_killed_converter(path: Path, root: Path, kill_at: str | None, log: Path):
+    """The command line in a subprocess (fake rendering), SIGKILLed at `kill_at` (see libero_kill_points)."""
+    import e2e_utils as e2e
+
+    helper = Path(__file__).resolve().parent / "libero_kill_points.py"
+    command = [sys.executable, str(helper), *(["--kill-at", kill_at] if kill_at else []), "--",
+               "--hdf5", str(path), "--repo-id", REPO_ID, "--root", str(root), "--image-size", "16"]  # fmt: skip
+    return e2e.run_command(command, log)
+
+
+def assert_same_dataset(root: Path, reference: Path) -> None:
+    """Same episodes, frames, actions, states, tasks, stats and journal as the uninterrupted conversion."""
+    dataset, expected = load(root), load(reference)
+    assert (dataset.meta.total_episodes, len(dataset)) == (expected.meta.total_episodes, len(expected))
+    for key in ("episode_index", "frame_index", "index", "action", "observation.state", "observation.depth.image"):
+        torch.testing.assert_close(
+            torch.stack([dataset[i][key] for i in range(len(dataset))]),
+            torch.stack([expected[i][key] for i in range(len(expected))]),
+            msg=key,
+        )
+    assert [dataset[i]["task"] for i in range(len(dataset))] == [expected[i]["task"] for i in range(len(expected))]
+    assert [dataset.meta.episodes[i]["length"] for i in range(dataset.meta.total_episodes)] == [
+        expected.meta.episodes[i]["length"] for i in range(expected.meta.total_episodes)
+    ]
+    stats, expected_stats = (json.loads((r / "meta" / "stats.json").read_text()) for r in (root, reference))
+    assert stats.keys() == expected_stats.keys()
+    for key in stats:
+        for name in stats[key]:
+            np.testing.assert_allclose(stats[key][name], expected_stats[key][name], rtol=1e-6, err_msg=f"{key}/{name}")
+    journal, expected_journal = (json.loads((r / JOURNAL).read_text())["demos"] for r in (root, reference))
+    assert [(e["demo"], e["episode_index"], e["frames"]) for e in journal] == [
+        (e["demo"], e["episode_index"], e["frames"]) for e in expected_journal
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """The four-demo file and its conversion in one go (fake rendering, in this process)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    path = four_demo_file(folder)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_fake_rendering(convert_libero, monkeypatch.setattr)
+        summary = convert([path], REPO_ID, folder / "dataset", image_size=16)
+    assert (summary.episodes, summary.frames) == (4, 2 + 3 + 2 + 3)
+    return path, folder / "dataset"
+
+
+def test_a_converter_killed_mid_episode_resumes_offline_to_the_same_dataset(uninterrupted, tmp_path, monkeypatch):
+    """SIGKILL after the second episode's rows reached the data parquet (no footer yet): the next run
+    removes that episode's files, resumes after the first episode, reads no Hub, and gives the same
+    dataset as an uninterrupted run."""
+    path, reference = uninterrupted
+    root = tmp_path / "dataset"
+    killed = run_killed_converter(path, root, "data:2", tmp_path / "killed.log")
+    assert killed.returncode == -9, killed.describe()
+    assert json.loads((root / JOURNAL).read_text())["demos"][-1]["demo"] == "demo_0"
+
+    use_fake_rendering(convert_libero, monkeypatch.setattr)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = convert([path], REPO_ID, root, image_size=16)
+    assert (summary.skipped, summary.episodes, summary.frames) == (1, 3, 3 + 2 + 3)
+    assert not [file for file in (root / "images").rglob("*") if file.is_file()]  # LeRobot's staged frames
+    assert_same_dataset(root, reference)
+
+
+@pytest.mark.slow
+def test_conversion_survives_a_hard_kill_at_every_point(uninterrupted, tmp_path):
+    """One dataset, converted by a chain of command-line runs each SIGKILLed at another point (see
+    libero_kill_points), then one that completes: equal to the uninterrupted conversion, and no run
+    asks to start over or reaches for the Hub."""
+    path, reference = uninterrupted
+    root = tmp_path / "dataset"
+    # create: before the journal; frame:3: demo_1's first frame staged; data: rows without a footer;
+    # saved: info/stats count the episode; closed: files complete, not in the journal; journal: the new
+    # journal not yet in place; data:2: a run that finished demo_1 dies in demo_2.
+    for kill_at in ("create:1", "frame:3", "data:1", "saved:1", "closed:1", "journal:1", "data:2"):
+        result = run_killed_converter(path, root, kill_at, tmp_path / f"{kill_at}.log")
+        assert result.returncode == -9, result.describe()
+        assert "offline" not in result.output.lower() and "convert again" not in result.output, result.describe()
+    journal = json.loads((root / JOURNAL).read_text())["demos"]
+    assert [entry["demo"] for entry in journal] == ["demo_0", "demo_1"]
+    result = run_killed_converter(path, root, None, tmp_path / "final.log")
+    assert result.returncode == 0, result.describe()
+    assert "offline" not in result.output.lower() and "2 demos were already converted" in result.output
+    assert not root.with_name(f".{root.name}.creating").exists()
+    assert_same_dataset(root, reference)
+
+
+def test_max_demos_is_at_least_one_or_all(tmp_path, capsys):
+    for value in ("-1", "0", "two"):
+        with pytest.raises(SystemExit) as exit_info:
+            convert_libero.main(["--hdf5", "x.hdf5", "--repo-id", REPO_ID, "--root", str(tmp_path / "ds"),
+                                 "--max-demos", value])  # fmt: skip
+        assert exit_info.value.code == 2
+        assert "--max-demos" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_demos must be >= 1"):
+        convert([tmp_path], REPO_ID, tmp_path / "ds", max_demos=-1)
+
+
+def test_max_demos_all_converts_every_demo_and_n_the_first_n(uninterrupted, tmp_path, monkeypatch):
+    path, _ = uninterrupted
+    use_fake_rendering(convert_libero, monkeypatch.setattr)
+    for value, count in (("all", 4), ("3", 3)):
+        root = tmp_path / value
+        args = ["--hdf5", str(path), "--repo-id", REPO_ID, "--root", str(root), "--image-size", "16"]
+        assert convert_libero.main([*args, "--max-demos", value]) == 0
+        demos = json.loads((root / JOURNAL).read_text())["demos"]
+        assert [entry["demo"] for entry in demos] == [f"demo_{index}" for index in range(count)]
 
 
 # ---- Simulator --------------------------------------------------------------------------------------

@@ -32,9 +32,12 @@ rotation norm below 1e-4 and the gripper command unchanged); with ``--replay act
 executed either, as in that recipe. LeRobot's LIBERO datasets were made that way (actions replayed,
 no-ops and failures dropped, 256 x 256).
 
-Resumable: the converted demos are listed in ``<root>/meta/libero_conversion.jsonl`` after each
-saved episode; running the same command again skips them and appends the rest (the settings must
-be the same). The dataset is finalized on errors and Ctrl-C, so an interrupted run resumes.
+Resumable, and safe to kill at any point (Ctrl-C, ``kill -9``, a crash): every episode is complete on
+disk (its own data and ``meta/episodes`` parquet files, footers written) before the demo is listed in
+the journal ``<root>/meta/libero_conversion.json``, which is replaced atomically and also keeps the
+dataset's ``info.json``, ``stats.json`` and tasks as they were after that episode. Running the same
+command again (the settings must be the same) removes what an unfinished episode left, restores those
+files, skips the listed demos and appends the rest; only local files are read, never the Hub.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ import atexit
 import json
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -60,6 +65,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from lerobot.datasets.io_utils import write_tasks
+from lerobot.datasets.utils import DEFAULT_TASKS_PATH, EPISODES_DIR, INFO_PATH, STATS_PATH
+from lerobot.utils.io_utils import write_json
 
 from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
 from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
@@ -73,7 +82,9 @@ REPLAY_MODES = ("states", "actions")
 # Attributes of the `data` group and datasets of each demo the converter reads.
 FILE_ATTRS = ("env_args", "problem_info", "bddl_file_name")
 DEMO_KEYS = ("actions", "states")
-CONVERSION_LOG = "meta/libero_conversion.jsonl"
+# The progress journal: the converted demos, the files of their episodes and the dataset-wide metadata
+# after the last complete episode (replaced atomically after each demo).
+JOURNAL = "meta/libero_conversion.json"
 NOOP_THRESHOLD = 1e-4  # the OpenVLA/pi0 recipe's threshold on the 6-d arm command
 FPS = 10  # what LeRobot's LIBERO datasets declare (the simulator's control rate is 20 Hz)
 
@@ -399,47 +410,132 @@ class Settings:
     fps: int
 
 
-def _read_log(root: Path) -> list[dict]:
-    path = root / CONVERSION_LOG
+# Folders whose files belong to episodes; every such file is listed by the journal entry of its demo.
+EPISODE_FOLDERS = ("data", EPISODES_DIR, "videos")
+# LeRobot's staging folder for the frames of the episode being written (emptied after each episode).
+FRAME_STAGING = "images"
+
+
+def _episode_files(root: Path) -> set[str]:
+    """Paths (relative to ``root``) of the files under the episode folders."""
+    return {
+        path.relative_to(root).as_posix()
+        for folder in EPISODE_FOLDERS
+        if (root / folder).is_dir()
+        for path in (root / folder).rglob("*")
+        if path.is_file()
+    }
+
+
+def _read_journal(root: Path) -> dict | None:
+    path = root / JOURNAL
     if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:  # written by os.replace: never half-written by a kill
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or use another --root.") from err
+
+
+def _write_journal(root: Path, journal: dict) -> None:
+    """Replace the journal atomically: a kill leaves the previous journal or this one, never a mix."""
+    path = root / JOURNAL
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(json.dumps(journal))
+    os.replace(staged, path)
+
+
+def _dataset_snapshot(dataset) -> dict:
+    """The dataset-wide metadata files as they are after the last complete episode."""
+    root = Path(dataset.root)
+    tasks = dataset.meta.tasks
+    return {
+        "info": json.loads((root / INFO_PATH).read_text()),
+        "stats": json.loads((root / STATS_PATH).read_text()) if (root / STATS_PATH).is_file() else None,
+        "tasks": [] if tasks is None else tasks.sort_values("task_index").index.tolist(),
+    }
+
+
+def _roll_back_to_journal(root: Path, journal: dict) -> None:
+    """Bring ``root`` back to the last episode the journal lists as complete.
+
+    A hard kill can leave the files of an unfinished episode (a data parquet without its footer, frames
+    in LeRobot's staging folder, a ``meta/episodes`` file) and half-updated ``info.json``,
+    ``stats.json`` and ``tasks.parquet``. Files no journal entry lists are deleted and the three
+    metadata files rewritten from the journal's snapshot. Idempotent: a kill during it is repaired by
+    the next run the same way.
+    """
+    committed = {file for entry in journal["demos"] for file in entry["files"]}
+    stray = sorted(_episode_files(root) - committed)
+    if stray:
+        logger.info("Removing %d files of an episode the previous run did not finish: %s", len(stray), stray)
+    for file in stray:
+        (root / file).unlink()
+    shutil.rmtree(root / FRAME_STAGING, ignore_errors=True)
+    snapshot = journal["dataset"]
+    write_json(snapshot["info"], root / INFO_PATH)
+    (root / STATS_PATH).unlink(missing_ok=True)
+    if snapshot["stats"] is not None:
+        write_json(snapshot["stats"], root / STATS_PATH)
+    (root / DEFAULT_TASKS_PATH).unlink(missing_ok=True)
+    if snapshot["tasks"]:
+        tasks = snapshot["tasks"]
+        write_tasks(pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")), root)
+
+
+def _close_episode_files(dataset) -> None:
+    """Make the episode just saved complete on disk, and send the next one to new files.
+
+    LeRobot keeps a dataset's data parquet and ``meta/episodes`` parquet open across episodes (and
+    buffers episode metadata), writing their footers only in ``finalize()``. Here both are closed after
+    every episode, and the writers are set up as ``LeRobotDataset.resume`` sets them up (continuing
+    after the last episode, in new files) without reloading every episode's metadata.
+    """
+    meta, writer = dataset.meta, dataset.writer
+    writer.close_writer()
+    meta._close_writer()  # flushes the buffered episode metadata first
+    last = {key: value[0] for key, value in meta.latest_episode.items()}
+    meta.episodes = [last]  # what the writers read to continue after the last episode
+    meta.latest_episode = None
+    writer._latest_episode = None
 
 
 def _open_dataset(repo_id: str, root: Path, settings: Settings):
-    """Create the dataset, or reopen one this converter started (checking the settings match)."""
+    """Create the dataset, or reopen one this converter started (rolled back to its last complete
+    episode, the settings checked); only local files are read."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    if (root / "meta" / "info.json").is_file():
-        log = _read_log(root)
-        if not (root / CONVERSION_LOG).is_file():
-            raise FileExistsError(
-                f"{root} holds a dataset that this converter did not write (no {CONVERSION_LOG}); "
-                "choose another --root."
-            )
-        first = log[0]["settings"] if log else None
-        if first is not None and first != asdict(settings):
+    journal = _read_journal(root)
+    if journal is not None:
+        if journal["settings"] != asdict(settings):
             raise ValueError(
-                f"{root} was converted with {first}; this run asks for {asdict(settings)}. Use the same "
-                "options to resume, or another --root."
+                f"{root} was converted with {journal['settings']}; this run asks for {asdict(settings)}. "
+                "Use the same options to resume, or another --root."
             )
-        dataset = LeRobotDataset.resume(repo_id, root=root)
-        episodes = [entry for entry in log if entry.get("episode_index") is not None]
-        if dataset.meta.total_episodes != len(episodes):
-            raise RuntimeError(
-                f"{root}: the dataset has {dataset.meta.total_episodes} episodes but {CONVERSION_LOG} lists "
-                f"{len(episodes)}; the previous run was killed while saving. Delete {root} and convert again."
-            )
-        logger.info("Resuming %s: %d demos already converted", root, len(log))
-        return dataset, log
+        _roll_back_to_journal(root, journal)
+        logger.info("Resuming %s: %d demos already converted", root, len(journal["demos"]))
+        return LeRobotDataset.resume(repo_id, root=root), journal
+    if (root / INFO_PATH).is_file():
+        raise FileExistsError(
+            f"{root} holds a dataset that this converter did not write (no {JOURNAL}); choose another --root."
+        )
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(f"{root} is not empty and holds no dataset; choose another --root.")
+    # Created next to `root` and moved there once its journal exists, so a run killed while creating
+    # leaves no half-made dataset at `root` (the next run starts this over).
+    creating = root.with_name(f".{root.name}.creating")
+    shutil.rmtree(creating, ignore_errors=True)
     features = dataset_features(
         LiberoRGBDEnvConfig(observation_height=settings.size, observation_width=settings.size)
     )
     dataset = LeRobotDataset.create(
-        repo_id=repo_id, fps=settings.fps, features=features, root=root, robot_type="panda", use_videos=False
+        repo_id=repo_id, fps=settings.fps, features=features, root=creating, robot_type="panda", use_videos=False
     )
-    (root / CONVERSION_LOG).touch()
-    return dataset, []
+    dataset.finalize()
+    journal = {"settings": asdict(settings), "demos": [], "dataset": _dataset_snapshot(dataset)}
+    _write_journal(creating, journal)
+    os.replace(creating, root)  # replaces an empty folder too
+    return LeRobotDataset.resume(repo_id, root=root), journal
 
 
 def _results(jobs: Sequence[DemoJob], workers: int) -> Iterator[DemoResult]:
@@ -503,7 +599,7 @@ def convert_libero(
         keep_failed: with ``replay="actions"``, also write demos whose replay does not succeed.
         drop_noops: drop no-op actions (the OpenVLA/pi0 LIBERO recipe).
         workers: processes rendering demos in parallel (1: in this process).
-        max_demos: convert at most this many demos per file (a quick look).
+        max_demos: convert at most this many demos per file (a quick look); ``None``: all.
     Returns:
         Counts of this run (demos, episodes, frames, replay successes...).
     """
@@ -515,6 +611,8 @@ def convert_libero(
         raise ValueError("--keep-failed only applies to --replay actions (restored states cannot fail)")
     if image_size < 8 or workers < 1:
         raise ValueError(f"image_size must be >= 8 and workers >= 1 (got {image_size}, {workers})")
+    if max_demos is not None and max_demos < 1:
+        raise ValueError(f"max_demos must be >= 1, or None for every demo (got {max_demos})")
     ensure_libero_ready()
     root = Path(root)
     jobs = []
@@ -522,8 +620,8 @@ def convert_libero(
         file_jobs = read_demo_jobs(path, image_size, replay, drop_noops)
         jobs.extend(file_jobs[:max_demos] if max_demos is not None else file_jobs)
     settings = Settings(image_size, replay, drop_noops, keep_failed, fps)
-    dataset, log = _open_dataset(repo_id, root, settings)
-    done = {(entry["hdf5"], entry["demo"]) for entry in log}
+    dataset, journal = _open_dataset(repo_id, root, settings)
+    done = {(entry["hdf5"], entry["demo"]) for entry in journal["demos"]}
     summary = ConversionSummary(skipped=sum((job.hdf5, job.demo) in done for job in jobs))
     todo = [job for job in jobs if (job.hdf5, job.demo) not in done]
     logger.info(
@@ -531,10 +629,7 @@ def convert_libero(
         len(jobs), len({job.hdf5 for job in jobs}), len(todo), summary.skipped,
     )  # fmt: skip
     try:
-        with (
-            tqdm(total=len(todo), desc="Converting LIBERO demos", unit="demo") as bar,
-            (root / CONVERSION_LOG).open("a") as log_file,
-        ):
+        with tqdm(total=len(todo), desc="Converting LIBERO demos", unit="demo") as bar:
             for result in _results(todo, workers):
                 job, kept = result.job, bool(result.frames)
                 summary.demos += 1
@@ -545,21 +640,24 @@ def convert_libero(
                     if not result.success and not keep_failed:
                         kept = False
                         summary.dropped_failed += 1
-                episode_index = None
+                episode_index, files = None, []
                 if kept:
+                    files_before = _episode_files(root)
                     for frame in result.frames:
                         dataset.add_frame(frame)
                     save_episode(dataset)
+                    _close_episode_files(dataset)
+                    files = sorted(_episode_files(root) - files_before)
                     episode_index = dataset.meta.total_episodes - 1
+                    journal["dataset"] = _dataset_snapshot(dataset)
                     summary.episodes += 1
                     summary.frames += len(result.frames)
-                entry = {
-                    "hdf5": job.hdf5, "demo": job.demo, "task": job.task, "episode_index": episode_index,
-                    "recorded_steps": result.recorded_steps, "frames": len(result.frames),
-                    "noops": result.noops, "success": result.success, "settings": asdict(settings),
-                }  # fmt: skip
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
+                journal["demos"].append(
+                    {"hdf5": job.hdf5, "demo": job.demo, "task": job.task, "episode_index": episode_index,
+                     "recorded_steps": result.recorded_steps, "frames": len(result.frames),
+                     "noops": result.noops, "success": result.success, "files": files}
+                )  # fmt: skip
+                _write_journal(root, journal)  # the demo counts as converted from here on
                 bar.update()
                 bar.set_postfix(
                     episodes=summary.episodes,
@@ -572,6 +670,19 @@ def convert_libero(
 
 def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _demo_count(text: str) -> int | None:
+    """``--max-demos``: a count >= 1, or ``all``."""
+    if text == "all":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', got {text!r}")
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -590,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-noops", action="store_true", help="drop no-op actions (OpenVLA/pi0 recipe)")
     parser.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     parser.add_argument("--fps", type=int, default=FPS, help=f"fps stored in the dataset (default {FPS})")
-    parser.add_argument("--max-demos", type=int, default=None, help="convert at most N demos per file")
+    parser.add_argument("--max-demos", type=_demo_count, default=None, metavar="N",
+                        help="convert at most N demos per file (N >= 1; default: all)")  # fmt: skip
     args = parser.parse_args(argv)
     # force: LeRobot's imports may already have configured the root logger, which would hide our summary.
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
