@@ -2,27 +2,37 @@
 
 It turns LeRobot batches (after the policy preprocessor) into model inputs (`model/inputs.py`, which
 checks them) and model outputs back into LeRobot actions; the network itself lives in `model/`.
+
+Annotations here are evaluated at runtime (no `from __future__ import annotations`): LeRobot's
+policy checks read `__init__`'s `config` annotation as a class.
 """
 
-from __future__ import annotations
-
+import copy
+import dataclasses
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
 from lerobot.configs import DEPTH_METER_UNIT, PreTrainedConfig
+from lerobot.configs.train import TrainPipelineConfig
+from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from lerobot.utils.constants import ACTION
+from lerobot.utils.device_utils import resolve_safetensors_device
 from torch import Tensor
 
 from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
+from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
 from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
+from lerobot_llava3d_fusion.checkpoint import fetch_versions_file, load_weights, save_library_versions
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
 from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
+from lerobot_llava3d_fusion.model_card import build_model_card
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -41,25 +51,58 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         self._batch_to_inputs = BatchToModelInputs(config, self.model.image_size)
         self.model.fusion.gradient_checkpointing = config.gradient_checkpointing
         self._apply_freeze_flags()
+        self._trains = False  # set by train(): keep float32 master weights from then on
         self._set_storage_dtypes()
         self.init_rtc_processor()
         self.reset()
 
     @classmethod
-    def from_pretrained(cls, pretrained_name_or_path, *, config: PreTrainedConfig | None = None, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_name_or_path,
+        *,
+        config: PreTrainedConfig | None = None,
+        strict: bool = True,
+        **kwargs,
+    ):
+        """LeRobot's loading, strict by default (`checkpoint.py`): a key of the checkpoint or the policy
+        left unmatched after the known layout migrations is an error; `strict=False` logs it instead.
+        A `config` passed in is copied, never changed."""
         # The checkpoint holds every weight: do not fetch the backbone's pretrained weights again, and
         # build the architecture from the backbone files the checkpoint carries.
         if config is None:
             config = PreTrainedConfig.from_pretrained(pretrained_name_or_path, **kwargs)
+        else:
+            config = copy.deepcopy(config)
         config.load_vlm_weights = False
         source = checkpoint_backbone_source(pretrained_name_or_path, config, **kwargs)
+        fetch_versions_file(pretrained_name_or_path, **kwargs)
         return super().from_pretrained(
-            pretrained_name_or_path, config=config, backbone_source=source, **kwargs
+            pretrained_name_or_path, config=config, strict=strict, backbone_source=source, **kwargs
         )
+
+    @classmethod
+    def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):
+        load_weights(model, model_file, resolve_safetensors_device(map_location), strict)
+        return model
 
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
         super()._save_pretrained(save_directory, state_dict)
         save_backbone_files(self.model.backbone_source, self.model.tokenizer, save_directory)
+        save_library_versions(save_directory)
+
+    def generate_model_card(
+        self,
+        dataset_repo_id: str,
+        model_type: str,
+        license: str | None,
+        tags: list[str] | None,
+        cfg: TrainPipelineConfig | None = None,
+        dataset_meta: LeRobotDatasetMetadata | None = None,
+    ) -> ModelCard:
+        """This policy's own card on `push_model_to_hub` (`model_card.py`): the install line, the backbone
+        and its licence, the inputs the checkpoint needs; `license` is the config's, read there."""
+        return build_model_card(self.config, dataset_repo_id, tags, cfg=cfg, dataset_meta=dataset_meta)
 
     def _apply_freeze_flags(self) -> None:
         if self.config.freeze_vision_encoder or self.config.train_expert_only:
@@ -74,16 +117,38 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 self.model.fusion.vlm_norm,
             ):
                 module.requires_grad_(False)
+            # A pretrained geometry encoder (LLaVA-3D's position MLP) is part of that VLM: frozen with it,
+            # the VLM stream needs no backward pass. A new one trains, or its gated term would stay at its
+            # initial value (zero by default); with geometry_target="prefix" its gradient then crosses the
+            # frozen VLM stream (demo-sized model: 2.8x the activations kept for backward, 1.23x the step
+            # time); geometry_target="expert" keeps it out of that stream.
+            if self.model.geometry_encoder is not None and self.model.geometry_encoder_is_pretrained:
+                self.model.geometry_encoder.requires_grad_(False)
 
-    def _set_storage_dtypes(self) -> None:
+    def _set_storage_dtypes(self, master_weights: bool = True) -> None:
         """Mixed precision as LeRobot users expect it: every parameter that trains keeps a float32
         master copy, so the optimizer's small updates are not rounded away (bf16 has an 8-bit
         mantissa: a step of 2.5e-6 on a weight of 1.0 would vanish); frozen parameters are stored in
         `config.dtype` to save memory. Compute runs in `config.dtype` under autocast (the model's
-        `compute_precision`, and Accelerate's in `lerobot-train`)."""
+        `compute_precision`, and Accelerate's in `lerobot-train`).
+
+        `master_weights=False` (inference): every parameter in `config.dtype`, as a bf16 model is
+        served; `predict_action_chunk` switches to it unless the policy has trained (`train()`)."""
         frozen_dtype = TORCH_DTYPES[self.config.dtype]
         for param in self.parameters():
-            param.data = param.data.to(torch.float32 if param.requires_grad else frozen_dtype)
+            keep_float32 = master_weights and param.requires_grad
+            param.data = param.data.to(torch.float32 if keep_float32 else frozen_dtype)
+        self._master_weights = master_weights
+
+    def train(self, mode: bool = True) -> "Llava3DFusionPolicy":
+        """A policy that trains keeps float32 master weights, in its evaluation passes too (so
+        lerobot-train's periodic evaluation never rounds them); one loaded only to act (lerobot-eval,
+        lerobot-rollout, the policy server) stores its weights in `config.dtype` at its first chunk."""
+        if mode:
+            self._trains = True
+            if not self._master_weights:
+                self._set_storage_dtypes()
+        return super().train(mode)
 
     def get_optim_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -184,6 +249,16 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             camera_geometry.append(camera)
         return inputs._replace(images=images, camera_geometry=camera_geometry)
 
+    def _sensor_depth_noise(self, inputs: ModelInputs) -> ModelInputs:
+        """Training augmentation: every recorded depth map made sensor-like (`geometry/depth_noise.py`),
+        at its recorded resolution and before any crop, as a real camera would deliver it."""
+        camera_geometry = [
+            camera if camera is None or camera.depth is None
+            else dataclasses.replace(camera, depth=sensor_depth_noise(camera.depth))
+            for camera in inputs.camera_geometry
+        ]
+        return inputs._replace(camera_geometry=camera_geometry)
+
     @property
     def device_of_model(self) -> torch.device:
         return next(self.parameters()).device
@@ -203,6 +278,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
         inputs = self._prepare_inputs(batch, depth_unit=self.config.dataset_depth_unit)
+        if self.training and self.config.augment_depth_noise:
+            inputs = self._sensor_depth_noise(inputs)
         if self.training and self.config.augment_crop_scale < 1.0:
             inputs = self._random_crop(inputs)
         actions = batch[ACTION]
@@ -245,6 +322,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         (default: rtc_config's) shape the guidance weights, as in LeRobot's pi0.
         """
         self.eval()
+        if not self._trains and self._master_weights:
+            self._set_storage_dtypes(master_weights=False)  # weights and KV cache in config.dtype
         inputs = self._prepare_inputs(batch)
         shape = (inputs.state.shape[0], self.config.chunk_size, self.config.max_action_dim)
         if noise is None:
@@ -252,7 +331,15 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
         rtc_kwargs = self._rtc_kwargs(inference_delay, prev_chunk_left_over, execution_horizon)
+        check_finite("noise", noise)
         actions = self.model.sample_actions(inputs, noise.float(), **rtc_kwargs)
+        if not torch.isfinite(actions).all():
+            # The inputs and the noise were checked finite: the network produced the NaN or inf.
+            raise FloatingPointError(
+                "the sampled actions hold NaN or inf values from finite inputs: the policy's weights are "
+                "damaged or come from a diverged training run (try an earlier checkpoint), or the compute "
+                f"dtype overflowed (dtype={self.config.dtype!r}; try dtype='float32')."
+            )
         return actions[:, :, : self.action_dim]
 
     def _rtc_kwargs(

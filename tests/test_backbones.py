@@ -836,6 +836,43 @@ def test_llava3d_with_3d_encoder_survives_save_and_load(checkpoints, tmp_path):
     assert torch.equal(reloaded.predict_action_chunk(batch, noise=noise), before)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "encoder", "pretrained"),
+    [
+        ("llava3d-clip", "llava3d_mlp", True),  # LLaVA-3D's own position MLP
+        ("llava3d-clip", "sinusoidal", False),
+        ("llava-llama-clip", "llava3d_mlp", False),  # the same MLP, new behind its gate
+    ],
+)
+def test_train_expert_only_freezes_only_a_pretrained_geometry_encoder(checkpoints, fmt, encoder, pretrained):
+    """A pretrained encoder is part of the frozen VLM, so nothing of the VLM stream is back-propagated;
+    a new one trains (frozen, its zero-gated term would never switch geometry on)."""
+    policy = checkpoint_policy(
+        checkpoints,
+        fmt,
+        **depth_config_fields(),
+        geometry_encoder=encoder,
+        train_expert_only=True,
+        expert_mode="separate",
+    )
+    batch = depth_batch(policy)
+    policy.train()
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    parameters = dict(policy.model.geometry_encoder.named_parameters())
+    inputs = policy._prepare_inputs(batch)
+    prefix, _, _ = policy.model.embed_prefix(
+        inputs.images, inputs.camera_geometry, inputs.lang_tokens, inputs.lang_mask
+    )
+    if pretrained:
+        assert not any(p.requires_grad or p.grad is not None for p in parameters.values())
+        assert not prefix.requires_grad  # the VLM stream is a constant for the backward pass
+    else:
+        assert all(p.requires_grad and p.grad is not None for p in parameters.values())
+        assert parameters["position_mlp.gate"].grad.abs().sum() > 0
+        assert prefix.requires_grad
+
+
 def test_llava3d_mlp_on_other_backbones_starts_random_behind_the_gate(checkpoints):
     plain = checkpoint_policy(
         checkpoints, "llava-llama-clip", seed=0, **{**depth_config_fields(), "geometry": "none"}

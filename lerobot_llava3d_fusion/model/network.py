@@ -150,6 +150,10 @@ class Llava3DFusionModel(nn.Module):
         self.geometry_encoder_kind = config.geometry_encoder or (
             "llava3d_mlp" if backbone.is_llava3d else "sinusoidal"
         )
+        # LLaVA-3D's own position MLP is part of its pretrained VLM (ungated); any other encoder is new.
+        self.geometry_encoder_is_pretrained = (
+            backbone.is_llava3d and self.geometry_encoder_kind == "llava3d_mlp"
+        )
         if backbone.position_encoder_state is not None and (
             not source.needs_3d_encoder or self.geometry_encoder_kind != "llava3d_mlp"
         ):
