@@ -111,3 +111,51 @@ def test_back_projection_stays_float32_under_bf16_autocast():
         points, _ = backproject_depth(depth, intrinsics, extrinsics)
     assert points.dtype == torch.float32
     torch.testing.assert_close(points, reference, atol=1e-6, rtol=0)
+
+
+def _prefix_cache_dtypes(policy, batch, noise) -> tuple[set, torch.Tensor]:
+    """(dtypes of the prefix KV cache built while `policy` predicts a chunk on `batch`, the actions)."""
+    fusion = policy.model.fusion
+    build_cache = fusion.forward_prefix
+    dtypes = set()
+
+    def recording(*args, **kwargs):
+        cache = build_cache(*args, **kwargs)
+        dtypes.update(t.dtype for t in (*cache.keys, *cache.values))
+        return cache
+
+    fusion.forward_prefix = recording
+    try:
+        actions = policy.predict_action_chunk(batch, noise=noise)
+    finally:
+        del fusion.forward_prefix
+    return dtypes, actions
+
+
+def test_a_bf16_checkpoint_loaded_to_act_holds_weights_and_kv_cache_in_bf16(tmp_path):
+    """lerobot-eval / lerobot-rollout / the policy server: from_pretrained, then chunks; no float32 copy."""
+    from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+
+    trained = bf16_policy()
+    trained.train()  # a training run: float32 master weights, in its evaluation passes too
+    trained.save_pretrained(tmp_path)
+    batch = preprocess(trained, raw_batch())
+    noise = torch.randn(2, trained.config.chunk_size, trained.config.max_action_dim)
+    _, master_actions = _prefix_cache_dtypes(trained, batch, noise)
+    assert any(p.dtype == torch.float32 for p in trained.parameters())
+
+    served = Llava3DFusionPolicy.from_pretrained(tmp_path)
+    cache_dtypes, actions = _prefix_cache_dtypes(served, batch, noise)
+    assert {p.dtype for p in served.parameters()} == {torch.bfloat16}
+    assert cache_dtypes == {torch.bfloat16}
+    assert actions.dtype == torch.float32
+    # Within bf16 rounding of the float32-master model's actions (same noise, both compute in bf16).
+    error = (actions - master_actions).abs().max().item()
+    assert error < 0.05, error
+
+    # Training it again (fine-tuning the loaded policy) restores float32 master weights.
+    served.train()
+    trainable = {p.dtype for p in served.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}
+    served.predict_action_chunk(batch, noise=noise)  # its evaluation passes keep them
+    assert {p.dtype for p in served.parameters() if p.requires_grad} == {torch.float32}
