@@ -49,3 +49,9 @@ def raw_batch(batch_size: int = 2, tasks=None, seed: int = 0) -> dict:
 def preprocess(policy: Llava3DFusionPolicy, batch: dict, **processor_overrides) -> dict:
     preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config, dataset_stats=None)
     return preprocessor(batch)
+
+
+def fixed_noise(policy: Llava3DFusionPolicy, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    """Flow-matching start noise (B, chunk_size, max_action_dim) drawn from `seed`: equal actions across calls."""
+    shape = (batch_size, policy.config.chunk_size, policy.config.max_action_dim)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -132,3 +132,62 @@ def test_the_package_has_no_import_cycle():
     graph = {name: imported_modules(name, path, modules) for name, path in modules.items()}
     assert graph["lerobot_llava3d_fusion.envs.libero_rgbd"] >= {"lerobot_llava3d_fusion.envs.libero_rgbd_sim"}
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+HARNESS_PACKAGES = ("lerobot_llava3d_fusion.demo", "lerobot_llava3d_fusion.tools")
+
+BUILD_THROUGH_LEROBOT = """
+import json, sys
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.factory import get_policy_class, make_policy_config, make_pre_post_processors
+from lerobot.utils.import_utils import register_third_party_plugins
+
+register_third_party_plugins()
+config = make_policy_config(
+    "llava3d_fusion",
+    vlm_model_name="tiny",
+    input_features={
+        "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (4,)),
+    },
+    output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))},
+    device="cpu",
+)
+policy = get_policy_class(config.type)(config)
+make_pre_post_processors(config, dataset_stats=None)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("lerobot_llava3d_fusion"))))
+"""
+
+
+def test_building_the_policy_through_lerobot_loads_no_harness_module(tmp_path):
+    """LeRobot's plugin discovery and factory load the contract, the network and the env registration:
+    no demo, ablation, pretraining, converter, recorder or other command-line tool."""
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_THROUGH_LEROBOT],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.splitlines()[-1])
+    assert "lerobot_llava3d_fusion.modeling_llava3d_fusion" in loaded
+    assert "lerobot_llava3d_fusion.model.network" in loaded
+    harness = [name for name in loaded if name.startswith(HARNESS_PACKAGES)]
+    assert harness == [], f"building the policy loaded {harness}"
+
+
+def test_no_environment_or_network_module_imports_the_harness():
+    """Environments and the policy's own modules never depend on the demo or the data tools (the LIBERO
+    set-up, which the LIBERO environment needs to start its simulator, is the one tool they may use)."""
+    modules = module_names()
+    allowed = {"lerobot_llava3d_fusion.tools.libero_setup"}
+    offenders = {
+        name: sorted(target for target in imported_modules(name, path, modules) if target.startswith(HARNESS_PACKAGES))
+        for name, path in modules.items()
+        if not name.startswith(HARNESS_PACKAGES)
+    }
+    offenders = {name: [t for t in targets if t not in allowed] for name, targets in offenders.items()}
+    assert {name: targets for name, targets in offenders.items() if targets} == {}

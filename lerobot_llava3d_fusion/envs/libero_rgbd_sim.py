@@ -40,11 +40,14 @@ from lerobot.envs.configs import LiberoEnv as LiberoEnvConfig
 from lerobot.envs.utils import _LazyAsyncVectorEnv
 
 from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
-from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
 from lerobot_llava3d_fusion.observation_keys import CAMERA_MATRIX_SHAPES, DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
+from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation, draw_camera_perturbation
 from lerobot_llava3d_fusion.envs.instruction_perturbation import perturb_instruction
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
 
 logger = logging.getLogger(__name__)
+
+MAX_CAMERA_TRANSLATION_PERTURBATION = 0.3  # m; LIBERO's agent view sees the table from about 1 m
 
 
 def _robosuite_camera(obs_camera_name: str) -> str:
@@ -59,9 +62,36 @@ class CameraGeometryMixin:
     (see :mod:`.instruction_perturbation`; ``other_task`` draws from the suite's other tasks), applied
     to ``task_description`` once, with a generator seeded by the task id. Costs about 3 ms more per
     step than the RGB-only env (MuJoCo reads the depth buffer of the render it already does).
+
+    Robustness options: `camera_translation_perturbation` (m) and `camera_rotation_perturbation`
+    (degrees) move every fixed camera (mounted on the world, e.g. the agent view; not the wrist
+    camera) in the simulator at each reset, from its pose in the task's scene, as
+    :mod:`.camera_perturbation` draws it from the reset seed; the scene is then rendered again, and the
+    reported extrinsics are read from the simulator, so they are those of the rendered view.
+    `depth_noise="sensor"` makes every depth map what a RealSense D400 would report
+    (:mod:`..geometry.depth_noise`), with a generator drawn from the reset seed.
     """
 
-    def __init__(self, task_suite: Any, *args: Any, instruction_perturbation: str = "none", **kwargs: Any):
+    def __init__(
+        self,
+        task_suite: Any,
+        *args: Any,
+        instruction_perturbation: str = "none",
+        camera_translation_perturbation: float = 0.0,
+        camera_rotation_perturbation: float = 0.0,
+        depth_noise: str = "none",
+        **kwargs: Any,
+    ):
+        check_camera_perturbation(
+            camera_translation_perturbation, camera_rotation_perturbation, MAX_CAMERA_TRANSLATION_PERTURBATION
+        )
+        check_depth_noise(depth_noise)
+        self.camera_translation_perturbation = camera_translation_perturbation
+        self.camera_rotation_perturbation = camera_rotation_perturbation
+        self.depth_noise = depth_noise
+        # Scene poses (cam_pos, cam_quat) of the cameras moved at reset, read before the first move.
+        self._scene_camera_poses: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._depth_noise_rng: np.random.Generator | None = None
         super().__init__(task_suite, *args, **kwargs)
         self.task_description = perturb_instruction(
             self.task_description,
@@ -97,6 +127,46 @@ class CameraGeometryMixin:
         env.reset()
         self._env = env
 
+    @property
+    def _moves_cameras(self) -> bool:
+        return self.camera_translation_perturbation > 0 or self.camera_rotation_perturbation > 0
+
+    def reset(self, seed: int | None = None, **kwargs: Any):
+        """LeRobot's reset; then, with the robustness options, the moved cameras and a new depth-noise
+        generator (both drawn from the seeded generator) and the observation rendered again."""
+        observation, info = super().reset(seed=seed, **kwargs)
+        if not self._moves_cameras and self.depth_noise == "none":
+            return observation, info
+        if self._moves_cameras:
+            self._move_fixed_cameras()
+        if self.depth_noise != "none":
+            self._depth_noise_rng = np.random.default_rng(self.np_random.integers(2**63))
+        self._env._update_observables(force=True)  # render the unchanged sim state again
+        return self._format_raw_obs(self._env.env._get_observations()), info
+
+    def _move_fixed_cameras(self) -> None:
+        """Sets each fixed camera's MuJoCo pose to its scene pose moved by a fresh perturbation."""
+        import mujoco
+
+        model = self._env.sim.model
+        for camera in self.camera_name:
+            camera_id = model.camera_name2id(_robosuite_camera(camera))
+            if model.cam_bodyid[camera_id] != 0:
+                continue  # mounted on a moving body: the wrist camera stays where the robot holds it
+            position, quaternion = self._scene_camera_poses.setdefault(
+                camera_id, (model.cam_pos[camera_id].copy(), model.cam_quat[camera_id].copy())
+            )
+            shift, turn = draw_camera_perturbation(
+                self.np_random, self.camera_translation_perturbation, self.camera_rotation_perturbation
+            )
+            rotation = np.empty(9)
+            mujoco.mju_quat2Mat(rotation, quaternion)
+            moved = np.empty(4)
+            mujoco.mju_mat2Quat(moved, (rotation.reshape(3, 3) @ turn).reshape(9))
+            model.cam_pos[camera_id] = position + shift
+            model.cam_quat[camera_id] = moved
+        self._env.sim.forward()  # camera world poses (cam_xpos, cam_xmat) from the new model values
+
     def _format_raw_obs(self, raw_obs: dict[str, Any]) -> dict[str, Any]:
         observation = super()._format_raw_obs(raw_obs)
         observation.update(self._camera_geometry(raw_obs))
@@ -123,6 +193,8 @@ class CameraGeometryMixin:
             normalized = raw_obs[f"{rs_camera}_depth"]  # (H, W, 1) in [0, 1], 1 = far clipping plane
             depth = get_real_depth_map(sim, normalized).astype(np.float32)
             depth[normalized >= 1.0] = 0.0  # nothing was rendered there: mark invalid
+            if self.depth_noise == "sensor" and self._depth_noise_rng is not None:
+                depth[..., 0] = sensor_depth_noise(depth[..., 0], self._depth_noise_rng)
 
             k_opencv = get_camera_intrinsic_matrix(sim, rs_camera, h, w)
             # robosuite puts the principal point at (W/2, H/2); with integer pixel-centre coordinates
@@ -147,11 +219,19 @@ def libero_rgbd_env_class() -> type:
 
     Built once per process, after LIBERO is set up (its base class imports LIBERO).
     """
-    ensure_libero_ready()
+    _set_up_libero()
     from lerobot.envs.libero import LiberoEnv
 
     # Named after this module so that pickle (async vector envs) finds it again through `__getattr__`.
     return type("LiberoRGBDEnv", (CameraGeometryMixin, LiberoEnv), {"__module__": __name__})
+
+
+def _set_up_libero() -> None:
+    """LIBERO's config and assets (the set-up tool), loaded only when a LIBERO env or suite is first needed:
+    registering the env type loads no tool."""
+    from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
+
+    ensure_libero_ready()
 
 
 def __getattr__(name: str) -> Any:
@@ -162,7 +242,7 @@ def __getattr__(name: str) -> Any:
 
 def libero_suite(name: str) -> Any:
     """The LIBERO benchmark suite ``name`` (e.g. ``libero_spatial``), set up and imported on first use."""
-    ensure_libero_ready()
+    _set_up_libero()
     from libero.libero import benchmark
 
     suites = benchmark.get_benchmark_dict()
