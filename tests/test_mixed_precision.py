@@ -159,3 +159,23 @@ def test_a_bf16_checkpoint_loaded_to_act_holds_weights_and_kv_cache_in_bf16(tmp_
     assert trainable == {torch.float32}
     served.predict_action_chunk(batch, noise=noise)  # its evaluation passes keep them
     assert {p.dtype for p in served.parameters() if p.requires_grad} == {torch.float32}
+
+
+def test_llava3d_position_mlp_tells_millimetres_apart_under_bf16_autocast():
+    """xyz enter LLaVA-3D's position MLP in float32: two points 1 mm apart at 0.8 m (bf16 steps are
+    3.9 mm there, so bf16 inputs would be one point) get the embeddings float32 gives them."""
+    from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DPositionMLP
+
+    torch.manual_seed(0)
+    mlp = Llava3DPositionMLP(32, gated=False)
+    first = mlp.position_embedding_head[0]
+    with torch.no_grad():  # a first layer that resolves millimetres around 0.8 m, as a trained one may
+        first.weight.mul_(1000.0)
+        first.bias.copy_(-first.weight @ torch.tensor([0.3, -0.2, 0.8005]))
+    points = torch.tensor([[[0.3, -0.2, 0.8], [0.3, -0.2, 0.801]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    reference = mlp(points, valid)
+    assert (reference[0, 1] - reference[0, 0]).abs().max() > 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embedding = mlp(points, valid)
+    torch.testing.assert_close(embedding.float(), reference, atol=0.02, rtol=0.02)

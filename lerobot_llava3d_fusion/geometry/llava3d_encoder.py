@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_llava3d_fusion.geometry.patch_points import DepthToPatchPoints, check_patch_points
@@ -49,8 +50,13 @@ class Llava3DPositionMLP(nn.Module):
     def forward(self, patch_points: Tensor, patch_valid: Tensor) -> Tensor:
         """``(B, N, 3)`` metres, ``(B, N)`` validity -> ``(B, N, C)`` in the parameters' dtype, 0 where invalid."""
         check_patch_points(patch_points, patch_valid)
-        dtype = self.position_embedding_head[0].weight.dtype
-        embedding = self.position_embedding_head(patch_points.to(dtype))
+        first, rest = self.position_embedding_head[0], self.position_embedding_head[1:]
+        dtype = first.weight.dtype
+        # Metric xyz enter the first layer in float32 whatever the autocast or storage dtype: bf16 would
+        # round points 0.5-1 m away to 4 mm steps before any weight could tell them apart.
+        with torch.autocast(patch_points.device.type, enabled=False):
+            hidden = F.linear(patch_points.float(), first.weight.float(), first.bias.float())  # (B, N, C)
+        embedding = rest(hidden.to(dtype))
         if self.gate is not None:
             embedding = self.gate * embedding
         return embedding * patch_valid.unsqueeze(-1).to(dtype)
