@@ -309,6 +309,93 @@ def test_wrist_camera_follows_the_end_effector(rollout):
     assert torch.linalg.norm(wrist_after - eef_after) < 0.15
 
 
+# ---- Robustness: moved cameras and sensor depth ------------------------------------------------------
+
+
+def test_robustness_options_reach_the_env_constructor_and_bad_values_name_the_field():
+    cfg = make_env_config(
+        "libero_rgbd", task=SUITE, camera_translation_perturbation=0.05, camera_rotation_perturbation=5.0,
+        depth_noise="sensor",
+    )  # fmt: skip
+    assert (
+        cfg.gym_kwargs["camera_translation_perturbation"],
+        cfg.gym_kwargs["camera_rotation_perturbation"],
+        cfg.gym_kwargs["depth_noise"],
+    ) == (0.05, 5.0, "sensor")
+    for options, field in [
+        ({"camera_translation_perturbation": -0.1}, "camera_translation_perturbation"),
+        ({"camera_rotation_perturbation": 60.0}, "camera_rotation_perturbation"),
+        ({"depth_noise": "tof"}, "depth_noise"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            make_env_config("libero_rgbd", task=SUITE, **options)
+
+
+def test_moved_agent_view_is_rendered_and_reported_exactly_with_sensor_depth(rollout):
+    """Same task and seed as `rollout`, with the cameras moved and sensor depth: the agent view's pose
+    changed in the simulator, the wrist camera's did not, and the reported matrices are those of the
+    rendered view (the table still back-projects flat at its height, the plate onto itself)."""
+    cfg = make_env_config(
+        "libero_rgbd", task=SUITE, task_ids=[0], observation_height=SIZE, observation_width=SIZE,
+        camera_translation_perturbation=0.05, camera_rotation_perturbation=5.0, depth_noise="sensor",
+    )  # fmt: skip
+    vec_env = make_env(cfg, n_envs=1)[SUITE][0]
+    env_preprocessor, _ = cfg.get_env_processors()
+    try:
+        observation, _ = vec_env.reset(seed=0)
+        moved = policy_observation(vec_env, observation, env_preprocessor)
+        again, _ = vec_env.reset(seed=0)
+        again = policy_observation(vec_env, again, env_preprocessor)
+    finally:
+        vec_env.close()
+    nominal = rollout["reset"]
+
+    agent_view = moved["observation.extrinsics.image"][0]
+    shift = agent_view[:3, 3] - nominal["observation.extrinsics.image"][0, :3, 3]
+    assert 0.001 < shift.abs().max() <= 0.05 + 1e-5
+    turn = nominal["observation.extrinsics.image"][0, :3, :3].T.double() @ agent_view[:3, :3].double()
+    angle = math.degrees(math.acos(min(1.0, (turn.trace().item() - 1) / 2)))
+    assert 0.1 < angle <= math.sqrt(3) * 5.0 + 0.01
+    torch.testing.assert_close(again["observation.extrinsics.image"], moved["observation.extrinsics.image"])
+    torch.testing.assert_close(
+        moved["observation.extrinsics.image2"], nominal["observation.extrinsics.image2"], atol=1e-4, rtol=0
+    )
+    assert not torch.equal(moved["observation.images.image"], nominal["observation.images.image"])
+
+    depth = moved["observation.depth.image"]
+    points, valid = backproject_depth(depth, moved["observation.intrinsics.image"], agent_view)
+    z = points[0, SIZE * 7 // 8 :, :, 2][valid[0, SIZE * 7 // 8 :]]
+    assert abs(z.median().item() - TABLE_Z) < 0.005  # exact matrices: the table stays at its height
+    row, col = project(rollout["plate"], moved["observation.intrinsics.image"][0], agent_view)
+    assert torch.linalg.norm(points[0, row, col].double() - rollout["plate"]) < 0.03
+    # Sensor depth: holes, millimetre steps, noise of a few millimetres around the exact depth.
+    assert 0.0 < (depth == 0).float().mean() < 0.2
+    steps = depth[depth > 0].double() / 0.001
+    torch.testing.assert_close(steps, steps.round(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+def test_lerobot_eval_of_a_tiny_checkpoint_with_moved_cameras_and_sensor_depth(tmp_path):
+    import e2e_utils as e2e
+
+    size = 64
+    checkpoint = tmp_path / "untrained"
+    inputs, outputs = e2e.libero_features(size, depth=True)
+    e2e.save_untrained_checkpoint(checkpoint, inputs, outputs, geometry="depth")
+    output_dir = tmp_path / "eval"
+    result = e2e.run_lerobot(
+        "lerobot_eval",
+        [f"--policy.path={checkpoint}", "--env.type=libero_rgbd", f"--env.task={SUITE}", "--env.task_ids=[0]",
+         "--env.episode_length=5", f"--env.observation_height={size}", f"--env.observation_width={size}",
+         "--env.camera_translation_perturbation=0.05", "--env.camera_rotation_perturbation=5",
+         "--env.depth_noise=sensor", "--eval.n_episodes=1", "--eval.batch_size=1", "--policy.device=cpu",
+         f"--output_dir={output_dir}"],
+        tmp_path / "eval.log", timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.describe()
+    assert e2e.read_json(output_dir / "eval_info.json")["overall"]["n_episodes"] == 1
+
+
 # ---- Recorder -------------------------------------------------------------------------------------
 
 

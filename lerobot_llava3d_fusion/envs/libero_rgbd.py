@@ -61,7 +61,9 @@ from lerobot_llava3d_fusion.observation_keys import (
     parse_env_geometry_key,
 )
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation
-from lerobot_llava3d_fusion.envs.libero_rgbd_sim import create_libero_rgbd_envs
+from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation
+from lerobot_llava3d_fusion.envs.libero_rgbd_sim import MAX_CAMERA_TRANSLATION_PERTURBATION, create_libero_rgbd_envs
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
 
 # LeRobot's LiberoEnv maps robosuite camera obs keys to these names when no mapping is given.
@@ -130,13 +132,28 @@ class LiberoRGBDEnvConfig(LiberoEnv):
 
     `instruction_perturbation` (``none``, ``other_task``: another task of the suite, ``shuffled``,
     ``empty``) replaces the instruction the policy receives; success stays the task's own.
+
+    Robustness: `camera_translation_perturbation` (m, largest shift along each axis) and
+    `camera_rotation_perturbation` (degrees, largest turn about each camera axis) move the fixed
+    cameras in the simulator at each reset, drawn from the reset seed; `depth_noise` (``none`` or
+    ``sensor``: a RealSense D400's noise, holes and millimetre steps). See
+    :class:`.libero_rgbd_sim.CameraGeometryMixin`.
     """
 
     instruction_perturbation: str = "none"
+    camera_translation_perturbation: float = 0.0
+    camera_rotation_perturbation: float = 0.0
+    depth_noise: str = "none"
 
     def __post_init__(self):
         super().__post_init__()
         check_perturbation(self.instruction_perturbation)
+        check_camera_perturbation(
+            self.camera_translation_perturbation,
+            self.camera_rotation_perturbation,
+            MAX_CAMERA_TRANSLATION_PERTURBATION,
+        )
+        check_depth_noise(self.depth_noise)
         h, w = self.observation_height, self.observation_width
         # Typed as `dataset_to_policy_features` types a recording: the depth map VISUAL (it is a LeRobot
         # depth-map image there), the camera matrices STATE (float features).
@@ -156,7 +173,13 @@ class LiberoRGBDEnvConfig(LiberoEnv):
 
     @property
     def gym_kwargs(self) -> dict:
-        return {**super().gym_kwargs, "instruction_perturbation": self.instruction_perturbation}
+        return {
+            **super().gym_kwargs,
+            "instruction_perturbation": self.instruction_perturbation,
+            "camera_translation_perturbation": self.camera_translation_perturbation,
+            "camera_rotation_perturbation": self.camera_rotation_perturbation,
+            "depth_noise": self.depth_noise,
+        }
 
     def create_envs(self, n_envs: int, use_async_envs: bool = False):
         return create_libero_rgbd_envs(self, n_envs=n_envs, use_async_envs=use_async_envs)

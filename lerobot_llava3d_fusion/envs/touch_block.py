@@ -56,6 +56,7 @@ import numpy as np
 from gymnasium import spaces
 
 from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
+from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation, draw_camera_perturbation
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation, perturb_instruction
 from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
 
@@ -91,7 +92,6 @@ WORKSPACE_LOW = np.array([-0.2, -0.2, 0.0])  # end-effector position bounds (m)
 WORKSPACE_HIGH = np.array([0.2, 0.2, 0.4])
 VIEW_HALF_EXTENT = 0.2  # half of the table extent seen along the smaller image side (m)
 CAMERA_HEIGHT = 1.0  # nominal camera centre above the table origin (m)
-MAX_CAMERA_ROTATION_PERTURBATION = 30.0  # degrees; beyond it the camera may look past the table
 
 
 @dataclass(frozen=True)
@@ -169,24 +169,9 @@ def nominal_camera_pose(camera_height: float) -> CameraPose:
 def perturbed_camera_pose(
     nominal: CameraPose, rng: np.random.Generator, max_translation: float, max_rotation_deg: float
 ) -> CameraPose:
-    """`nominal` moved by a shift drawn uniformly in [-max_translation, max_translation] (m) along each
-    world axis and turned by angles drawn uniformly in [-max_rotation_deg, max_rotation_deg] about each
-    of the camera's own axes (x, then y, then z)."""
-    shift = rng.uniform(-max_translation, max_translation, size=3)
-    angles = rng.uniform(-max_rotation_deg, max_rotation_deg, size=3)
-    turn = np.eye(3)
-    for axis, angle in enumerate(np.deg2rad(angles)):  # about the camera's own (already turned) axes
-        turn = turn @ _axis_rotation(axis, angle)
+    """`nominal` moved as `camera_perturbation.draw_camera_perturbation` draws it."""
+    shift, turn = draw_camera_perturbation(rng, max_translation, max_rotation_deg)
     return CameraPose(nominal.rotation @ turn, nominal.position + shift)
-
-
-def _axis_rotation(axis: int, angle: float) -> np.ndarray:
-    """(3, 3) rotation by `angle` radians about coordinate axis `axis` (0 = x, 1 = y, 2 = z)."""
-    i, j = [k for k in range(3) if k != axis]
-    rotation = np.eye(3)
-    rotation[i, i] = rotation[j, j] = np.cos(angle)
-    rotation[i, j], rotation[j, i] = -np.sin(angle), np.sin(angle)
-    return rotation
 
 
 def _ray_convex_solid(
@@ -246,6 +231,7 @@ class TouchBlockRenderer:
         # ray parameter t is the camera z-depth of its point.
         ray_x, ray_y = np.meshgrid((np.arange(width) - cx) / focal, (np.arange(height) - cy) / focal)
         self._camera_rays = np.stack([ray_x, ray_y, np.ones_like(ray_x)], axis=-1)
+        self._camera_rays_sq = ray_x**2 + ray_y**2 + 1.0  # (H, W) squared ray lengths
         self.set_camera_pose(nominal_camera_pose(camera_height))
 
     def set_camera_pose(self, pose: CameraPose) -> None:
@@ -300,10 +286,9 @@ class TouchBlockRenderer:
         """Z-buffers the end-effector sphere centred at world `position` (3,) into copies of rgb/depth."""
         pose = self.camera_pose
         q = pose.rotation.T @ (np.asarray(position, dtype=np.float64) - pose.position)  # camera frame
-        rays = self._camera_rays
         # Points on a pixel ray are z * a; solve |z * a - q|^2 = r^2 for the near z.
-        a_dot_q = rays @ q
-        a_sq = (rays**2).sum(axis=-1)
+        a_dot_q = self._camera_rays @ q
+        a_sq = self._camera_rays_sq
         disc = a_dot_q**2 - a_sq * (q @ q - END_EFFECTOR_RADIUS**2)
         z = (a_dot_q - np.sqrt(np.maximum(disc, 0.0))) / a_sq
         visible = (depth[0] == 0) | (z < depth[0])  # nothing behind (0) or nearer than the scene
@@ -370,16 +355,7 @@ def check_camera_options(translation_perturbation: float, rotation_perturbation:
     """Raises a ValueError for camera perturbations that would not keep the camera above the
     workspace, looking at the table."""
     max_translation = CAMERA_HEIGHT - WORKSPACE_HIGH[2] - END_EFFECTOR_RADIUS
-    if not 0 <= translation_perturbation < max_translation:
-        raise ValueError(
-            f"camera_translation_perturbation must be in [0, {max_translation:.2f}) m (the camera stays "
-            f"above the workspace), got {translation_perturbation}"
-        )
-    if not 0 <= rotation_perturbation <= MAX_CAMERA_ROTATION_PERTURBATION:
-        raise ValueError(
-            f"camera_rotation_perturbation must be in [0, {MAX_CAMERA_ROTATION_PERTURBATION:g}] degrees "
-            f"(the camera keeps looking at the table), got {rotation_perturbation}"
-        )
+    check_camera_perturbation(translation_perturbation, rotation_perturbation, max_translation)
 
 
 def _matrix_space(matrix: np.ndarray, fixed: bool) -> spaces.Box:
@@ -424,7 +400,7 @@ class TouchBlockEnv(gym.Env):
 
     Robustness options: `camera_translation_perturbation` (m) and `camera_rotation_perturbation`
     (degrees) move the camera at each reset by a shift drawn uniformly in [-t, t] along each world
-    axis and a turn drawn uniformly in [-r, r] about each camera axis (`perturbed_camera_pose`),
+    axis and a turn drawn uniformly in [-r, r] about each camera axis (`camera_perturbation`),
     drawn from the env's seeded generator after everything else (a seed gives the scene, start and
     instruction of the unperturbed env); 0 keeps the nominal straight-down camera. The observed
     intrinsics/extrinsics are those of the rendered view. `depth_noise="sensor"` replaces the exact
