@@ -1,5 +1,6 @@
-"""The installed distribution is discovered by LeRobot with no flag, and with the explicit flag."""
+"""The wheel: discovered by LeRobot with no flag and with the explicit flag, and run alone (presets, demo)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import e2e_utils as e2e
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +40,20 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def installed_wheel(wheel, tmp_path_factory) -> Path:
+    """The wheel installed (without dependencies: those of the test environment serve) into a folder
+    that goes first on PYTHONPATH, ahead of the checkout's editable install."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
 def test_wheel_metadata_keeps_the_underscores(wheel):
     assert wheel.name.startswith("lerobot_policy_llava3d_fusion-")
     with zipfile.ZipFile(wheel) as archive:
@@ -50,18 +66,12 @@ def test_wheel_metadata_keeps_the_underscores(wheel):
     assert "lerobot_llava3d_fusion/modeling_llava3d_fusion.py" in names
 
 
-def test_wheel_installs_the_libero_converter_command(wheel, tmp_path):
+def test_wheel_installs_the_libero_converter_command(wheel, installed_wheel):
     with zipfile.ZipFile(wheel) as archive:
         (entry_points,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
         text = archive.read(entry_points).decode()
     assert "llava3d-fusion-convert-libero = lerobot_llava3d_fusion.tools.convert_libero:main" in text
-    target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    target = installed_wheel
     command = target / "bin" / "llava3d-fusion-convert-libero"
     result = subprocess.run(
         [str(command), "--help"],
@@ -75,14 +85,8 @@ def test_wheel_installs_the_libero_converter_command(wheel, tmp_path):
     assert "--hdf5" in result.stdout and "--replay" in result.stdout and "--drop-noops" in result.stdout
 
 
-def test_installed_wheel_is_discovered_by_lerobot_without_flags(wheel, tmp_path):
-    target = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+def test_installed_wheel_is_discovered_by_lerobot_without_flags(installed_wheel, tmp_path):
+    target = installed_wheel
     result = run_python(
         f"""
         from lerobot.utils.import_utils import register_third_party_plugins
@@ -127,3 +131,66 @@ def test_discover_packages_path_flag_loads_the_plugin(tmp_path):
     # Control: without the flag (and without entry-point discovery) lerobot-train does not know it.
     result = run_python(TRAIN_HELP.format(flag=[]), cwd=tmp_path)
     assert "expert_mode" not in result.stdout
+
+
+# ---- The installed wheel alone, outside the checkout: presets, the demo ---------------------------------
+
+
+def run_installed(target: Path, command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`command` with only the installed wheel's folder on PYTHONPATH, run from `cwd` (not the checkout)."""
+    return subprocess.run(
+        command,
+        check=False,
+        cwd=cwd,
+        env=e2e.subprocess_env(PYTHONPATH=str(target)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_installed_wheel_ships_the_presets_and_runs_the_demo_help(wheel, installed_wheel, tmp_path):
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    shipped = {f"lerobot_llava3d_fusion/presets/{p.name}" for p in (REPO / "lerobot_llava3d_fusion" / "presets").glob("*.json")}
+    assert shipped and shipped <= names, shipped - names
+    assert "lerobot_llava3d_fusion/model_card_template.md" in names
+
+    python = [sys.executable, "-c", "import lerobot_llava3d_fusion; print(lerobot_llava3d_fusion.__file__)"]
+    result = run_installed(installed_wheel, python, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(installed_wheel), result.stdout  # not the checkout
+
+    preset_command = str(installed_wheel / "bin" / "llava3d-fusion-preset")
+    result = run_installed(installed_wheel, [preset_command], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert {"libero", "touch_block_demo"} <= set(result.stdout.split())
+    result = run_installed(installed_wheel, [preset_command, "libero"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    preset = Path(result.stdout.strip())
+    assert preset.is_relative_to(installed_wheel) and json.loads(preset.read_text())["policy"]["type"] == "llava3d_fusion"
+    result = run_installed(installed_wheel, [preset_command, "no_such_preset"], tmp_path)
+    assert result.returncode != 0 and "no_such_preset" in result.stderr and "libero" in result.stderr
+
+    for module in ("lerobot_llava3d_fusion.demo", "lerobot_llava3d_fusion.demo.ablation"):
+        result = run_installed(installed_wheel, [sys.executable, "-m", module, "--help"], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "--workdir" in result.stdout
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_a_short_demo_outside_the_checkout(installed_wheel, tmp_path):
+    """The whole demo (dataset, lerobot-train with the shipped preset, lerobot-eval), shrunk to minutes."""
+    workdir = tmp_path / "demo"
+    command = [
+        sys.executable, "-m", "lerobot_llava3d_fusion.demo", "--workdir", str(workdir),
+        "--episodes", "4", "--steps", "2", "--batch-size", "2", "--eval-episodes", "1",
+    ]  # fmt: skip
+    result = run_installed(installed_wheel, command, tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (results,) = workdir.glob("*/results.json")
+    summary = json.loads(results.read_text())
+    assert summary["train_batch_size"] == 2
+    # lerobot-train and lerobot-eval ran from the wheel too: its files, under the workdir only.
+    (config,) = workdir.glob("**/checkpoints/last/pretrained_model/config.json")
+    assert json.loads(config.read_text())["type"] == "llava3d_fusion"

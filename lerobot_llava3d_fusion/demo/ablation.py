@@ -1,7 +1,7 @@
 """Ablation of the action expert and the flow-matching choices on the touch_block demo, at equal
 training time (`python -m lerobot_llava3d_fusion.demo.ablation`).
 
-The demo's task and recipe (1 block per scene, `geometry=depth`, `configs/touch_block_demo.json`,
+The demo's task and recipe (1 block per scene, `geometry=depth`, the shipped preset `touch_block_demo`,
 its small backbone trained from scratch), with one thing changed per variant:
 
 * `expert_mode`: `separate` (our default, at width x0.5, and at x0.25; x1.0 on request) against

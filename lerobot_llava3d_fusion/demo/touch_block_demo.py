@@ -1,7 +1,8 @@
 """The closed-loop demo, end to end through LeRobot's own scripts (`make demo`).
 
 1. write a LeRobotDataset of scripted-expert touch_block episodes (RGB, depth, camera matrices);
-2. train llava3d_fusion on it with `lerobot-train` (preset `configs/touch_block_demo.json`);
+2. train llava3d_fusion on it with `lerobot-train` (the shipped preset `touch_block_demo`,
+   `llava3d-fusion-preset touch_block_demo`);
 3. evaluate the checkpoint in closed loop with `lerobot-eval --env.type=touch_block`;
 4. with several blocks per scene, evaluate it twice more with the instruction swapped for another
    block's (`--env.instruction_perturbation=other_task`), success judged at the original block
