@@ -1,6 +1,7 @@
 """The ablation command's own pieces (`lerobot_llava3d_fusion.demo.ablation`); its full run is not a test."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,39 @@ def test_table_prints_every_row_and_the_references():
     assert lines[2] == "| shared, beta | 20 | 45 | 9.8 | 123.4 | 40.0 % |"
     assert lines[3].startswith("| scripted expert |") and lines[3].endswith("100.0 % |")
     assert len(lines) == 5
+
+
+def test_everything_the_ablation_writes_lands_under_its_workdir(tmp_path, monkeypatch):
+    """A run with LeRobot's scripts, the demo data and the latency measurement stubbed: every path the
+    ablation chooses (logs, checkpoints, evaluations, results.json) is under --workdir, none in the
+    current directory (the source tree, when run from a checkout)."""
+    from lerobot_llava3d_fusion.demo import ablation
+
+    scripts_run = []
+
+    def fake_run_lerobot(script, args, log_path):
+        scripts_run.append(script)
+        options = dict(arg.removeprefix("--").split("=", 1) for arg in args)
+        log_path.write_text(f"{script} log")
+        if script == "lerobot_eval":
+            output_dir = Path(options["output_dir"])
+            output_dir.mkdir(parents=True)
+            (output_dir / "eval_info.json").write_text(json.dumps({"overall": {"pc_success": 50.0}}))
+        return "step:2 updt_s:0.100 data_s:0.010\nstep:4 updt_s:0.100 data_s:0.010\n", 1.0
+
+    def fake_demo_data(workdir, num_blocks, episodes):
+        return "data", workdir / "dataset", workdir / "backbone"
+
+    monkeypatch.setattr(ablation, "run_lerobot", fake_run_lerobot)
+    monkeypatch.setattr(ablation, "prepare_demo_data", fake_demo_data)
+    monkeypatch.setattr(ablation, "reference_success", lambda policy, episodes, num_blocks: 0.0)
+    monkeypatch.setattr(ablation, "chunk_latency", lambda *args: 0.1)
+    cwd, workdir = tmp_path / "cwd", tmp_path / "work"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    ablation.main(["--workdir", str(workdir), "--variants", VARIANTS[0].name, "--eval-episodes", "2"])
+
+    assert scripts_run == ["lerobot_train", "lerobot_train", "lerobot_eval", "lerobot_eval"]
+    assert list(cwd.iterdir()) == []
+    (results,) = workdir.glob("*/results.json")
+    assert json.loads(results.read_text())["complete"]

@@ -248,7 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--workdir", type=Path, default=Path("outputs/ablation"))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("outputs/ablation"),
+        help="where everything is written: dataset, checkpoints, logs and results.json (default: "
+        "outputs/ablation under the current directory)",
+    )
     parser.add_argument("--episodes", type=int, default=500, help="expert episodes in the training set")
     parser.add_argument(
         "--train-seconds", type=float, default=180.0, help="training time of every variant (seconds)"
