@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	@set -e; py=$$(scripts/find_python.sh); \
 	  [ -x $(PY) ] || $$py -m venv $(VENV); \
 	  $(PY) -m pip install -q --upgrade pip; \
-	  $(PY) -m pip install -q -e ".[test,libero]"; \
+	  $(PY) -m pip install -q -e ".[test,libero,demo]"; \
 	  touch $@
 
 setup: $(VENV)/.installed

@@ -2,12 +2,17 @@
 it asks of lerobot-eval (with lerobot-eval stubbed: no training, no policy)."""
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import draccus
+import e2e_utils as e2e
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch
+from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 
 from lerobot_llava3d_fusion.demo import touch_block_demo as demo
@@ -15,8 +20,39 @@ from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionCon
 from lerobot_llava3d_fusion.demo.touch_block_demo import evaluate_policy, reference_success, write_demo_backbone
 from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.envs.touch_block import PALETTE
-from lerobot_llava3d_fusion.demo.touch_block_outcomes import OutcomeSummary
+from lerobot_llava3d_fusion.demo.touch_block_figures import (
+    SIDE_VIEW_FIGURE,
+    SUCCESS_FIGURE,
+    write_demo_figures,
+)
+from lerobot_llava3d_fusion.demo.touch_block_outcomes import (
+    EpisodeTrace,
+    OutcomeSummary,
+    policy_episode_trace,
+)
+from lerobot_llava3d_fusion.envs import touch_block
 from lerobot_llava3d_fusion.backbones.loading import build_word_tokenizer, load_backbone
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def policy_side_view(monkeypatch) -> list[tuple]:
+    """The side view's policy episode stubbed (the stubbed runs have no checkpoint): a policy that
+    stops 2 cm above the named block's top. Returns the calls."""
+    calls = []
+
+    def policy_episode_trace(checkpoint, seed, label, **env_options):
+        calls.append((checkpoint, seed, label, env_options))
+        infos = [
+            {"height_error": 0.1 - 0.08 * step / 10, "xy_error": 0.05 * (1 - step / 10), "is_success": False}
+            for step in range(11)
+        ]
+        return EpisodeTrace.of(label, start_ee_z=0.2, infos=infos)
+
+    monkeypatch.setattr(demo, "policy_episode_trace", policy_episode_trace)
+    return calls
 
 
 def test_demo_backbone_is_a_loadable_llava_checkpoint(tmp_path):
@@ -399,3 +435,68 @@ def test_outcomes_option_reports_where_each_evaluation_ended(
     ended = results["where_episodes_ended"]
     assert list(ended) == [name for name in results["success_rate_pc"] if name.startswith("llava3d_fusion")]
     assert all(outcome["median_height_error_cm"] == -2.0 for outcome in ended.values())
+
+
+def test_side_view_draws_one_episode_of_the_references_and_each_policy(policy_side_view):
+    traces = demo.side_view_traces({"depth": Path("ckpt_depth")}, num_blocks=2)
+    assert [trace.label for trace in traces] == [
+        "expert",
+        "expert without depth",
+        "llava3d_fusion (geometry=depth)",
+    ]
+    assert policy_side_view == [
+        (Path("ckpt_depth"), demo.EVAL_START_SEED, traces[2].label, {"num_blocks": 2})
+    ]
+    expert, no_depth = traces[:2]
+    # The same scene: the same named block, the same start.
+    assert expert.target_top_z == no_depth.target_top_z and expert.ee_z[0] == no_depth.ee_z[0]
+    assert len(expert.ee_z) == len(expert.xy_error) == touch_block.DEFAULT_EPISODE_LENGTH + 1
+    # The expert ends on the top; without depth it ends at the mid height it assumed, off the top.
+    radius = TouchBlockEnvConfig.success_radius
+    assert expert.success and abs(expert.ee_z[-1] - expert.target_top_z) <= radius
+    assert no_depth.xy_error[-1] <= radius  # x/y is seen in the image, only the height was guessed
+    assert no_depth.success == (abs(no_depth.ee_z[-1] - no_depth.target_top_z) <= radius)
+
+
+def test_a_demo_run_writes_its_figures_next_to_the_results(tmp_path, eval_calls, stubbed_training, capsys):
+    demo.main(
+        ["--workdir", str(tmp_path), "--steps", "3", "--eval-episodes", "4", "--geometry", "depth", "none"]
+    )
+
+    run_dir = tmp_path / "data_3_steps"
+    assert (run_dir / "results.json").is_file()
+    for name in (SUCCESS_FIGURE, SIDE_VIEW_FIGURE):
+        image = (run_dir / name).read_bytes()
+        assert image.startswith(PNG_SIGNATURE) and len(image) > 10_000, name  # a drawn figure, not empty
+    assert f"results.json, {SUCCESS_FIGURE}, {SIDE_VIEW_FIGURE}" in capsys.readouterr().err
+
+
+def test_without_matplotlib_the_demo_says_how_to_get_its_figures(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    trace = EpisodeTrace.of("expert", 0.2, [{"height_error": 0.1, "xy_error": 0.0, "is_success": False}])
+    assert write_demo_figures(tmp_path, {"expert": 100.0}, ("expert",), [trace], 0.015) == []
+    assert "lerobot_policy_llava3d_fusion[demo]" in caplog.text
+    assert not list(tmp_path.iterdir())
+
+
+def test_policy_episode_trace_follows_one_lerobot_eval_episode_step_by_step(tmp_path):
+    """An untrained checkpoint for touch_block's features, run as lerobot-eval runs it."""
+    inputs = {
+        "observation.images.top": PolicyFeature(FeatureType.VISUAL, (3, 64, 64)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (3,)),
+    }
+    outputs = {"action": PolicyFeature(FeatureType.ACTION, (3,))}
+    checkpoint = e2e.save_untrained_checkpoint(tmp_path / "untrained", inputs, outputs)
+    steps = 6
+    trace = policy_episode_trace(checkpoint, 1000, "untrained", num_blocks=2, episode_length=steps)
+
+    env = gym.make(touch_block.GYM_ID, disable_env_checker=True, num_blocks=2).unwrapped
+    observation, _ = env.reset(seed=1000)  # the same episode, as lerobot-eval seeds it
+    assert trace.label == "untrained" and len(trace.ee_z) == len(trace.xy_error) == steps + 1
+    assert trace.target_top_z == pytest.approx(float(env.target_position[2]))
+    assert trace.ee_z[0] == pytest.approx(float(observation["agent_pos"][2]), abs=1e-6)
+    start_xy_error = float(np.linalg.norm(env.target_position[:2] - env.ee_position[:2]))
+    assert trace.xy_error[0] == pytest.approx(start_xy_error)
+    # One action moves the end-effector by at most max_step along each axis, the last step included.
+    moves = [abs(after - before) for before, after in zip(trace.ee_z, trace.ee_z[1:], strict=False)]
+    assert max(moves) <= env.max_step + 1e-6

@@ -19,8 +19,11 @@ instruction's colour picks the block, and by default each scene is recorded once
 trains more steps). `--outcomes` adds where each evaluation's
 episodes ended (`envs/touch_block_outcomes.py`).
 Everything runs offline on the CPU; results go to
-`<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, and a run with the same
-settings reuses the dataset and checkpoints it finds there.
+`<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, next to two figures
+(`demo/touch_block_figures.py`): `success.png`, the success of every policy and reference, and
+`side_view.png`, one episode seen from the side (the end-effector's height against the named block's
+top, and its x/y distance), for the expert with and without depth and each trained policy. A run with
+the same settings reuses the dataset and checkpoints it finds there.
 """
 
 from __future__ import annotations
@@ -41,9 +44,15 @@ import numpy as np
 from tqdm import tqdm
 
 from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 from lerobot_llava3d_fusion.demo.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
-from lerobot_llava3d_fusion.demo.touch_block_outcomes import touch_block_outcomes
+from lerobot_llava3d_fusion.demo.touch_block_figures import write_demo_figures
+from lerobot_llava3d_fusion.demo.touch_block_outcomes import (
+    EpisodeTrace,
+    policy_episode_trace,
+    touch_block_outcomes,
+)
 from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer
 from lerobot_llava3d_fusion.demo.vlm_pretraining import pretrain_vlm
 from lerobot_llava3d_fusion.presets import preset_path
@@ -142,8 +151,13 @@ def train(
     steps: int,
     pretrained_backbone: bool,
     batch_size: int | None = None,
+    policy_options: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> Path:
-    output_dir = workdir / f"train_{geometry}"
+    """The checkpoint of `lerobot-train` with the demo's preset into `<workdir>/train_<name>` (`name`
+    defaults to the geometry); `policy_options` add `--policy.<option>=<value>` arguments."""
+    name = name or geometry
+    output_dir = workdir / f"train_{name}"
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
     if checkpoint.exists():
         logger.info("Reusing %s", checkpoint)
@@ -157,13 +171,14 @@ def train(
             f"--policy.load_vlm_weights={str(pretrained_backbone).lower()}",
             f"--policy.geometry={geometry}",
             *(["--policy.geometry_origin=world"] if geometry == "none" else []),  # no 3D points to move
+            *(f"--policy.{option}={value}" for option, value in (policy_options or {}).items()),
             f"--steps={steps}",
             *([f"--batch_size={batch_size}"] if batch_size is not None else []),  # else the preset's
             f"--policy.scheduler_decay_steps={steps}",  # the cosine decay spans the whole run
             f"--save_freq={steps}",
             f"--output_dir={output_dir}",
         ],
-        workdir / f"train_{geometry}.log",
+        workdir / f"train_{name}.log",
         training_environment(PRESET_CONFIG["num_workers"]),
     )
     return checkpoint
@@ -294,26 +309,62 @@ def reference_target(env: touch_block.TouchBlockEnv, policy: str, rng: np.random
     return env.renderer.block_top_centres(scene)[target]
 
 
-def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
-    """Success rate (%) of a scripted reference policy (`REFERENCE_POLICIES`), seeds as lerobot-eval's."""
+def run_reference_episode(
+    env: touch_block.TouchBlockEnv, policy: str, rng: np.random.Generator, seed: int
+) -> tuple[float, list[dict]]:
+    """One episode of a scripted reference policy: the end-effector's height after reset and the env's
+    `info` after reset and after every step."""
+    observation, info = env.reset(seed=seed)
+    start_ee_z = float(observation["agent_pos"][2])
+    infos = [info]
+    target = reference_target(env, policy, rng)
+    for _ in range(touch_block.DEFAULT_EPISODE_LENGTH):
+        if policy == "random":
+            action = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
+        else:
+            action = touch_block.expert_action(observation["agent_pos"], target, env.max_step)
+        observation, _, terminated, truncated, info = env.step(action)
+        infos.append(info)
+        if terminated or truncated:
+            break
+    return start_ee_z, infos
+
+
+def reference_env(policy: str, num_blocks: int) -> touch_block.TouchBlockEnv:
     if policy not in REFERENCE_POLICIES:
         raise ValueError(f"policy must be one of {REFERENCE_POLICIES}, got {policy!r}")
-    env = gym.make(touch_block.GYM_ID, disable_env_checker=True, num_blocks=num_blocks).unwrapped
+    return gym.make(touch_block.GYM_ID, disable_env_checker=True, num_blocks=num_blocks).unwrapped
+
+
+def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
+    """Success rate (%) of a scripted reference policy (`REFERENCE_POLICIES`), seeds as lerobot-eval's."""
+    env = reference_env(policy, num_blocks)
     rng = np.random.default_rng(0)
     successes = 0
     for seed in range(EVAL_START_SEED, EVAL_START_SEED + episodes):
-        observation, _ = env.reset(seed=seed)
-        target = reference_target(env, policy, rng)
-        for _ in range(touch_block.DEFAULT_EPISODE_LENGTH):
-            if policy == "random":
-                action = rng.uniform(-1.0, 1.0, size=3).astype(np.float32)
-            else:
-                action = touch_block.expert_action(observation["agent_pos"], target, env.max_step)
-            observation, _, terminated, truncated, info = env.step(action)
-            if terminated or truncated:
-                break
-        successes += bool(info["is_success"])
+        _, infos = run_reference_episode(env, policy, rng, seed)
+        successes += bool(infos[-1]["is_success"])
     return 100.0 * successes / episodes
+
+
+# The episode `side_view_traces` draws, and the references drawn next to the trained policies: the
+# expert with and without depth (the heights of the blocks' tops are what depth tells).
+SIDE_VIEW_SEED = EVAL_START_SEED
+SIDE_VIEW_REFERENCES = ("expert", "expert without depth")
+
+
+def side_view_traces(checkpoints: dict[str, Path], num_blocks: int) -> list[EpisodeTrace]:
+    """The episode of seed `SIDE_VIEW_SEED` (lerobot-eval's first) run by `SIDE_VIEW_REFERENCES` and by
+    each trained policy (`checkpoints`: geometry -> checkpoint), step by step."""
+    traces = []
+    for policy in SIDE_VIEW_REFERENCES:
+        env = reference_env(policy, num_blocks)
+        start_ee_z, infos = run_reference_episode(env, policy, np.random.default_rng(0), SIDE_VIEW_SEED)
+        traces.append(EpisodeTrace.of(policy, start_ee_z, infos))
+    for geometry, checkpoint in checkpoints.items():
+        label = result_name(geometry, "", "")
+        traces.append(policy_episode_trace(checkpoint, SIDE_VIEW_SEED, label, num_blocks=num_blocks))
+    return traces
 
 
 def prepare_demo_data(
@@ -476,10 +527,12 @@ def main(argv: list[str] | None = None) -> None:
         for policy in REFERENCE_POLICIES
     }
     outcomes = {}
+    checkpoints = {}
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(
             run_dir, dataset_root, backbone, geometry, args.steps, pretraining, args.batch_size
         )
+        checkpoints[geometry] = checkpoint
         results.update(
             evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks, args.rtc)
         )
@@ -502,17 +555,25 @@ def main(argv: list[str] | None = None) -> None:
     if outcomes:
         summary["where_episodes_ended"] = outcomes
     (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+    figures = write_demo_figures(
+        run_dir,
+        results,
+        REFERENCE_POLICIES,
+        side_view_traces(checkpoints, args.num_blocks),
+        success_radius=TouchBlockEnvConfig.success_radius,
+    )
     width = max(len(name) for name in results)
     table = "\n".join(f"  {name:<{width}} {rate:5.1f} %" for name, rate in results.items())
     logger.info(
         "touch_block (%d block(s) per scene) success over %d episodes (seeds %d+):\n%s\n"
-        "total time: %s min; results in %s",
+        "total time: %s min; results in %s%s",
         args.num_blocks,
         args.eval_episodes,
         EVAL_START_SEED,
         table,
         summary["minutes"],
         run_dir / "results.json",
+        "".join(f", {path.name}" for path in figures),
     )
     for name, outcome in outcomes.items():
         logger.info(

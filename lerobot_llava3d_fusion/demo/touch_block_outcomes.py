@@ -99,26 +99,12 @@ def touch_block_outcomes(
     """Run the checkpoint at `policy_path` on `episodes` touch_block episodes (seeds `start_seed`,
     `start_seed + 1`, ... as lerobot-eval numbers them) and summarise where they ended.
     `env_options` are `TouchBlockEnvConfig` fields (`num_blocks`, `instruction_perturbation`, ...)."""
-    from lerobot.configs import PreTrainedConfig
-    from lerobot.envs.factory import make_env, make_env_config, make_env_pre_post_processors
-    from lerobot.policies import make_policy, make_pre_post_processors
+    from lerobot.envs.factory import make_env, make_env_config
 
     if episodes < 1 or batch_size < 1:
         raise ValueError(f"episodes and batch_size must be positive, got {episodes} and {batch_size}")
-    policy_config = PreTrainedConfig.from_pretrained(policy_path)
-    policy_config.pretrained_path = Path(policy_path)
-    policy_config.device = device
     env_config = make_env_config("touch_block", **env_options)
-    policy = make_policy(cfg=policy_config, env_cfg=env_config)
-    policy.eval()
-    preprocessor, postprocessor = make_pre_post_processors(
-        policy_cfg=policy_config,
-        pretrained_path=policy_config.pretrained_path,
-        preprocessor_overrides={"device_processor": {"device": device}},
-    )
-    env_preprocessor, env_postprocessor = make_env_pre_post_processors(
-        env_cfg=env_config, policy_cfg=policy_config
-    )
+    policy, pipeline = load_policy_as_lerobot_eval_does(policy_path, env_config, device)
     final_infos: list[dict] = []
     with tqdm(total=episodes, desc="touch_block episodes", unit="ep") as progress:
         for batch_start in range(start_seed, start_seed + episodes, batch_size):
@@ -131,13 +117,95 @@ def touch_block_outcomes(
                         vec_env,
                         seeds,
                         policy,
-                        pipeline=(env_preprocessor, preprocessor, postprocessor, env_postprocessor),
+                        pipeline=pipeline,
                     )
                 )
             finally:
                 vec_env.close()
             progress.update(len(seeds))
     return OutcomeSummary.of(final_infos, success_radius=env_config.success_radius)
+
+
+def load_policy_as_lerobot_eval_does(policy_path: Path, env_config, device: str) -> tuple:
+    """The checkpoint's policy (eval mode) and its (env preprocessor, policy preprocessor, policy
+    postprocessor, env postprocessor), built by LeRobot's factories as `lerobot-eval` builds them."""
+    from lerobot.configs import PreTrainedConfig
+    from lerobot.envs.factory import make_env_pre_post_processors
+    from lerobot.policies import make_policy, make_pre_post_processors
+
+    policy_config = PreTrainedConfig.from_pretrained(policy_path)
+    policy_config.pretrained_path = Path(policy_path)
+    policy_config.device = device
+    policy = make_policy(cfg=policy_config, env_cfg=env_config)
+    policy.eval()
+    preprocessor, postprocessor = make_pre_post_processors(
+        policy_cfg=policy_config,
+        pretrained_path=policy_config.pretrained_path,
+        preprocessor_overrides={"device_processor": {"device": device}},
+    )
+    env_preprocessor, env_postprocessor = make_env_pre_post_processors(
+        env_cfg=env_config, policy_cfg=policy_config
+    )
+    return policy, (env_preprocessor, preprocessor, postprocessor, env_postprocessor)
+
+
+@dataclass(frozen=True)
+class EpisodeTrace:
+    """One episode seen from the side: the end-effector's height and x/y distance to the named block's
+    top-centre at every step (index 0: after reset), in metres."""
+
+    label: str
+    target_top_z: float  # height of the named block's top
+    ee_z: list[float]
+    xy_error: list[float]
+    success: bool
+
+    @classmethod
+    def of(cls, label: str, start_ee_z: float, infos: list[dict]) -> EpisodeTrace:
+        """From the env's `info` after reset and after every step (`height_error`, `xy_error`,
+        `is_success`); `start_ee_z`: the end-effector's height after reset."""
+        top_z = float(start_ee_z) - float(infos[0]["height_error"])
+        return cls(
+            label=label,
+            target_top_z=top_z,
+            ee_z=[top_z + float(info["height_error"]) for info in infos],
+            xy_error=[float(info["xy_error"]) for info in infos],
+            success=bool(infos[-1]["is_success"]),
+        )
+
+
+def policy_episode_trace(
+    policy_path: Path, seed: int, label: str, device: str = "cpu", **env_options
+) -> EpisodeTrace:
+    """One touch_block episode (seed `seed`, as lerobot-eval numbers them) of the checkpoint at
+    `policy_path`, run as `lerobot-eval` runs it, step by step. `env_options`: as `touch_block_outcomes`."""
+    from lerobot.envs.factory import make_env, make_env_config
+
+    env_config = make_env_config("touch_block", **env_options)
+    policy, pipeline = load_policy_as_lerobot_eval_does(policy_path, env_config, device)
+    env_preprocessor, preprocessor, postprocessor, env_postprocessor = pipeline
+    envs = make_env(env_config, n_envs=1, use_async_envs=False)
+    vec_env = next(iter(next(iter(envs.values())).values()))  # {suite: {task_id: env}}
+    try:
+        observation, info = vec_env.reset(seed=[seed])
+        start_ee_z = float(observation["agent_pos"][0, 2])
+        infos = [{key: info[key][0] for key in OUTCOME_INFO_KEYS}]
+        policy.reset()
+        while True:
+            batch = preprocess_observation(observation)
+            batch["task"] = list(vec_env.call("task_description"))
+            batch = preprocessor(env_preprocessor(batch))
+            with torch.inference_mode():
+                action = policy.select_action(batch)
+            action = env_postprocessor({ACTION: postprocessor(action)})[ACTION]
+            observation, _, _, _, info = vec_env.step(action.cpu().numpy())
+            final = final_infos_of_step(info, 1)[0]
+            # The sub-env resets in the step its episode ends: its last info is the final one.
+            infos.append(final if final is not None else {key: info[key][0] for key in OUTCOME_INFO_KEYS})
+            if final is not None:
+                return EpisodeTrace.of(label, start_ee_z, infos)
+    finally:
+        vec_env.close()
 
 
 def run_until_each_ends(vec_env, seeds: list[int], policy, pipeline: tuple) -> list[dict]:
