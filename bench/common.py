@@ -53,6 +53,7 @@ TARGETS = {
     "ours_over_pi0_latency": ("ours / pi0 latency", "<=", 0.8),
     "ours_over_pi0_train_samples_per_s": ("ours / pi0 training samples/s", ">=", 1.2),
     "ours_over_pi0_peak_memory": ("ours / pi0 peak training memory", "<=", 1.0),
+    "ours_over_pi0_inference_peak_memory": ("ours / pi0 peak inference memory", "<=", 1.0),
     "sampling_fraction_of_matmul_peak": ("cached sampling FLOP/s / dense matmul FLOP/s", ">=", 0.4),
     "checkpointed_over_plain_peak_memory": (
         "gradient checkpointing / without: peak training memory",
