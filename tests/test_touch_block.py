@@ -860,3 +860,14 @@ def test_robustness_flags_reach_the_envs_lerobot_makes():
         )
     finally:
         vec_env.close()
+
+
+def test_dataset_with_moved_cameras_records_each_episodes_view(tmp_path):
+    options = {"camera_translation_perturbation": 0.05, "camera_rotation_perturbation": 5.0}
+    make_touch_block_dataset(root=tmp_path / "ds", repo_id="local/tb", num_episodes=2, seed=0, num_blocks=1, **options)
+    dataset = LeRobotDataset("local/tb", root=tmp_path / "ds")
+    first_frames = [dataset[int(i)] for i in dataset.meta.episodes["dataset_from_index"]]
+    for seed, frame in enumerate(first_frames):
+        expected = tb.TouchBlockEnv(num_blocks=1, **options).reset(seed=seed)[0]["extrinsics"]
+        np.testing.assert_allclose(frame["observation.extrinsics.top"].numpy(), expected, atol=1e-6)
+    assert not torch.equal(first_frames[0]["observation.extrinsics.top"], first_frames[1]["observation.extrinsics.top"])

@@ -96,6 +96,8 @@ def make_touch_block_dataset(
     num_blocks: int = 3,
     every_block_as_target: bool = False,
     near_target_starts: float = 0.0,
+    camera_translation_perturbation: float = 0.0,
+    camera_rotation_perturbation: float = 0.0,
 ) -> LeRobotDataset:
     """Writes `num_episodes` expert episodes to a new dataset at `root` (which must not exist);
     `num_blocks` blocks per scene (train and evaluate with the same `--env.num_blocks`).
@@ -106,7 +108,11 @@ def make_touch_block_dataset(
     instructions and actions, so nothing but the instruction tells them apart.
 
     `near_target_starts`: the fraction of episodes that start near the target's top instead (module
-    docstring); which ones, and their offsets, are drawn from a generator seeded with `seed`."""
+    docstring); which ones, and their offsets, are drawn from a generator seeded with `seed`.
+
+    `camera_translation_perturbation` (m) / `camera_rotation_perturbation` (degrees): the camera is
+    moved in each episode as the env's options of those names move it (drawn from the episode's
+    seed; every frame records the camera matrices of its view)."""
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
     if not 0.0 <= near_target_starts <= 1.0:  # also refuses NaN
@@ -116,7 +122,12 @@ def make_touch_block_dataset(
         raise ValueError(f"dataset root {root} already exists; choose a new directory")
 
     env = gym.make(
-        touch_block.GYM_ID, observation_height=height, observation_width=width, num_blocks=num_blocks
+        touch_block.GYM_ID,
+        observation_height=height,
+        observation_width=width,
+        num_blocks=num_blocks,
+        camera_translation_perturbation=camera_translation_perturbation,
+        camera_rotation_perturbation=camera_rotation_perturbation,
     )
     sim: touch_block.TouchBlockEnv = env.unwrapped
     dataset = LeRobotDataset.create(

@@ -1,0 +1,146 @@
+"""bench/robustness.py: what it trains and evaluates, checked on its lerobot-train / lerobot-eval
+argument lists with both scripts stubbed (no training)."""
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import draccus
+import pytest
+from lerobot.envs.configs import EnvConfig
+
+from lerobot_llava3d_fusion import Llava3DFusionConfig
+from lerobot_llava3d_fusion.demo import touch_block_demo as demo
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "robustness.py"
+
+
+@pytest.fixture(scope="module")
+def robustness():
+    spec = importlib.util.spec_from_file_location("robustness_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class EvalCommandLine:
+    env: EnvConfig
+
+
+def stub_rate(env: TouchBlockEnvConfig, checkpoint: str) -> float:
+    """A made-up success rate that falls with the camera move and with sensor depth."""
+    rate = 90.0 - 400 * env.camera_translation_perturbation
+    if env.depth_noise == "sensor":
+        rate -= 5.0 if "noise_trained" in checkpoint else 30.0
+    return rate
+
+
+@pytest.fixture
+def stubbed(tmp_path, monkeypatch, robustness):
+    """Stubs the demo's data, lerobot-train and lerobot-eval; returns the recorded calls."""
+    calls = {"train": [], "eval": [], "datasets": []}
+
+    def run_lerobot(script, args, log_path, environment=None):
+        options = dict(arg.removeprefix("--").split("=", 1) for arg in args)
+        output_dir = Path(options["output_dir"])
+        if script == "lerobot_train":
+            calls["train"].append(args)
+            (output_dir / "checkpoints" / "last" / "pretrained_model").mkdir(parents=True)
+            return
+        assert script == "lerobot_eval"
+        calls["eval"].append(args)
+        env = draccus.parse(EvalCommandLine, args=[a for a in args if a.startswith("--env.")]).env
+        output_dir.mkdir(parents=True)
+        rate = stub_rate(env, options["policy.path"])
+        (output_dir / "eval_info.json").write_text(json.dumps({"overall": {"pc_success": rate}}))
+
+    def prepare_demo_data(workdir, num_blocks, episodes, every_block_as_target, near_target_starts):
+        return "data", workdir / "dataset_data", workdir / "backbone"
+
+    monkeypatch.setattr(demo, "run_lerobot", run_lerobot)
+    monkeypatch.setattr(demo, "prepare_demo_data", prepare_demo_data)
+    def make_touch_block_dataset(**kwargs):
+        calls["datasets"].append(kwargs)
+        Path(kwargs["root"]).mkdir(parents=True)
+
+    monkeypatch.setattr(robustness, "make_touch_block_dataset", make_touch_block_dataset)
+    return calls
+
+
+def policy_config(train_args: list[str]) -> Llava3DFusionConfig:
+    """The policy config lerobot-train would build from the preset and the `--policy.*` arguments."""
+    fields = {k: v for k, v in json.loads(demo.PRESET.read_text())["policy"].items() if k != "type"}
+    for arg in train_args:
+        name, _, value = arg.removeprefix("--policy.").partition("=")
+        if arg.startswith("--policy.") and name in ("geometry", "geometry_origin", "augment_depth_noise"):
+            fields[name] = {"true": True, "false": False}.get(value, value)
+    return Llava3DFusionConfig(**fields)  # raises on a combination lerobot-train would refuse
+
+
+def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_seeds(tmp_path, stubbed, robustness):
+    results = robustness.main(["--workdir", str(tmp_path), "--steps", "3", "--eval-episodes", "7"])
+
+    # Five policies, each trained once with the demo's recipe and a valid config.
+    trained = {Path(dict(a.split("=", 1) for a in args)["--output_dir"]).name: args for args in stubbed["train"]}
+    assert sorted(trained) == sorted(
+        f"train_{name}" for name in
+        ("depth_ee_points", "depth_world_points", "no_geometry", "depth_noise_trained", "depth_camera_trained")
+    )  # fmt: skip
+    configs = {name.removeprefix("train_"): policy_config(args) for name, args in trained.items()}
+    assert (configs["depth_ee_points"].geometry, configs["depth_ee_points"].geometry_origin) == ("depth", "state")
+    assert configs["depth_world_points"].geometry_origin == "world"
+    assert configs["no_geometry"].geometry == "none"
+    assert configs["depth_noise_trained"].augment_depth_noise is True
+    assert not configs["depth_ee_points"].augment_depth_noise
+    for args in trained.values():
+        assert "--steps=3" in args and f"--config_path={demo.PRESET}" in args
+    # The camera-trained policy learns from episodes with the medium camera move drawn per episode.
+    (dataset,) = stubbed["datasets"]
+    assert (dataset["camera_translation_perturbation"], dataset["camera_rotation_perturbation"]) == (0.05, 5.0)
+    assert f"--dataset.root={dataset['root']}" in trained["train_depth_camera_trained"]
+    assert f"--dataset.root={tmp_path / 'dataset_data'}" in trained["train_depth_ee_points"]
+
+    # Evaluations: valid env options, the same episodes everywhere.
+    envs = []
+    for args in stubbed["eval"]:
+        assert f"--seed={demo.EVAL_START_SEED}" in args and "--eval.n_episodes=7" in args
+        envs.append(draccus.parse(EvalCommandLine, args=[a for a in args if a.startswith("--env.")]).env)
+    camera_sizes = {(e.camera_translation_perturbation, e.camera_rotation_perturbation) for e in envs}
+    assert camera_sizes == {(0.0, 0.0), (0.02, 2.0), (0.05, 5.0), (0.1, 10.0)}
+    assert {e.depth_noise for e in envs} == {"none", "sensor"}
+    assert len(stubbed["eval"]) == 3 * 4 + 2 * 2 + 4
+
+    rates = results["success_rate_pc"]
+    assert rates["no_geometry"]["camera_5cm_5deg"] == pytest.approx(70.0)
+    assert rates["depth_noise_trained"] == {"depth_none": 90.0, "depth_sensor": 85.0}
+    targets = results["targets"]
+    assert targets["depth_noise_trained: sensor depth"]["met"] is True
+    assert targets["depth_ee_points: medium camera move"]["retained_share"] == pytest.approx(70 / 90)
+    assert targets["depth_ee_points: medium camera move"]["met"] is False
+    run_dir = tmp_path / "data_3_steps"
+    assert json.loads((run_dir / "robustness.json").read_text())["success_rate_pc"] == rates
+    assert (run_dir / "robustness.png").stat().st_size > 0
+
+    # A rerun reuses every checkpoint and evaluation.
+    before = {key: len(value) for key, value in stubbed.items()}
+    robustness.main(["--workdir", str(tmp_path), "--steps", "3", "--eval-episodes", "7"])
+    assert {key: len(value) for key, value in stubbed.items()} == before
+
+
+def test_one_experiment_and_custom_sizes(tmp_path, stubbed, robustness):
+    robustness.main(
+        ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera", "--camera-perturbations", "0,0",
+         "0.03,4"]
+    )  # fmt: skip
+    assert len(stubbed["train"]) == 3 and not stubbed["datasets"]
+    labels = {
+        Path(dict(a.split("=", 1) for a in args)["--output_dir"]).name.split("_camera_")[1] for args in stubbed["eval"]
+    }
+    assert labels == {"0cm_0deg", "3cm_4deg"}
+    with pytest.raises(SystemExit):
+        robustness.parse_args(["--camera-perturbations", "5cm"])
