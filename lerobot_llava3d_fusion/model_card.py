@@ -19,7 +19,11 @@ from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.policies.pretrained import _build_card_context
 from lerobot.utils.constants import OBS_STATE
 
-from lerobot_llava3d_fusion.configuration_llava3d_fusion import EMPTY_CAMERA_PREFIX, Llava3DFusionConfig
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import (
+    EMPTY_CAMERA_PREFIX,
+    TINY_VLM_NAME,
+    Llava3DFusionConfig,
+)
 from lerobot_llava3d_fusion.observation_keys import (
     INTRINSICS_PREFIX,
     camera_name,
@@ -44,14 +48,14 @@ UNKNOWN_LICENSE = "unknown"
 
 
 def hub_id(name: str | Path | None) -> str | None:
-    """`name` when it is a Hub repo id (``owner/name``), None for a local path, "tiny" or nothing."""
-    if not name or Path(name).exists():
+    """`name` when it is a Hub repo id, None for a local path, the tiny test backbone or nothing."""
+    if not name or str(name) == TINY_VLM_NAME or Path(name).exists():
         return None
     try:
         validate_repo_id(str(name))
     except HFValidationError:
         return None
-    return str(name) if "/" in str(name) else None
+    return str(name)
 
 
 def backbone_hub_ids(config: Llava3DFusionConfig) -> list[str]:
