@@ -64,7 +64,7 @@ class Evaluation:
     experiment: str
     policy: str
     label: str
-    env_options: dict[str, str]
+    env_options: dict[str, float | str]  # TouchBlockEnvConfig fields: `--env.<name>=<value>`
 
     @property
     def name(self) -> str:
@@ -75,8 +75,8 @@ def camera_label(translation: float, rotation: float) -> str:
     return f"camera_{translation * 100:g}cm_{rotation:g}deg"
 
 
-def camera_options(translation: float, rotation: float) -> dict[str, str]:
-    return {"camera_translation_perturbation": f"{translation:g}", "camera_rotation_perturbation": f"{rotation:g}"}
+def camera_options(translation: float, rotation: float) -> dict[str, float]:
+    return {"camera_translation_perturbation": translation, "camera_rotation_perturbation": rotation}
 
 
 def trainings(training_camera_perturbation: tuple[float, float]) -> dict[str, Training]:

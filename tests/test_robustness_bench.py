@@ -144,3 +144,23 @@ def test_one_experiment_and_custom_sizes(tmp_path, stubbed, robustness):
     assert labels == {"0cm_0deg", "3cm_4deg"}
     with pytest.raises(SystemExit):
         robustness.parse_args(["--camera-perturbations", "5cm"])
+
+
+def test_outcomes_option_runs_the_medium_move_and_sensor_depth_with_typed_env_options(
+    tmp_path, stubbed, robustness, monkeypatch
+):
+    recorded = []
+
+    def touch_block_outcomes(checkpoint, episodes, start_seed, num_blocks, **env_options):
+        TouchBlockEnvConfig(num_blocks=num_blocks, **env_options)  # the options it would build its env from
+        recorded.append(env_options)
+        return robustness.dataclasses.make_dataclass("Summary", ["episodes"])(episodes)
+
+    monkeypatch.setattr(robustness, "touch_block_outcomes", touch_block_outcomes)
+    results = robustness.main(["--workdir", str(tmp_path), "--steps", "3", "--outcomes"])
+    assert {"camera_translation_perturbation": 0.05, "camera_rotation_perturbation": 5.0} in recorded
+    assert {"depth_noise": "sensor"} in recorded
+    # The medium move for the three camera-experiment policies and the camera-trained one; sensor depth
+    # for the clean-trained and the noise-trained policies.
+    assert len(recorded) == 4 + 2
+    assert results["where_episodes_ended"]["depth_noise_trained_depth_sensor"] == {"episodes": 50}
