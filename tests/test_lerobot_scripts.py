@@ -407,12 +407,19 @@ def assert_hub_upload(capture_dir: Path, dataset_repo_id: str) -> None:
     from huggingface_hub import ModelCard
 
     card = ModelCard((repo / "README.md").read_text())
-    assert card.data.license == "apache-2.0"
+    # This policy's card, not LeRobot's generic one (model_card.py): the tiny backbone has no Hub id
+    # and no licence to inherit.
+    assert card.data.license == "unknown" and card.data.base_model is None
     assert card.data.library_name == "lerobot" and card.data.pipeline_tag == "robotics"
     assert {"robotics", "lerobot", "llava3d_fusion"} <= set(card.data.tags)
     assert card.data.model_name == "llava3d_fusion"
     assert card.data.datasets in (dataset_repo_id, [dataset_repo_id])
-    assert "llava3d_fusion" in card.text
+    assert card.text.index("pip install lerobot_policy_llava3d_fusion") < card.text.index("lerobot-")
+    assert f"--policy.path={HUB_REPO_ID}" in card.text
+    assert f"--dataset.repo_id={dataset_repo_id}" in card.text  # the training command
+    if config["geometry"] == "depth":
+        assert "| depth of `top` | `observation.depth.top` |" in card.text and "float32 metres" in card.text
+        assert "| intrinsics of `top` | `observation.intrinsics.top` |" in card.text
     # LeRobot validates the card with the Hub before uploading it.
     assert any(c["call"] == "validate_card" and "llava3d_fusion" in c["content"] for c in calls), calls
 
@@ -459,7 +466,7 @@ def test_lerobot_train_push_to_hub_flag(workdir, touch_block_dataset):
     output_dir = workdir / "hub_train_run"
     args = e2e.train_args(TB_REPO_ID, touch_block_dataset, output_dir, steps=2, log_freq=1)
     args = [a for a in args if a != "--policy.push_to_hub=false"]
-    args += ["--policy.push_to_hub=true", f"--policy.repo_id={HUB_REPO_ID}"]
+    args += ["--policy.push_to_hub=true", f"--policy.repo_id={HUB_REPO_ID}", "--policy.geometry=depth"]
     result = e2e.run_command(
         [sys.executable, str(Path(e2e.__file__)), "train-capturing-hub", str(capture_dir), *args],
         workdir / "hub_train.log",
@@ -467,6 +474,8 @@ def test_lerobot_train_push_to_hub_flag(workdir, touch_block_dataset):
     assert_ok(result)
     assert f"Model pushed to https://huggingface.co/{HUB_REPO_ID}" in result.output
     assert_hub_upload(capture_dir, TB_REPO_ID)
+    card = (capture_dir / "repos" / HUB_REPO_ID / "README.md").read_text()
+    assert "--policy.geometry=depth" in card and "| depth of `top` |" in card
 
 
 # ---- 6. A checkpoint whose features do not match the env fails clearly ---------------------------------
