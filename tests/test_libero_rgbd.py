@@ -331,6 +331,7 @@ def test_robustness_options_reach_the_env_constructor_and_bad_values_name_the_fi
             make_env_config("libero_rgbd", task=SUITE, **options)
 
 
+@pytest.mark.slow
 def test_moved_agent_view_is_rendered_and_reported_exactly_with_sensor_depth(rollout):
     """Same task and seed as `rollout`, with the cameras moved and sensor depth: the agent view's pose
     changed in the simulator, the wrist camera's did not, and the reported matrices are those of the
