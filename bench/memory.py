@@ -62,7 +62,11 @@ def inference_worker(variant: str, args, conn: Connection) -> None:
     policy = BUILDERS[VARIANTS[variant]](sizes, device, args.dtype, args.seed)
     if variant == "ours (float32 masters)":
         policy.train()  # a training run's policy: its evaluation passes keep the float32 masters
-    call = predictor(policy, make_batch(sizes, args.batch_size, device, args.seed), make_noise(sizes, args.batch_size, device, args.seed))
+    call = predictor(
+        policy,
+        make_batch(sizes, args.batch_size, device, args.seed),
+        make_noise(sizes, args.batch_size, device, args.seed),
+    )
     with torch.no_grad():
         call()  # warm-up: ours moves to its inference storage here
         gc.collect()
@@ -118,11 +122,19 @@ def main() -> None:
     ratio = results["ours"]["peak_net_gib"] / results["pi0"]["peak_net_gib"]
     masters = results["ours (float32 masters)"]["peak_net_gib"] / results["ours"]["peak_net_gib"]
     print(f"\nours with float32 masters / ours loaded to act: {masters:.2f}x net peak")
-    targets = {"ours_over_pi0_inference_peak_memory": check_target("ours_over_pi0_inference_peak_memory", ratio)}
+    targets = {
+        "ours_over_pi0_inference_peak_memory": check_target("ours_over_pi0_inference_peak_memory", ratio)
+    }
     print_targets(targets)
     write_json(
         args.out,
-        {"script": "memory", "info": info, "results": results, "float32_masters_over_inference": masters, "targets": targets},
+        {
+            "script": "memory",
+            "info": info,
+            "results": results,
+            "float32_masters_over_inference": masters,
+            "targets": targets,
+        },
     )
 
 

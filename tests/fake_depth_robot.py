@@ -49,7 +49,11 @@ class FakeDepthRobot(Robot):
 
     @property
     def observation_features(self) -> dict:
-        return {**{joint: float for joint in JOINTS}, "front": (SIZE, SIZE, 3), "front_depth": (SIZE, SIZE, 1)}
+        return {
+            **{joint: float for joint in JOINTS},
+            "front": (SIZE, SIZE, 3),
+            "front_depth": (SIZE, SIZE, 1),
+        }
 
     @property
     def action_features(self) -> dict:
@@ -85,5 +89,9 @@ class FakeDepthRobot(Robot):
 
 def depth_robot_dataset_features() -> dict[str, dict]:
     """The dataset features LeRobot's client announces for this robot (and lerobot-record would store)."""
-    observation = {**{joint: float for joint in JOINTS}, "front": (SIZE, SIZE, 3), "front_depth": (SIZE, SIZE, 1)}
+    observation = {
+        **{joint: float for joint in JOINTS},
+        "front": (SIZE, SIZE, 3),
+        "front_depth": (SIZE, SIZE, 1),
+    }
     return hw_to_dataset_features(observation, "observation", use_video=False)

@@ -11,14 +11,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pickle  # noqa: E402
-import socket  # noqa: E402
+import pickle
+import socket
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from fake_depth_robot import (  # noqa: E402
+import grpc
+import numpy as np
+import pytest
+import torch
+from fake_depth_robot import (
     JOINTS,
     SIZE,
     TASK,
@@ -26,15 +26,15 @@ from fake_depth_robot import (  # noqa: E402
     depth_robot_dataset_features,
     depth_robot_observation,
 )
-from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
-from lerobot.policies import make_pre_post_processors  # noqa: E402
-from lerobot.policies.utils import build_inference_frame  # noqa: E402
-from lerobot.utils.feature_utils import dataset_to_policy_features  # noqa: E402
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.policies import make_pre_post_processors
+from lerobot.policies.utils import build_inference_frame
+from lerobot.utils.feature_utils import dataset_to_policy_features
 
-from lerobot_llava3d_fusion import Llava3DFusionConfig, make_llava3d_fusion_pre_post_processors  # noqa: E402
-from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy  # noqa: E402
-from lerobot_llava3d_fusion.tools.remote_observation import resize_depth_nearest, resize_intrinsics  # noqa: E402
-from lerobot_llava3d_fusion.tools.safe_unpickle import UnsafePickleError, safe_loads  # noqa: E402
+from lerobot_llava3d_fusion import Llava3DFusionConfig, make_llava3d_fusion_pre_post_processors
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.tools.remote_observation import resize_depth_nearest, resize_intrinsics
+from lerobot_llava3d_fusion.tools.safe_unpickle import UnsafePickleError, safe_loads
 
 K = [[30.0, 0.0, 15.5], [0.0, 30.0, 15.5], [0.0, 0.0, 1.0]]
 CHUNK, MAX_ACTION_DIM, NOISE_SEED = 4, 8, 7
@@ -167,7 +167,9 @@ def test_chunks_through_the_server_equal_predict_action_chunk_and_use_the_depth(
     ],
     ids=["missing depth", "depth with 3 channels", "grey image", "missing joint"],
 )
-def test_a_bad_observation_is_refused_with_its_reason_and_the_server_keeps_serving(client, checkpoint, change, named):
+def test_a_bad_observation_is_refused_with_its_reason_and_the_server_keeps_serving(
+    client, checkpoint, change, named
+):
     raw = robot_observation(seed=1)
     change(raw)
     with pytest.raises(grpc.RpcError) as refused:
@@ -230,7 +232,9 @@ class StorageArchive:
 def test_protocol_messages_round_trip_through_the_restricted_unpickler():
     from lerobot.async_inference.helpers import RemotePolicyConfig, TimedAction, TimedObservation
 
-    observation = TimedObservation(1.5, 3, {**depth_robot_observation(), "task": TASK, "t": torch.arange(3.0)})
+    observation = TimedObservation(
+        1.5, 3, {**depth_robot_observation(), "task": TASK, "t": torch.arange(3.0)}
+    )
     loaded = safe_loads(pickle.dumps(observation))
     assert loaded.timestep == 3 and loaded.observation["task"] == TASK
     np.testing.assert_array_equal(loaded.observation["front_depth"], observation.observation["front_depth"])
@@ -262,7 +266,7 @@ def test_the_server_binds_loopback_unless_told_and_its_command_documents_its_fla
 
     result = subprocess.run(
         [sys.executable, "-m", "lerobot_llava3d_fusion.tools.policy_server", "--help"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env(),
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=subprocess_env(), check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--host" in result.stdout and "127.0.0.1" in result.stdout and "--noise_seed" in result.stdout

@@ -101,7 +101,9 @@ def resize_depth_nearest(depth: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return F.interpolate(depth.double(), size=size, mode="nearest-exact").to(depth.dtype)
 
 
-def resize_intrinsics(intrinsics: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+def resize_intrinsics(
+    intrinsics: torch.Tensor, source: tuple[int, int], target: tuple[int, int]
+) -> torch.Tensor:
     """(..., 3, 3) pinhole K of a ``source`` (H, W) grid -> K of the same view resized to ``target``.
 
     Pixel centres map as u' = (u + 0.5) * s - 0.5 (the resize samples at pixel centres)."""
