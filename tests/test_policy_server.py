@@ -29,7 +29,7 @@ from fake_depth_robot import (
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies import make_pre_post_processors
 from lerobot.policies.utils import build_inference_frame
-from lerobot.utils.feature_utils import dataset_to_policy_features
+from lerobot.utils.feature_utils import dataset_to_policy_features, hw_to_dataset_features
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig, make_llava3d_fusion_pre_post_processors
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
@@ -270,3 +270,35 @@ def test_the_server_binds_loopback_unless_told_and_its_command_documents_its_fla
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--host" in result.stdout and "127.0.0.1" in result.stdout and "--noise_seed" in result.stdout
+
+
+def test_a_larger_depth_camera_is_resized_to_the_policys_grid_with_its_intrinsics(checkpoint):
+    """A sensor at twice the policy's resolution: nearest-neighbour depth (millimetres kept for the
+    preprocessor), observation intrinsics rescaled to the resized grid, extrinsics passed through."""
+    from lerobot.configs import PreTrainedConfig
+
+    from lerobot_llava3d_fusion.tools.remote_observation import prepare_remote_observation
+
+    config = PreTrainedConfig.from_pretrained(checkpoint)
+    small = depth_robot_observation(seed=3)
+    large = depth_robot_observation(seed=3, size=2 * SIZE)
+    large["front_depth"] = small["front_depth"].repeat(2, axis=0).repeat(2, axis=1)
+    k_large = resize_intrinsics(torch.tensor(K), (SIZE, SIZE), (2 * SIZE, 2 * SIZE))
+    large["observation.intrinsics.front"] = k_large.numpy()
+    large["observation.extrinsics.front"] = np.eye(4, dtype=np.float32)
+    features = hw_to_dataset_features(
+        {
+            **{joint: float for joint in JOINTS},
+            "front": (2 * SIZE, 2 * SIZE, 3),
+            "front_depth": (2 * SIZE, 2 * SIZE, 1),
+        },
+        "observation",
+        use_video=False,
+    )
+    observation = prepare_remote_observation({**large, "task": TASK}, features, config)
+    depth = observation["observation.images.front_depth"]
+    assert depth.dtype == torch.uint16 and depth.shape == (1, 1, SIZE, SIZE)
+    assert torch.equal(depth[0, 0], torch.from_numpy(small["front_depth"][..., 0]))
+    torch.testing.assert_close(observation["observation.intrinsics.front"][0], torch.tensor(K))
+    assert observation["observation.extrinsics.front"].shape == (1, 4, 4)
+    assert observation["observation.images.front"].shape == (1, 3, SIZE, SIZE)
