@@ -149,33 +149,60 @@ def run_installed(target: Path, command: list[str], cwd: Path, timeout: float = 
     )
 
 
+# What a user of the installed wheel types, in one process (each new one pays torch's import again):
+# the preset command's `main`, and `python -m` of the demo and the ablation (`runpy`, as `-m` does).
+INSTALLED_COMMANDS = """
+    import contextlib, io, json, runpy, sys
+    import lerobot_llava3d_fusion
+    from lerobot_llava3d_fusion.presets import main as preset_main
+
+    def run(function, *args):
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                function(*args)
+            except SystemExit as exit:
+                code = exit.code
+        return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+    def module_help(module):
+        sys.argv = [module, "--help"]
+        return run(runpy.run_module, module, None, "__main__", True)
+
+    print(json.dumps({
+        "package": lerobot_llava3d_fusion.__file__,
+        "presets": run(preset_main, []),
+        "libero": run(preset_main, ["libero"]),
+        "unknown": run(preset_main, ["no_such_preset"]),
+        "demo": module_help("lerobot_llava3d_fusion.demo"),
+        "ablation": module_help("lerobot_llava3d_fusion.demo.ablation"),
+    }))
+"""
+
+
 def test_installed_wheel_ships_the_presets_and_runs_the_demo_help(wheel, installed_wheel, tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-    shipped = {f"lerobot_llava3d_fusion/presets/{p.name}" for p in (REPO / "lerobot_llava3d_fusion" / "presets").glob("*.json")}
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    presets = (REPO / "lerobot_llava3d_fusion" / "presets").glob("*.json")
+    shipped = {f"lerobot_llava3d_fusion/presets/{path.name}" for path in presets}
     assert shipped and shipped <= names, shipped - names
     assert "lerobot_llava3d_fusion/model_card_template.md" in names
+    assert "llava3d-fusion-preset = lerobot_llava3d_fusion.presets:main" in scripts
 
-    python = [sys.executable, "-c", "import lerobot_llava3d_fusion; print(lerobot_llava3d_fusion.__file__)"]
-    result = run_installed(installed_wheel, python, tmp_path)
+    command = [sys.executable, "-c", textwrap.dedent(INSTALLED_COMMANDS)]
+    result = run_installed(installed_wheel, command, tmp_path)
     assert result.returncode == 0, result.stderr
-    assert Path(result.stdout.strip()).is_relative_to(installed_wheel), result.stdout  # not the checkout
-
-    preset_command = str(installed_wheel / "bin" / "llava3d-fusion-preset")
-    result = run_installed(installed_wheel, [preset_command], tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert {"libero", "touch_block_demo"} <= set(result.stdout.split())
-    result = run_installed(installed_wheel, [preset_command, "libero"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    preset = Path(result.stdout.strip())
-    assert preset.is_relative_to(installed_wheel) and json.loads(preset.read_text())["policy"]["type"] == "llava3d_fusion"
-    result = run_installed(installed_wheel, [preset_command, "no_such_preset"], tmp_path)
-    assert result.returncode != 0 and "no_such_preset" in result.stderr and "libero" in result.stderr
-
-    for module in ("lerobot_llava3d_fusion.demo", "lerobot_llava3d_fusion.demo.ablation"):
-        result = run_installed(installed_wheel, [sys.executable, "-m", module, "--help"], tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert "--workdir" in result.stdout
+    ran = json.loads(result.stdout.splitlines()[-1])
+    assert Path(ran["package"]).is_relative_to(installed_wheel), ran["package"]  # not the checkout
+    assert ran["presets"]["code"] == 0 and {"libero", "touch_block_demo"} <= set(ran["presets"]["out"].split())
+    preset = Path(ran["libero"]["out"].strip())
+    assert preset.is_relative_to(installed_wheel), preset
+    assert json.loads(preset.read_text())["policy"]["type"] == "llava3d_fusion"
+    assert ran["unknown"]["code"] != 0 and "no_such_preset" in ran["unknown"]["err"]
+    for module in ("demo", "ablation"):
+        assert ran[module]["code"] == 0 and "--workdir" in ran[module]["out"], ran[module]
 
 
 @pytest.mark.slow
