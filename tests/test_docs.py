@@ -35,6 +35,30 @@ def relative_links(text: str) -> list[str]:
     return [target for target in targets if not re.match(r"[a-z][a-z0-9+.-]*:", target) and not target.startswith("#")]
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as "-";
+    a repeated heading's anchor gets "-1", "-2", ..."""
+    anchors: set[str] = set()
+    in_code = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not re.match(r"#{1,6} ", line):
+            continue
+        slug = re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    text = "# Ablation: the original system's choices\n## Where `x_y` ends (`z`)\n## Results\n## Results\n```\n# no\n```"
+    assert heading_anchors(text) == {"ablation-the-original-systems-choices", "where-x_y-ends-z", "results", "results-1"}
+
+
 def test_readme_is_an_entry_page():
     lines = README.read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move details to docs/"
@@ -49,10 +73,16 @@ def test_relative_link_parser_keeps_only_repository_targets():
 def test_every_relative_link_points_to_an_existing_file(page):
     missing = []
     for target in relative_links(page.read_text()):
-        path = (page.parent / target.split("#", 1)[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve()
         if not path.exists():
             missing.append(target)
-    assert not missing, f"{page.relative_to(REPO_ROOT)} links to missing files: {missing}"
+        elif anchor and path.suffix == ".md" and anchor not in heading_anchors(path.read_text()):
+            missing.append(target)
+    targets = (match.group(1) for match in LINK.finditer(page.read_text()))
+    own_anchors = heading_anchors(page.read_text())
+    missing += [target for target in targets if target.startswith("#") and target[1:] not in own_anchors]
+    assert not missing, f"{page.relative_to(REPO_ROOT)} links to missing files or headings: {missing}"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=page_ids(PAGES))
