@@ -99,11 +99,13 @@ def plan(
         if experiment == "camera":
             for policy in ("depth_ee_points", "depth_world_points", "no_geometry"):
                 for size in camera_perturbations:
-                    evaluations.append(Evaluation(experiment, policy, camera_label(*size), camera_options(*size)))
+                    label, options = camera_label(*size), camera_options(*size)
+                    evaluations.append(Evaluation(experiment, policy, label, options))
         elif experiment == "depth_noise":
             for policy in ("depth_ee_points", "depth_noise_trained"):
                 for noise in DEPTH_NOISES:
-                    evaluations.append(Evaluation(experiment, policy, f"depth_{noise}", {"depth_noise": noise}))
+                    options = {"depth_noise": noise}
+                    evaluations.append(Evaluation(experiment, policy, f"depth_{noise}", options))
         elif experiment == "camera_training":
             for size in camera_perturbations:
                 evaluations.append(
@@ -160,7 +162,9 @@ def write_figure(path: Path, rates: dict[str, dict[str, float]], camera_perturba
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        logger.warning("matplotlib is not installed: no figure (pip install \"lerobot_policy_llava3d_fusion[demo]\")")
+        logger.warning(
+            "matplotlib is not installed: no figure (pip install \"lerobot_policy_llava3d_fusion[demo]\")"
+        )
         return None
     figure = Figure(figsize=(10, 4), layout="constrained")
     camera_axes, noise_axes = figure.subplots(1, 2)
@@ -173,10 +177,15 @@ def write_figure(path: Path, rates: dict[str, dict[str, float]], camera_perturba
     camera_axes.set(xticks=range(len(sizes)), xticklabels=sizes, ylim=(0, 100), ylabel="success (%)")
     camera_axes.set(xlabel="camera moved by up to (each axis)", title="moved camera (evaluation)")
     camera_axes.legend(fontsize="small")
-    noise_policies = [p for p in ("depth_ee_points", "depth_noise_trained") if "depth_sensor" in rates.get(p, {})]
+    noise_policies = [
+        policy
+        for policy in ("depth_ee_points", "depth_noise_trained")
+        if "depth_sensor" in rates.get(policy, {})
+    ]
     for offset, noise in ((-0.2, "none"), (0.2, "sensor")):
         values = [rates[p].get(f"depth_{noise}", 0.0) for p in noise_policies]
-        noise_axes.bar([i + offset for i in range(len(noise_policies))], values, width=0.4, label=f"depth: {noise}")
+        positions = [i + offset for i in range(len(noise_policies))]
+        noise_axes.bar(positions, values, width=0.4, label=f"depth: {noise}")
     noise_axes.set(xticks=range(len(noise_policies)), xticklabels=noise_policies, ylim=(0, 100))
     noise_axes.set(ylabel="success (%)", title="sensor-like depth (evaluation)")
     noise_axes.legend(fontsize="small")
@@ -216,7 +225,9 @@ def evaluate_once(run_dir: Path, checkpoint: Path, evaluation: Evaluation, args)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/robustness"))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
     parser.add_argument("--num-blocks", type=int, default=1, help="blocks per scene (the demo's option)")
@@ -280,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
                 name=evaluation.policy,
             )
         checkpoint = checkpoints[evaluation.policy]
-        rates.setdefault(evaluation.policy, {})[evaluation.label] = evaluate_once(run_dir, checkpoint, evaluation, args)
+        rate = evaluate_once(run_dir, checkpoint, evaluation, args)
+        rates.setdefault(evaluation.policy, {})[evaluation.label] = rate
         perturbed = evaluation.label in (camera_label(*MEDIUM_CAMERA_PERTURBATION), "depth_sensor")
         if args.outcomes and perturbed:
             summary = touch_block_outcomes(

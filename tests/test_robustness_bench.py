@@ -82,17 +82,25 @@ def policy_config(train_args: list[str]) -> Llava3DFusionConfig:
     return Llava3DFusionConfig(**fields)  # raises on a combination lerobot-train would refuse
 
 
-def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_seeds(tmp_path, stubbed, robustness):
+def output_dir_name(args: list[str]) -> str:
+    return Path(dict(arg.split("=", 1) for arg in args)["--output_dir"]).name
+
+
+def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_seeds(
+    tmp_path, stubbed, robustness
+):
     results = robustness.main(["--workdir", str(tmp_path), "--steps", "3", "--eval-episodes", "7"])
 
     # Five policies, each trained once with the demo's recipe and a valid config.
-    trained = {Path(dict(a.split("=", 1) for a in args)["--output_dir"]).name: args for args in stubbed["train"]}
+    trained = {output_dir_name(args): args for args in stubbed["train"]}
     assert sorted(trained) == sorted(
         f"train_{name}" for name in
-        ("depth_ee_points", "depth_world_points", "no_geometry", "depth_noise_trained", "depth_camera_trained")
+        ("depth_ee_points", "depth_world_points", "no_geometry", "depth_noise_trained",
+         "depth_camera_trained")
     )  # fmt: skip
     configs = {name.removeprefix("train_"): policy_config(args) for name, args in trained.items()}
-    assert (configs["depth_ee_points"].geometry, configs["depth_ee_points"].geometry_origin) == ("depth", "state")
+    depth_ee = configs["depth_ee_points"]
+    assert (depth_ee.geometry, depth_ee.geometry_origin) == ("depth", "state")
     assert configs["depth_world_points"].geometry_origin == "world"
     assert configs["no_geometry"].geometry == "none"
     assert configs["depth_noise_trained"].augment_depth_noise is True
@@ -101,7 +109,8 @@ def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_s
         assert "--steps=3" in args and f"--config_path={demo.PRESET}" in args
     # The camera-trained policy learns from episodes with the medium camera move drawn per episode.
     (dataset,) = stubbed["datasets"]
-    assert (dataset["camera_translation_perturbation"], dataset["camera_rotation_perturbation"]) == (0.05, 5.0)
+    moves = (dataset["camera_translation_perturbation"], dataset["camera_rotation_perturbation"])
+    assert moves == (0.05, 5.0)
     assert f"--dataset.root={dataset['root']}" in trained["train_depth_camera_trained"]
     assert f"--dataset.root={tmp_path / 'dataset_data'}" in trained["train_depth_ee_points"]
 
@@ -134,13 +143,11 @@ def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_s
 
 def test_one_experiment_and_custom_sizes(tmp_path, stubbed, robustness):
     robustness.main(
-        ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera", "--camera-perturbations", "0,0",
-         "0.03,4"]
+        ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera",
+         "--camera-perturbations", "0,0", "0.03,4"]
     )  # fmt: skip
     assert len(stubbed["train"]) == 3 and not stubbed["datasets"]
-    labels = {
-        Path(dict(a.split("=", 1) for a in args)["--output_dir"]).name.split("_camera_")[1] for args in stubbed["eval"]
-    }
+    labels = {output_dir_name(args).split("_camera_")[1] for args in stubbed["eval"]}
     assert labels == {"0cm_0deg", "3cm_4deg"}
     with pytest.raises(SystemExit):
         robustness.parse_args(["--camera-perturbations", "5cm"])

@@ -62,7 +62,10 @@ from lerobot_llava3d_fusion.observation_keys import (
 )
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation
 from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation
-from lerobot_llava3d_fusion.envs.libero_rgbd_sim import MAX_CAMERA_TRANSLATION_PERTURBATION, create_libero_rgbd_envs
+from lerobot_llava3d_fusion.envs.libero_rgbd_sim import (
+    MAX_CAMERA_TRANSLATION_PERTURBATION,
+    create_libero_rgbd_envs,
+)
 from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
 

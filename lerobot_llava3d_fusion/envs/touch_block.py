@@ -56,7 +56,10 @@ import numpy as np
 from gymnasium import spaces
 
 from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
-from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation, draw_camera_perturbation
+from lerobot_llava3d_fusion.envs.camera_perturbation import (
+    check_camera_perturbation,
+    draw_camera_perturbation,
+)
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation, perturb_instruction
 from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
 
@@ -249,7 +252,8 @@ class TouchBlockRenderer:
             for axis in (0, 1):
                 for side in (-1.0, 1.0):
                     # The wall through the footprint edge {x_axis = edge, z = 0} and the apex
-                    # (0, 0, apex_height): side * (apex_height * x_axis + edge * z) <= side * apex_height * edge.
+                    # (0, 0, apex_height):
+                    #   side * (apex_height * x_axis + edge * z) <= side * apex_height * edge.
                     edge = centre[axis] + side * BLOCK_HALF_SIZE
                     normal = np.zeros(3)
                     normal[axis], normal[2] = side * apex_height, side * edge
@@ -278,7 +282,8 @@ class TouchBlockRenderer:
             nearer = hit & (t_enter < depth)
             rgb[nearer], depth[nearer] = PALETTE[colour], t_enter[nearer]
         depth[~np.isfinite(depth)] = 0.0
-        return rgb.reshape(self.height, self.width, 3), depth.reshape(1, self.height, self.width).astype(np.float32)
+        rgb = rgb.reshape(self.height, self.width, 3)
+        return rgb, depth.reshape(1, self.height, self.width).astype(np.float32)
 
     def add_end_effector(
         self, rgb: np.ndarray, depth: np.ndarray, position: np.ndarray

@@ -98,7 +98,8 @@ def sensor_depth_noise(depth, generator=None, noise: SensorDepthNoise = SensorDe
         if not isinstance(generator, np.random.Generator):
             raise TypeError(f"a numpy depth map needs a np.random.Generator, got {type(generator).__name__}")
         torch_generator = torch.Generator().manual_seed(int(generator.integers(2**63)))
-        noisy = sensor_depth_noise(torch.from_numpy(np.asarray(depth, dtype=np.float64)), torch_generator, noise)
+        exact = torch.from_numpy(np.asarray(depth, dtype=np.float64))
+        noisy = sensor_depth_noise(exact, torch_generator, noise)
         return noisy.numpy().astype(depth.dtype)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"a depth tensor needs a torch.Generator or None, got {type(generator).__name__}")
