@@ -30,7 +30,7 @@ from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
 from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
 from lerobot_llava3d_fusion.checkpoint import fetch_versions_file, load_weights, save_library_versions
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, CameraGeometry, Llava3DFusionModel, ModelInputs
+from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, Llava3DFusionModel, ModelInputs
 from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
 from lerobot_llava3d_fusion.model_card import build_model_card
 
@@ -245,7 +245,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
                 depth = (
                     None if camera.depth is None else crop_and_resize(camera.depth, scale, offsets, "nearest")
                 )
-                camera = CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=camera.extrinsics)
+                camera = dataclasses.replace(camera, intrinsics=intrinsics, depth=depth)  # same origin
             camera_geometry.append(camera)
         return inputs._replace(images=images, camera_geometry=camera_geometry)
 

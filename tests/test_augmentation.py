@@ -1,5 +1,7 @@
 """The random-crop augmentation moves RGB, depth and intrinsics together: 3D stays under its pixel."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import preprocess, raw_batch
@@ -105,3 +107,19 @@ def test_sensor_depth_noise_augments_training_batches_only_when_enabled():
 def test_depth_noise_augmentation_needs_recorded_depth():
     with pytest.raises(ValueError, match="augment_depth_noise"):
         geometry_policy(geometry="none", augment_depth_noise=True)
+
+
+def test_the_crop_keeps_the_geometry_origin_and_points_stay_relative_to_it():
+    policy = geometry_policy(
+        augment_crop_scale=0.8, geometry_origin="state", geometry_origin_state_indices=(3, 0, 1)
+    ).train()
+    inputs = policy._prepare_inputs(preprocess(policy, with_depth(raw_batch())))
+    origin = inputs.camera_geometry[0].origin
+    assert origin is not None and origin.abs().sum() > 0
+    cropped = policy._random_crop(inputs)
+    for image, camera in zip(cropped.images, cropped.camera_geometry, strict=True):
+        assert camera.origin is origin  # training measures from the end-effector, as inference does
+        points, valid = policy.model.camera_patch_points(image, camera)
+        world, _ = policy.model.camera_patch_points(image, dataclasses.replace(camera, origin=None))
+        assert valid.any()
+        torch.testing.assert_close(points[valid], (world - origin[:, None])[valid])
