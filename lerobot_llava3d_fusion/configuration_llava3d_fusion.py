@@ -1,5 +1,6 @@
 """Configuration of the llava3d_fusion policy (registered with LeRobot as ``llava3d_fusion``)."""
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ DEFAULT_TIME_RANGES = {"beta": (0.999, 0.001), "uniform": (1.0, 0.0)}
 TINY_LLM_TYPES = ("qwen2", "llama", "mistral")
 DTYPE_NAMES = ("float32", "bfloat16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+logger = logging.getLogger(__name__)
 
 
 @PreTrainedConfig.register_subclass("llava3d_fusion")
@@ -193,7 +196,18 @@ class Llava3DFusionConfig(PreTrainedConfig):
     scheduler_decay_lr: float = 2.5e-6
 
     def __post_init__(self):
+        try:
+            self._validate_fields()
+        except ValueError as error:
+            # draccus (lerobot-train's and lerobot-eval's parser, and config.json loading) replaces this
+            # error with a bare "Couldn't instantiate class Llava3DFusionConfig": log the field's own
+            # message so that the user sees it.
+            logger.error("invalid llava3d_fusion config: %s", error)
+            raise
+
+    def _validate_fields(self) -> None:
         super().__post_init__()
+        self._validate_training_presets()
         if self.n_action_steps > self.chunk_size:
             raise ValueError(
                 f"n_action_steps ({self.n_action_steps}) cannot exceed chunk_size ({self.chunk_size}): "
@@ -278,6 +292,36 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(
                 "train_expert_only=True with expert_mode='shared' would freeze the layers the expert runs "
                 "through (they are the LLM's own): use expert_mode='separate' or train_expert_only=False."
+            )
+
+    def _validate_training_presets(self) -> None:
+        """The optimizer and scheduler fields, which otherwise fail (or silently misbehave) only once
+        training has started."""
+        if not (math.isfinite(self.optimizer_lr) and self.optimizer_lr > 0):
+            raise ValueError(f"optimizer_lr must be a finite number > 0 (got {self.optimizer_lr}).")
+        if not (math.isfinite(self.optimizer_weight_decay) and self.optimizer_weight_decay >= 0):
+            raise ValueError(
+                f"optimizer_weight_decay must be a finite number >= 0 (got {self.optimizer_weight_decay})."
+            )
+        if len(self.optimizer_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.optimizer_betas):
+            raise ValueError(
+                "optimizer_betas must be two numbers in [0, 1), e.g. (0.9, 0.95) "
+                f"(got {self.optimizer_betas})."
+            )
+        if not (math.isfinite(self.optimizer_eps) and self.optimizer_eps > 0):
+            raise ValueError(f"optimizer_eps must be a finite number > 0 (got {self.optimizer_eps}).")
+        if not self.optimizer_grad_clip_norm > 0:  # inf is allowed: no clipping
+            raise ValueError(
+                f"optimizer_grad_clip_norm must be > 0 (got {self.optimizer_grad_clip_norm}); use a large "
+                "value (or inf) to effectively disable clipping."
+            )
+        if self.scheduler_warmup_steps < 0:
+            raise ValueError(f"scheduler_warmup_steps must be >= 0 (got {self.scheduler_warmup_steps}).")
+        if self.scheduler_decay_steps < 1:
+            raise ValueError(f"scheduler_decay_steps must be >= 1 (got {self.scheduler_decay_steps}).")
+        if not (math.isfinite(self.scheduler_decay_lr) and self.scheduler_decay_lr >= 0):
+            raise ValueError(
+                f"scheduler_decay_lr must be a finite number >= 0 (got {self.scheduler_decay_lr})."
             )
 
     def _validate_3d_patches(self) -> None:
