@@ -97,6 +97,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
     camera_extrinsics: dict[str, list[list[float]]] = field(default_factory=dict)
     depth_estimator_name: str | None = None
     geometry_max_depth: float = 10.0  # metres; farther (or non-finite, <= 0) depth is ignored
+    # A camera's depth map with no usable pixel (all 0, negative or non-finite) is an error; True accepts
+    # such frames (real sensors drop some) with a warning and a running count: the camera then gets no 3D
+    # points for that sample. (Depth entirely beyond geometry_max_depth is a unit error either way.)
+    allow_missing_depth: bool = False
     # Unit of the recorded depth maps (observation.depth.<cam>) in training batches: "m" for a dataset
     # loaded with --dataset.depth_output_unit=m, "mm" for LeRobot's default and for the streaming reader
     # (--dataset.streaming=true, millimetres whatever depth_output_unit says). Observations at inference

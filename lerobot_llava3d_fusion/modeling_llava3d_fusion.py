@@ -9,6 +9,7 @@ policy checks read `__init__`'s `config` annotation as a class.
 
 import copy
 import dataclasses
+import logging
 from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +22,7 @@ from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
-from lerobot.utils.constants import ACTION
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS
 from lerobot.utils.device_utils import resolve_safetensors_device
 from torch import Tensor
 
@@ -33,6 +34,10 @@ from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionCon
 from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, Llava3DFusionModel, ModelInputs
 from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
 from lerobot_llava3d_fusion.model_card import build_model_card
+
+logger = logging.getLogger(__name__)
+
+ACTION_IS_PAD = f"{ACTION}_is_pad"  # LeRobot datasets: True where the chunk runs past the episode
 
 
 class Llava3DFusionPolicy(PreTrainedPolicy):
@@ -49,6 +54,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         self.config = config
         self.model = Llava3DFusionModel(config, backbone_source)
         self._batch_to_inputs = BatchToModelInputs(config, self.model.image_size)
+        self._warned_batch_size_change = False
         self.model.fusion.gradient_checkpointing = config.gradient_checkpointing
         self._apply_freeze_flags()
         self._trains = False  # set by train(): keep float32 master weights from then on
@@ -223,9 +229,14 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     # ------------------------------------------------------------------------ batch -> inputs
 
-    def _prepare_inputs(self, batch: dict[str, Tensor], depth_unit: str = DEPTH_METER_UNIT) -> ModelInputs:
+    def _prepare_inputs(
+        self,
+        batch: dict[str, Tensor],
+        depth_unit: str = DEPTH_METER_UNIT,
+        per_sample_keys: tuple[str, ...] = (),
+    ) -> ModelInputs:
         """The model's inputs from a preprocessed batch, checked (`model/inputs.py`)."""
-        return self._batch_to_inputs(batch, depth_unit)
+        return self._batch_to_inputs(batch, depth_unit, per_sample_keys)
 
     def _random_crop(self, inputs: ModelInputs) -> ModelInputs:
         """Training augmentation: one random crop per camera and sample, applied alike to the image, its
@@ -277,7 +288,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         reduction: str = "mean",
     ) -> tuple[Tensor, dict[str, float]]:
         """Flow-matching loss, averaged over real (non-padded) action steps and dims."""
-        inputs = self._prepare_inputs(batch, depth_unit=self.config.dataset_depth_unit)
+        inputs = self._prepare_inputs(
+            batch, self.config.dataset_depth_unit, per_sample_keys=(ACTION, ACTION_IS_PAD)
+        )
         if self.training and self.config.augment_depth_noise:
             inputs = self._sensor_depth_noise(inputs)
         if self.training and self.config.augment_crop_scale < 1.0:
@@ -290,11 +303,15 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             )
         check_finite(ACTION, actions)
         padded_actions = pad_vector(actions.float(), self.config.max_action_dim)
+        if noise is not None and noise.shape != padded_actions.shape:
+            raise ValueError(f"noise: expected shape {tuple(padded_actions.shape)}, got {tuple(noise.shape)}")
+        if time is not None and tuple(time.shape) != (actions.shape[0],):
+            raise ValueError(f"time: expected shape ({actions.shape[0]},), got {tuple(time.shape)}")
 
         losses = self.model(inputs, padded_actions, noise=noise, time=time)
         losses = losses[:, :, : self.action_dim]  # drop padded action dims
         step_valid = (
-            ~batch["action_is_pad"] if "action_is_pad" in batch else torch.ones_like(losses[..., 0]).bool()
+            ~batch[ACTION_IS_PAD] if ACTION_IS_PAD in batch else torch.ones_like(losses[..., 0]).bool()
         )
         weights = step_valid[..., None].expand_as(losses).float()
         per_sample = (losses * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2)).clamp(min=1.0)
@@ -377,7 +394,22 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         is guided towards the previous chunk's actions that were predicted but not executed (its last
         chunk_size - n_action_steps), with no inference delay: re-plans continue the plan under way
         instead of switching between equally likely ones (e.g. two blocks) from chunk to chunk.
+
+        A call whose batch size differs from the queued chunk's (a new set of environments without
+        `reset()`) empties the queue and starts a new chunk, with a warning the first time: queued
+        actions belong to other samples and are never served.
         """
+        batch_size = batch[OBS_LANGUAGE_TOKENS].shape[0] if OBS_LANGUAGE_TOKENS in batch else None
+        if self._action_queue and self._action_queue[0].shape[0] != batch_size:
+            if not self._warned_batch_size_change:
+                logger.warning(
+                    "select_action: batch size %s, but the queued actions are for %d samples: starting a new "
+                    "chunk (call reset() when the environments change).",
+                    batch_size,
+                    self._action_queue[0].shape[0],
+                )
+                self._warned_batch_size_change = True
+            self.reset()
         if self._rtc_enabled() and self.config.use_relative_actions:
             raise ValueError(
                 "select_action with rtc_config enabled guides each chunk by the previous one's actions, "

@@ -10,6 +10,7 @@ normalizes them for its vision tower once, on the device.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.lerobot_types import PolicyAction
 from lerobot.processor import (
+    TransitionKey,
     AbsoluteActionsProcessorStep,
     NewLineTaskProcessorStep,
     NormalizerProcessorStep,
@@ -36,6 +38,8 @@ from transformers import AutoTokenizer
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.observation_keys import DEPTH_PREFIX, GEOMETRY_ORIGIN, GEOMETRY_PREFIXES
 from lerobot_llava3d_fusion.backbones.loading import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @ProcessorStepRegistry.register(name="llava3d_fusion_check_observation")
@@ -129,13 +133,14 @@ class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
 
     A saved pipeline carries the tokenizer's files in the step's state file (`state_dict`), so a
     checkpoint's preprocessor loads without the backbone's directory or Hub repo; `vlm_model_name` is
-    then only a record of where it came from. Rejects empty task strings: the policy is
-    language-conditioned.
+    then only a record of where it came from. Rejects a missing task and empty task strings (the policy
+    is language-conditioned), and warns once when a task is cut to `max_length` tokens.
     """
 
     vlm_model_name: str = ""
     # True in saved pipelines: the tokenizer comes from the state file, not from `vlm_model_name`.
     tokenizer_in_state: bool = False
+    _warned_truncation: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if self.tokenizer is None and not self.tokenizer_in_state:
@@ -151,12 +156,39 @@ class Llava3DFusionTokenizerStep(TokenizerProcessorStep):
                 f"the tokenizer of {self.vlm_model_name!r} was not loaded: a saved pipeline brings it in "
                 "its state file; load the pipeline with PolicyProcessorPipeline.from_pretrained."
             )
+        task = (transition.get(TransitionKey.COMPLEMENTARY_DATA) or {}).get(self.task_key)
+        if task is None:
+            raise KeyError(
+                f"{self.task_key!r} missing from the batch: llava3d_fusion is language-conditioned; give the "
+                f"instruction as batch[{self.task_key!r}] (a string, or a list of one string per sample)."
+            )
         tasks = super().get_task(transition)
-        if tasks is not None and any(not task.strip() for task in tasks):
+        if tasks is None:
+            raise TypeError(
+                f"{self.task_key!r} must be a string or a list of strings (one per sample), got "
+                f"{type(task).__name__}: {task!r:.80}"
+            )
+        if any(not task.strip() for task in tasks):
             raise ValueError(
                 f"empty task string in {tasks!r}: llava3d_fusion needs an instruction per sample."
             )
         return tasks
+
+    def _tokenize_text(self, text: str | list[str]) -> dict[str, torch.Tensor]:
+        tokenized = super()._tokenize_text(text)
+        cut = self.truncation and tokenized["input_ids"].shape[-1] >= self.max_length
+        if cut and not self._warned_truncation:
+            texts = [text] if isinstance(text, str) else text
+            longest = max(len(ids) for ids in self.input_tokenizer(texts)["input_ids"])  # untruncated
+            if longest > self.max_length:
+                logger.warning(
+                    "a task of %d tokens was cut to tokenizer_max_length=%d tokens (warned once): raise "
+                    "--policy.tokenizer_max_length to keep whole instructions.",
+                    longest,
+                    self.max_length,
+                )
+                self._warned_truncation = True
+        return tokenized
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "vlm_model_name": self.vlm_model_name, "tokenizer_in_state": True}

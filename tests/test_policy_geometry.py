@@ -335,7 +335,7 @@ def test_nan_depth_and_bad_matrices_raise():
 
 
 def test_invalid_depth_gives_finite_actions_and_gradients():
-    policy = geometry_policy()
+    policy = geometry_policy(allow_missing_depth=True)  # a camera without any usable depth is accepted
     with torch.no_grad():
         policy.model.geometry_encoder.position_mlp.gate.fill_(1.0)
     batch = preprocess(policy, with_depth(raw_batch()))

@@ -145,25 +145,33 @@ class RecordedDepth(GeometrySource):
             raise ValueError(f"{key} contains NaN values (mark missing depth with 0 instead).")
         if unit == DEPTH_MILLIMETER_UNIT:
             depth = depth / MM_PER_METRE
-        measured = (depth > 0) & torch.isfinite(depth)  # 0 / inf mark missing depth
-        if not measured.any():
-            return depth
-        if not (measured & (depth <= max_depth)).any():
+        # Checked per sample: one sample in the wrong unit must not hide among right ones.
+        values = depth.flatten(1)  # (B, H * W)
+        measured = (values > 0) & torch.isfinite(values)  # 0 / inf mark missing depth
+        has_measurement = measured.any(dim=1)
+        beyond = has_measurement & ~(measured & (values <= max_depth)).any(dim=1)
+        if beyond.any():
             # Every measurement out of range: most likely millimetres read as metres. The 3D points
             # would silently switch off.
+            sample = beyond.nonzero()[0].item()
             raise ValueError(
-                f"{key}: every depth value is beyond geometry_max_depth={max_depth} m "
-                f"(max {depth[measured].max().item():g}); depth must be in metres. In training, LeRobot "
-                "datasets return depth maps in millimetres unless loaded with --dataset.depth_output_unit=m, "
-                "and the streaming reader (--dataset.streaming=true) always does: train with "
-                "--policy.dataset_depth_unit=mm."
+                f"{key}: in sample(s) {beyond.nonzero().flatten().tolist()}, every depth value is beyond "
+                f"geometry_max_depth={max_depth} m (max {values[sample][measured[sample]].max().item():g}); "
+                "depth must be in metres. In training, LeRobot datasets return depth maps in millimetres "
+                "unless loaded with --dataset.depth_output_unit=m, and the streaming reader "
+                "(--dataset.streaming=true) always does: train with --policy.dataset_depth_unit=mm."
             )
-        if unit == DEPTH_MILLIMETER_UNIT and not (measured & (depth >= MIN_PLAUSIBLE_DEPTH)).any():
-            raise ValueError(
-                f"{key}: read as millimetres (dataset_depth_unit='mm'), every depth value is closer than "
-                f"{MIN_PLAUSIBLE_DEPTH * 100:g} cm (max {depth[measured].max().item():g} m): the batch "
-                "carries metres (--dataset.depth_output_unit=m); train with --policy.dataset_depth_unit=m."
-            )
+        if unit == DEPTH_MILLIMETER_UNIT:
+            too_close = has_measurement & ~(measured & (values >= MIN_PLAUSIBLE_DEPTH)).any(dim=1)
+            if too_close.any():
+                sample = too_close.nonzero()[0].item()
+                raise ValueError(
+                    f"{key}: read as millimetres (dataset_depth_unit='mm'), every depth value of sample(s) "
+                    f"{too_close.nonzero().flatten().tolist()} is closer than "
+                    f"{MIN_PLAUSIBLE_DEPTH * 100:g} cm "
+                    f"(max {values[sample][measured[sample]].max().item():g} m): the batch carries metres "
+                    "(--dataset.depth_output_unit=m); train with --policy.dataset_depth_unit=m."
+                )
         return depth
 
     def metric_depth(

@@ -2,10 +2,16 @@
 
 Every input the policy reads is checked here, where its key is known, so a bad input fails naming
 that key instead of surfacing as a shape error deep inside the network (or, worse, as a silently wrong
-3D point): missing keys, shapes, non-finite values, camera matrices that are not camera matrices.
+3D point): missing keys, shapes, one batch size for every per-sample input, non-finite values, images
+outside float [0, 1], depth maps without a usable pixel, camera matrices that are not camera matrices.
+Nothing is converted silently: LeRobot hands policies float images in [0, 1] (its datasets, and its
+env and robot observation pipelines, convert uint8 frames), so anything else is an upstream bug.
 """
 
 from __future__ import annotations
+
+import logging
+from collections import Counter
 
 import torch
 from lerobot.configs import DEPTH_METER_UNIT
@@ -23,6 +29,16 @@ from lerobot_llava3d_fusion.observation_keys import (
     intrinsics_key,
 )
 
+logger = logging.getLogger(__name__)
+
+# Slack on the [0, 1] image range, for resampling overshoot in user-side transforms.
+IMAGE_RANGE_TOLERANCE = 1e-3
+# Metres. A camera-to-world translation longer than this is taken for millimetres: any camera more than
+# 5 cm from the world origin, expressed in millimetres, exceeds it, while real workcells (and the
+# geometry_max_depth of 10 m by default) are far smaller. Express a far-away world frame relative to the
+# robot instead.
+MAX_CAMERA_TRANSLATION = 50.0
+
 
 class BatchToModelInputs:
     """Builds `ModelInputs` from a batch that went through the policy's preprocessor."""
@@ -31,23 +47,31 @@ class BatchToModelInputs:
         """`image_size`: the vision tower's input side (the blank image of an empty camera)."""
         self.config = config
         self.image_size = image_size
+        # Samples accepted without a usable depth map (`allow_missing_depth`), per depth key.
+        self.missing_depth_frames: Counter[str] = Counter()
 
-    def __call__(self, batch: dict[str, Tensor], depth_unit: str = DEPTH_METER_UNIT) -> ModelInputs:
+    def __call__(
+        self,
+        batch: dict[str, Tensor],
+        depth_unit: str = DEPTH_METER_UNIT,
+        per_sample_keys: tuple[str, ...] = (),
+    ) -> ModelInputs:
         """`depth_unit`: the unit of the batch's recorded depth maps (training batches: the config's
-        `dataset_depth_unit`; observations at inference: metres)."""
+        `dataset_depth_unit`; observations at inference: metres); `per_sample_keys`: more keys whose
+        first dimension must be the batch size too (training: the actions)."""
         cfg = self.config
         for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
             if key not in batch:
                 raise KeyError(
                     f"{key!r} missing from the batch: run the policy's preprocessor (it tokenizes the task)."
                 )
+        batch_size = self._check_batch_size(batch, per_sample_keys)
         lang_tokens, lang_mask = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK].bool()
         if not lang_mask.any(dim=1).all():
             raise ValueError(
                 "a sample has an empty task: llava3d_fusion needs a task instruction per sample."
             )
 
-        batch_size = lang_tokens.shape[0]
         images, camera_present = [], []
         for key in cfg.camera_keys:
             if key not in batch and key.startswith(EMPTY_CAMERA_PREFIX):
@@ -62,7 +86,7 @@ class BatchToModelInputs:
             image = batch[key]
             if image.ndim != 4 or image.shape[1] != 3:
                 raise ValueError(f"{key}: expected images of shape (B, 3, H, W), got {tuple(image.shape)}")
-            check_finite(key, image)
+            _check_image_range(key, image)
             images.append(image)
             camera_present.append(None)
 
@@ -76,6 +100,41 @@ class BatchToModelInputs:
         ]
         state = self._state(batch, batch_size, lang_tokens.device)
         return ModelInputs(images, camera_geometry, lang_tokens, lang_mask, state, camera_present)
+
+    def _check_batch_size(self, batch: dict[str, Tensor], per_sample_keys: tuple[str, ...]) -> int:
+        """The batch size every per-sample input agrees on (the task list's, as tokenized); raises
+        naming each key and its size when they disagree. Unbatched camera matrices broadcast."""
+        cfg = self.config
+        matrix_keys = {
+            key(camera) for camera in cfg.geometry_camera_keys for key in (intrinsics_key, extrinsics_key)
+        }
+        # The dimensions of one batched input: shorter means the batch dimension is missing.
+        batched_dims = {OBS_LANGUAGE_ATTENTION_MASK: 2, OBS_STATE: 2, GEOMETRY_ORIGIN: 2}
+        batched_dims |= {key: 4 for key in cfg.camera_keys}
+        batched_dims |= {depth_key(key): 3 for key in cfg.geometry_camera_keys}
+        batched_dims |= {key: 3 for key in matrix_keys} | {key: 1 for key in per_sample_keys}
+        sizes = {OBS_LANGUAGE_TOKENS: batch[OBS_LANGUAGE_TOKENS].shape[0]}
+        for key, dims in batched_dims.items():
+            value = batch.get(key)
+            if not isinstance(value, Tensor) or (key in matrix_keys and value.ndim == 2):
+                continue  # absent (the checks below name it if needed), or one matrix for the whole batch
+            if value.ndim < dims:
+                raise ValueError(
+                    f"{key} has shape {tuple(value.shape)}, without a batch dimension: the policy takes "
+                    "batches; add one (tensor[None]), or run the observation through the policy's "
+                    "preprocessor, which adds it to images and state."
+                )
+            sizes[key] = value.shape[0]
+        batch_size = sizes[OBS_LANGUAGE_TOKENS]
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{key}: {size}" for key, size in sizes.items())
+            raise ValueError(
+                f"the batch's inputs disagree on the batch size ({listed}; {OBS_LANGUAGE_TOKENS} counts the "
+                "tasks): every per-sample input needs the same number of samples."
+            )
+        if batch_size == 0:
+            raise ValueError("the batch is empty (batch size 0): the policy needs at least one sample.")
+        return batch_size
 
     def _camera_geometry(
         self,
@@ -93,6 +152,8 @@ class BatchToModelInputs:
         depth = cfg.geometry_source.batch_depth(
             batch, camera_key, batch_size, cfg.geometry_max_depth, depth_unit
         )
+        if depth is not None:
+            self._check_depth_usable(depth_key(camera_key), depth)
         intrinsics = _camera_matrix(
             batch, intrinsics_key(camera_key), cfg.camera_intrinsics.get(name), 3, device
         )
@@ -112,6 +173,35 @@ class BatchToModelInputs:
         if extrinsics is not None:
             _check_rigid_transform(extrinsics_key(camera_key), extrinsics)
         return CameraGeometry(intrinsics=intrinsics, depth=depth, extrinsics=extrinsics, origin=origin)
+
+    def _check_depth_usable(self, key: str, depth: Tensor) -> None:
+        """Every sample's depth map (B, 1, H, W), metres, needs a pixel the 3D points can use (finite,
+        in (0, geometry_max_depth]); without one the camera's 3D input is silently off for that
+        sample. An error unless `allow_missing_depth`, which counts such samples and warns."""
+        max_depth = self.config.geometry_max_depth
+        usable = (torch.isfinite(depth) & (depth > 0) & (depth <= max_depth)).flatten(1).any(dim=1)
+        if usable.all():
+            return
+        missing = (~usable).nonzero().flatten().tolist()
+        if not self.config.allow_missing_depth:
+            first = depth[missing[0]]
+            raise ValueError(
+                f"{key}: sample(s) {missing} have no usable depth pixel (sample {missing[0]}: min "
+                f"{first.min().item():g}, max {first.max().item():g}; usable: finite and in "
+                f"(0, geometry_max_depth={max_depth:g}] metres), so their 3D input would be silently off. "
+                "Check the depth stream, or set allow_missing_depth=True (--policy.allow_missing_depth=true) "
+                "to accept frames a sensor dropped."
+            )
+        before = self.missing_depth_frames[key]
+        self.missing_depth_frames[key] += len(missing)
+        if before == 0 or before.bit_length() != self.missing_depth_frames[key].bit_length():
+            # Log-spaced (1, 2, 4, ...): a dead sensor does not flood the log.
+            logger.warning(
+                "%s: no usable depth pixel in %d frame(s) so far (allow_missing_depth=True): those frames "
+                "get no 3D points from this camera.",
+                key,
+                self.missing_depth_frames[key],
+            )
 
     def _geometry_origin(self, batch: dict[str, Tensor], batch_size: int) -> Tensor | None:
         """(B, 3) raw state position the 3D points are measured from (`geometry_origin="state"`), else None."""
@@ -208,12 +298,48 @@ def _check_rigid_transform(key: str, extrinsics: Tensor) -> None:
     identity = torch.eye(3, device=extrinsics.device).expand_as(rotation)
     with torch.autocast(extrinsics.device.type, enabled=False):  # a float32 check under bf16 training
         gram = rotation @ rotation.transpose(-1, -2)
+        determinant = torch.linalg.det(rotation)
     last_row = extrinsics.new_tensor([0.0, 0.0, 0.0, 1.0]).expand_as(extrinsics[..., 3, :])
     if not (torch.allclose(extrinsics[..., 3, :], last_row) and torch.allclose(gram, identity, atol=1e-3)):
         raise ValueError(
             f"{key} is not a rigid camera-to-world transform [[R, t], [0, 0, 0, 1]] with R a rotation (got "
             f"{extrinsics.reshape(-1, 4, 4)[0].tolist()}). Camera matrices must reach the policy as recorded: "
             "were they normalised?"
+        )
+    if (determinant < 0).any():
+        raise ValueError(
+            f"{key} has a rotation with determinant {determinant.min().item():.3g}: a reflection, not a "
+            "rotation (a left-handed frame, or one axis flipped), which mirrors the 3D points. Fix the "
+            "camera's frame convention so that det(R) = +1."
+        )
+    translation = extrinsics[..., :3, 3].norm(dim=-1).max().item()
+    if translation > MAX_CAMERA_TRANSLATION:
+        raise ValueError(
+            f"{key} puts the camera {translation:g} m from the world origin, more than "
+            f"{MAX_CAMERA_TRANSLATION:g} m: the translation is most likely in millimetres. Camera "
+            "matrices are in metres; for a world frame far from the robot, express the camera relative "
+            "to the robot's base instead."
+        )
+
+
+def _check_image_range(key: str, image: Tensor) -> None:
+    """Images are float in [0, 1], LeRobot's convention; uint8, 0..255 or [-1, 1] ones are refused
+    (read as [0, 1] they would silently saturate or darken every frame)."""
+    if not image.is_floating_point():
+        raise ValueError(
+            f"{key} is {image.dtype}: the policy takes float images in [0, 1] (LeRobot's convention). "
+            "Convert with image.float() / 255, or run the observation through LeRobot's "
+            "preprocess_observation / the dataset, which do."
+        )
+    check_finite(key, image)
+    low, high = image.min().item(), image.max().item()
+    if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+        hint = (
+            "0..255 values: divide by 255" if high > 1 + IMAGE_RANGE_TOLERANCE else "undo the normalisation"
+        )
+        raise ValueError(
+            f"{key} has values in [{low:g}, {high:g}]: the policy takes float images in [0, 1] (LeRobot's "
+            f"convention; it normalises them for its vision tower itself): {hint}."
         )
 
 
