@@ -59,7 +59,7 @@ def hub_id(name: str | Path | None) -> str | None:
 
 
 def backbone_hub_ids(config: Llava3DFusionConfig) -> list[str]:
-    """Hub ids of the pretrained checkpoints the backbone was built from (VLM, then a separate vision tower)."""
+    """Hub ids of the pretrained checkpoints the backbone was built from (VLM, then a vision tower)."""
     names = (config.vlm_model_name, config.vision_tower_name)
     return [repo for repo in map(hub_id, names) if repo is not None]
 
@@ -81,7 +81,8 @@ def input_rows(config: Llava3DFusionConfig) -> list[dict]:
         if key.startswith(EMPTY_CAMERA_PREFIX):
             continue
         name = camera_name(key)
-        rows.append(_row(f"camera `{name}`", key, f"{tuple(features[key].shape)}, RGB in [0, 1]", "the camera"))
+        image = f"{tuple(features[key].shape)}, RGB in [0, 1]"
+        rows.append(_row(f"camera `{name}`", key, image, "the camera"))
         if key in geometry_cameras:
             rows.append(_depth_row(config, key))
             for matrix_key, fallback, what in (
@@ -121,11 +122,13 @@ def _depth_row(config: Llava3DFusionConfig, camera_key: str) -> dict:
     features = config.input_features or {}
     name = camera_name(camera_key)
     if config.geometry == "estimator":
-        return _row(f"depth of `{name}`", None, "metres", f"estimated from the image by `{config.depth_estimator_name}`")
+        estimated = f"estimated from the image by `{config.depth_estimator_name}`"
+        return _row(f"depth of `{name}`", None, "metres", estimated)
     robot_key, key = robot_depth_key(camera_key), depth_key(camera_key)
     if robot_key in features:
         return _row(
-            f"depth of `{name}`", robot_key, f"{tuple(features[robot_key].shape)}, uint16 millimetres, 0 = none",
+            f"depth of `{name}`", robot_key,
+            f"{tuple(features[robot_key].shape)}, uint16 millimetres, 0 = none",
             "the robot's depth camera (`use_depth: true`); the preprocessor converts it to metres",
         )  # fmt: skip
     return _row(

@@ -48,7 +48,11 @@ def dataset_meta(tmp_path) -> LeRobotDatasetMetadata:
     names = [f"joint_{i}" for i in range(ACTION_DIM)]
     features = {
         **{
-            key: {"dtype": "image", "shape": (IMAGE_SIZE, IMAGE_SIZE, 3), "names": ["height", "width", "channels"]}
+            key: {
+                "dtype": "image",
+                "shape": (IMAGE_SIZE, IMAGE_SIZE, 3),
+                "names": ["height", "width", "channels"],
+            }
             for key in CAMERAS
         },
         OBS_STATE: {"dtype": "float32", "shape": (STATE_DIM,), "names": [f"s{i}" for i in range(STATE_DIM)]},
@@ -113,7 +117,9 @@ def assert_same_batch(batch: dict, before: dict) -> None:
 def test_optimizer_and_scheduler_come_from_the_policy_presets(dataset_meta):
     config = tiny_policy_config(train_expert_only=True)
     policy = make_policy(config, ds_meta=dataset_meta)
-    train_config = TrainPipelineConfig(dataset=DatasetConfig(repo_id="user/contract"), policy=config, steps=10)
+    train_config = TrainPipelineConfig(
+        dataset=DatasetConfig(repo_id="user/contract"), policy=config, steps=10
+    )
     train_config.optimizer = config.get_optimizer_preset()
     train_config.scheduler = config.get_scheduler_preset()
     optimizer, scheduler = make_optimizer_and_scheduler(train_config, policy)
@@ -122,7 +128,8 @@ def test_optimizer_and_scheduler_come_from_the_policy_presets(dataset_meta):
     frozen = {id(p) for p in policy.parameters() if not p.requires_grad}
     assert optimized == trainable and frozen  # the frozen VLM stream is left out
     group = optimizer.param_groups[0]
-    assert group["initial_lr"] == config.optimizer_lr and group["weight_decay"] == config.optimizer_weight_decay
+    assert group["initial_lr"] == config.optimizer_lr
+    assert group["weight_decay"] == config.optimizer_weight_decay
     assert scheduler is not None and scheduler.get_last_lr() == [group["lr"]]
 
 

@@ -136,7 +136,9 @@ def test_discover_packages_path_flag_loads_the_plugin(tmp_path):
 # ---- The installed wheel alone, outside the checkout: presets, the demo ---------------------------------
 
 
-def run_installed(target: Path, command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_installed(
+    target: Path, command: list[str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """`command` with only the installed wheel's folder on PYTHONPATH, run from `cwd` (not the checkout)."""
     return subprocess.run(
         command,
@@ -196,7 +198,8 @@ def test_installed_wheel_ships_the_presets_and_runs_the_demo_help(wheel, install
     assert result.returncode == 0, result.stderr
     ran = json.loads(result.stdout.splitlines()[-1])
     assert Path(ran["package"]).is_relative_to(installed_wheel), ran["package"]  # not the checkout
-    assert ran["presets"]["code"] == 0 and {"libero", "touch_block_demo"} <= set(ran["presets"]["out"].split())
+    assert ran["presets"]["code"] == 0
+    assert {"libero", "touch_block_demo"} <= set(ran["presets"]["out"].split())
     preset = Path(ran["libero"]["out"].strip())
     assert preset.is_relative_to(installed_wheel), preset
     assert json.loads(preset.read_text())["policy"]["type"] == "llava3d_fusion"
