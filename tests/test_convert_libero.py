@@ -345,6 +345,23 @@ def test_conversion_survives_a_hard_kill_at_every_point(uninterrupted, tmp_path)
     assert_same_dataset(root, reference)
 
 
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [({"meta/info.json": "{}"}, "did not write"), ({"notes.txt": ""}, "is not empty"),
+     ({"meta/info.json": "{}", "meta/libero_conversion.jsonl": ""}, "earlier version")],
+)  # fmt: skip
+def test_a_root_this_converter_cannot_resume_is_refused(uninterrupted, tmp_path, monkeypatch, files, named):
+    path, _ = uninterrupted
+    use_fake_rendering(convert_libero, monkeypatch.setattr)
+    root = tmp_path / "dataset"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    with pytest.raises(FileExistsError, match=named):
+        convert([path], REPO_ID, root, image_size=16)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(files)
+
+
 def test_max_demos_is_at_least_one_or_all(tmp_path, capsys):
     for value in ("-1", "0", "two"):
         with pytest.raises(SystemExit) as exit_info:

@@ -67,7 +67,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from lerobot.datasets.io_utils import write_tasks
-from lerobot.datasets.utils import DEFAULT_TASKS_PATH, EPISODES_DIR, INFO_PATH, STATS_PATH
+from lerobot.datasets.utils import (
+    DEFAULT_EPISODES_PATH,
+    DEFAULT_TASKS_PATH,
+    EPISODES_DIR,
+    INFO_PATH,
+    STATS_PATH,
+)
 from lerobot.utils.io_utils import write_json
 
 from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
@@ -85,6 +91,7 @@ DEMO_KEYS = ("actions", "states")
 # The progress journal: the converted demos, the files of their episodes and the dataset-wide metadata
 # after the last complete episode (replaced atomically after each demo).
 JOURNAL = "meta/libero_conversion.json"
+LEGACY_CONVERSION_LOG = "meta/libero_conversion.jsonl"  # earlier versions' log (not resumable)
 NOOP_THRESHOLD = 1e-4  # the OpenVLA/pi0 recipe's threshold on the 6-d arm command
 FPS = 10  # what LeRobot's LIBERO datasets declare (the simulator's control rate is 20 Hz)
 
@@ -410,8 +417,9 @@ class Settings:
     fps: int
 
 
-# Folders whose files belong to episodes; every such file is listed by the journal entry of its demo.
-EPISODE_FOLDERS = ("data", EPISODES_DIR, "videos")
+# Folders whose files belong to episodes (images are stored in the data files, there are no videos);
+# every such file is listed by the journal entry of its demo.
+EPISODE_FOLDERS = ("data", EPISODES_DIR)
 # LeRobot's staging folder for the frames of the episode being written (emptied after each episode).
 FRAME_STAGING = "images"
 
@@ -483,13 +491,16 @@ def _roll_back_to_journal(root: Path, journal: dict) -> None:
         write_tasks(pd.DataFrame({"task_index": range(len(tasks))}, index=pd.Index(tasks, name="task")), root)
 
 
-def _close_episode_files(dataset) -> None:
+def _close_episode_files(dataset) -> list[str]:
     """Make the episode just saved complete on disk, and send the next one to new files.
 
     LeRobot keeps a dataset's data parquet and ``meta/episodes`` parquet open across episodes (and
     buffers episode metadata), writing their footers only in ``finalize()``. Here both are closed after
     every episode, and the writers are set up as ``LeRobotDataset.resume`` sets them up (continuing
     after the last episode, in new files) without reloading every episode's metadata.
+
+    Returns:
+        The episode's files (its data and ``meta/episodes`` parquet), relative to the dataset's root.
     """
     meta, writer = dataset.meta, dataset.writer
     writer.close_writer()
@@ -498,6 +509,12 @@ def _close_episode_files(dataset) -> None:
     meta.episodes = [last]  # what the writers read to continue after the last episode
     meta.latest_episode = None
     writer._latest_episode = None
+    return [
+        meta.data_path.format(chunk_index=last["data/chunk_index"], file_index=last["data/file_index"]),
+        DEFAULT_EPISODES_PATH.format(
+            chunk_index=last["meta/episodes/chunk_index"], file_index=last["meta/episodes/file_index"]
+        ),
+    ]
 
 
 def _open_dataset(repo_id: str, root: Path, settings: Settings):
@@ -515,6 +532,12 @@ def _open_dataset(repo_id: str, root: Path, settings: Settings):
         _roll_back_to_journal(root, journal)
         logger.info("Resuming %s: %d demos already converted", root, len(journal["demos"]))
         return LeRobotDataset.resume(repo_id, root=root), journal
+    if (root / LEGACY_CONVERSION_LOG).is_file():
+        raise FileExistsError(
+            f"{root} was written by an earlier version of this converter ({LEGACY_CONVERSION_LOG}, no "
+            f"{JOURNAL}), which cannot be resumed: use it as it is if that run ended normally, or convert "
+            "the remaining demos into another --root."
+        )
     if (root / INFO_PATH).is_file():
         raise FileExistsError(
             f"{root} holds a dataset that this converter did not write (no {JOURNAL}); choose another --root."
@@ -642,12 +665,10 @@ def convert_libero(
                         summary.dropped_failed += 1
                 episode_index, files = None, []
                 if kept:
-                    files_before = _episode_files(root)
                     for frame in result.frames:
                         dataset.add_frame(frame)
                     save_episode(dataset)
-                    _close_episode_files(dataset)
-                    files = sorted(_episode_files(root) - files_before)
+                    files = _close_episode_files(dataset)
                     episode_index = dataset.meta.total_episodes - 1
                     journal["dataset"] = _dataset_snapshot(dataset)
                     summary.episodes += 1
