@@ -83,9 +83,9 @@ def plot_side_view(figure, traces: list[EpisodeTrace], success_radius: float):
         distance_axes.plot(steps, trace.xy_error, label=label)
     height_axes.set_ylabel("end-effector height (m)")
     height_axes.set_title("one episode from the side")
-    height_axes.legend(fontsize="small", loc="upper right")
+    height_axes.legend(fontsize="small", loc="best")
     distance_axes.set_ylabel("x/y distance to the top (m)")
     distance_axes.set_xlabel("step")
-    distance_axes.legend(fontsize="small", loc="upper right")
+    distance_axes.legend(fontsize="small", loc="best")
     figure.tight_layout()
     return figure
