@@ -258,7 +258,31 @@ def test_depth_is_resized_by_nearest_neighbour_and_intrinsics_follow():
     assert k_doubled[0, 0] == 60.0 and k_doubled[0, 2] == 31.5  # pixel centres: (15.5 + 0.5) * 2 - 0.5
 
 
-def test_the_server_binds_loopback_unless_told_and_its_command_documents_its_flags(tmp_path):
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_the_server_binds_loopback_unless_told(server):
+    from lerobot_llava3d_fusion.tools.policy_server import Llava3DFusionServerConfig
+
+    assert Llava3DFusionServerConfig().host == "127.0.0.1"
+    config, _ = server
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback address")
+    with socket.socket() as sock:  # the test server's port is closed on the machine's other address
+        assert sock.connect_ex((address, config.port)) != 0
+
+
+@pytest.mark.slow  # a fresh interpreter importing LeRobot: 10-40 s on a busy machine
+def test_the_server_command_documents_its_flags_and_its_loopback_default(tmp_path):
     import subprocess
     import sys
 
