@@ -89,7 +89,8 @@ def test_without_any_assets_it_asks_for_the_asset_wheels(libero, tmp_path):
 
 def test_an_incomplete_libero_assets_folder_is_named_and_kept(libero, tmp_path, monkeypatch):
     (libero / "assets" / "scenes").mkdir(parents=True)  # a partial copy of the user's
-    monkeypatch.setattr(libero_setup, "_wheel_assets_dir", lambda: make_assets(tmp_path / "wheels" / "assets"))
+    wheels = make_assets(tmp_path / "wheels" / "assets")
+    monkeypatch.setattr(libero_setup, "_wheel_assets_dir", lambda: wheels)
     with pytest.raises(LiberoSetupError, match=r"assets is incomplete \(missing textures"):
         ensure_libero_ready()
     assert (libero / "assets" / "scenes").is_dir() and not (libero / "assets").is_symlink()
