@@ -15,7 +15,7 @@ same episodes (seeds from the demo's `EVAL_START_SEED`):
    evaluation episodes (seeds 1000+) draw other poses than its training episodes (seeds 0+).
 
 Writes `<workdir>/<run>/robustness.json` (success rates, the issue's targets and whether they are
-met) and `robustness.png`; a rerun reuses the dataset, checkpoints and evaluations it finds.
+met, and the share of episodes whose target the moved camera does not see) and `robustness.png`; a rerun reuses the dataset, checkpoints and evaluations it finds.
 Each training takes 30-50 min on 2 CPU cores.
 
     python bench/robustness.py --workdir outputs/robustness            # all three
@@ -31,9 +31,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lerobot_llava3d_fusion.demo import touch_block_demo as demo
 from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 from lerobot_llava3d_fusion.demo.touch_block_outcomes import touch_block_outcomes
+from lerobot_llava3d_fusion.envs import touch_block
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,31 @@ def target_checks(
             "met": drop <= NOISE_DROP_TARGET,
         }
     return checks
+
+
+def targets_out_of_view(
+    camera_perturbations: list[tuple[float, float]], episodes: int, num_blocks: int
+) -> dict[str, float]:
+    """Share (%) of the evaluation episodes whose target top-centre the moved camera does not see (it
+    projects outside the image), by camera label: what no policy that needs to see its target can
+    succeed at."""
+    shares = {}
+    for translation, rotation in camera_perturbations:
+        env = touch_block.TouchBlockEnv(
+            num_blocks=num_blocks,
+            camera_translation_perturbation=translation,
+            camera_rotation_perturbation=rotation,
+        )
+        out = 0
+        for seed in range(demo.EVAL_START_SEED, demo.EVAL_START_SEED + episodes):
+            observation, _ = env.reset(seed=seed)
+            extrinsics = observation[touch_block.EXTRINSICS_ENTRY].astype(np.float64)
+            camera = extrinsics[:3, :3].T @ (env.target_position - extrinsics[:3, 3])
+            column, row = (observation[touch_block.INTRINSICS_ENTRY] @ (camera / camera[2]))[:2]
+            height, width = observation[touch_block.DEPTH_ENTRY].shape[-2:]
+            out += not (-0.5 <= column < width - 0.5 and -0.5 <= row < height - 0.5)
+        shares[camera_label(translation, rotation)] = 100.0 * out / episodes
+    return shares
 
 
 def write_figure(path: Path, rates: dict[str, dict[str, float]], camera_perturbations) -> Path | None:
@@ -307,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "success_rate_pc": rates,
         "targets": target_checks(rates, args.camera_perturbations),
+        "target_out_of_view_pc": targets_out_of_view(
+            args.camera_perturbations, args.eval_episodes, args.num_blocks
+        ),
         "eval_episodes": args.eval_episodes,
         "eval_start_seed": demo.EVAL_START_SEED,
         "num_blocks": args.num_blocks,

@@ -131,6 +131,10 @@ def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_s
     assert targets["depth_noise_trained: sensor depth"]["met"] is True
     assert targets["depth_ee_points: medium camera move"]["retained_share"] == pytest.approx(70 / 90)
     assert targets["depth_ee_points: medium camera move"]["met"] is False
+    # Larger moves take more targets out of the 64 x 64 view; the nominal camera sees every one.
+    out_of_view = results["target_out_of_view_pc"]
+    assert out_of_view["camera_0cm_0deg"] == 0.0
+    assert out_of_view["camera_2cm_2deg"] <= out_of_view["camera_5cm_5deg"] < out_of_view["camera_10cm_10deg"]
     run_dir = tmp_path / "data_3_steps"
     assert json.loads((run_dir / "robustness.json").read_text())["success_rate_pc"] == rates
     assert (run_dir / "robustness.png").stat().st_size > 0
