@@ -150,14 +150,15 @@ def training_command(config: Llava3DFusionConfig, cfg: TrainPipelineConfig | Non
     if cfg is None:
         return []
     flags = [f"--dataset.repo_id={cfg.dataset.repo_id}"]
-    flags += [f"--policy.path={config.pretrained_path}"] if config.pretrained_path else [
-        f"--policy.type={config.type}", f"--policy.vlm_model_name={config.vlm_model_name}"
-    ]  # fmt: skip
-    if config.vision_tower_name:
-        flags.append(f"--policy.vision_tower_name={config.vision_tower_name}")
-    flags.append(f"--policy.geometry={config.geometry}")
-    if config.depth_estimator_name:
-        flags.append(f"--policy.depth_estimator_name={config.depth_estimator_name}")
+    if config.pretrained_path:  # a fine-tune: the architecture came with that checkpoint
+        flags.append(f"--policy.path={config.pretrained_path}")
+    else:
+        flags += [f"--policy.type={config.type}", f"--policy.vlm_model_name={config.vlm_model_name}"]
+        if config.vision_tower_name:
+            flags.append(f"--policy.vision_tower_name={config.vision_tower_name}")
+        flags.append(f"--policy.geometry={config.geometry}")
+        if config.depth_estimator_name:
+            flags.append(f"--policy.depth_estimator_name={config.depth_estimator_name}")
     if config.use_peft:
         flags.append("--peft.method_type=LORA")
     return [*flags, f"--steps={cfg.steps}", f"--batch_size={cfg.batch_size}"]

@@ -5,6 +5,8 @@ import pytest
 from helpers import tiny_config
 from huggingface_hub import ModelCard, RepoCard
 from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.configs.default import DatasetConfig
+from lerobot.configs.train import TrainPipelineConfig
 
 from lerobot_llava3d_fusion.model_card import INSTALL_COMMAND, build_model_card, hub_id
 
@@ -95,6 +97,11 @@ def test_lora_card_names_the_base_checkpoint_it_needs(tmp_path):
     assert card.data.base_model == "user/base_policy"
     assert card.data.to_dict()["base_model_relation"] == "adapter"
     assert "LoRA adapter" in card.text and "**`user/base_policy`**" in card.text
+    # Its training command: the adapter run on top of that base.
+    config = tiny_config(repo_id="user/lora", use_peft=True, pretrained_path="user/base_policy")
+    train_config = TrainPipelineConfig(dataset=DatasetConfig(repo_id="user/data"), policy=config, steps=7)
+    card = build_model_card(config, "user/data", tags=None, cfg=train_config)
+    assert "--policy.path=user/base_policy \\\n  --peft.method_type=LORA \\\n  --steps=7" in card.text
     # A base in a local directory: no Hub id to link, and the card says what to do about it.
     card = card_for(use_peft=True, pretrained_path=str(tmp_path))
     assert card.data.base_model is None
