@@ -165,13 +165,15 @@ def policy_server_class() -> type:
             )
 
         def _get_action_chunk(self, observation: dict[str, torch.Tensor]) -> torch.Tensor:
-            noise = None
+            """(1, actions_per_chunk, action_dim); from the seeded noise with ``--noise_seed`` (flow-matching
+            policies: noise (1, chunk_size, max_action_dim))."""
+            sampling = {}
             if self.config.noise_seed is not None:
                 config = self.policy.config
                 shape = (1, config.chunk_size, config.max_action_dim)
                 generator = torch.Generator().manual_seed(self.config.noise_seed)
-                noise = torch.randn(shape, generator=generator).to(self.device)
-            chunk = self.policy.predict_action_chunk(observation, noise=noise)
+                sampling["noise"] = torch.randn(shape, generator=generator).to(self.device)
+            chunk = self.policy.predict_action_chunk(observation, **sampling)
             return chunk[:, : self.actions_per_chunk, :]
 
     return Llava3DFusionPolicyServer

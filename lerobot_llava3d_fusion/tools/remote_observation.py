@@ -137,6 +137,12 @@ def prepare_remote_observation(
         policy_config: the served policy's config (its input features give the image and depth sizes).
     """
     rgb_features, depth_features = split_depth_features(lerobot_features)
+    # Cameras of the robot the policy does not read are left out (as lerobot-rollout's policy ignores them).
+    rgb_features = {
+        key: feature
+        for key, feature in rgb_features.items()
+        if not key.startswith(IMAGE_PREFIX) or key in policy_config.image_features
+    }
     for key, feature in rgb_features.items():
         if key.startswith(IMAGE_PREFIX):
             _check_rgb(raw, key)
