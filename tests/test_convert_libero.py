@@ -271,13 +271,15 @@ def assert_same_dataset(root: Path, reference: Path) -> None:
     """Same episodes, frames, actions, states, tasks, stats and journal as the uninterrupted conversion."""
     dataset, expected = load(root), load(reference)
     assert (dataset.meta.total_episodes, len(dataset)) == (expected.meta.total_episodes, len(expected))
-    for key in ("episode_index", "frame_index", "index", "action", "observation.state", "observation.depth.image"):
+    keys = ("episode_index", "frame_index", "index", "action", "observation.state", "observation.depth.image")
+    for key in keys:
         torch.testing.assert_close(
             torch.stack([dataset[i][key] for i in range(len(dataset))]),
             torch.stack([expected[i][key] for i in range(len(expected))]),
             msg=key,
         )
-    assert [dataset[i]["task"] for i in range(len(dataset))] == [expected[i]["task"] for i in range(len(expected))]
+    tasks = [dataset[i]["task"] for i in range(len(dataset))]
+    assert tasks == [expected[i]["task"] for i in range(len(expected))]
     assert [dataset.meta.episodes[i]["length"] for i in range(dataset.meta.total_episodes)] == [
         expected.meta.episodes[i]["length"] for i in range(expected.meta.total_episodes)
     ]
@@ -285,7 +287,9 @@ def assert_same_dataset(root: Path, reference: Path) -> None:
     assert stats.keys() == expected_stats.keys()
     for key in stats:
         for name in stats[key]:
-            np.testing.assert_allclose(stats[key][name], expected_stats[key][name], rtol=1e-6, err_msg=f"{key}/{name}")
+            np.testing.assert_allclose(
+                stats[key][name], expected_stats[key][name], rtol=1e-6, err_msg=f"{key}/{name}"
+            )
     journal, expected_journal = (json.loads((r / JOURNAL).read_text())["demos"] for r in (root, reference))
     assert [(e["demo"], e["episode_index"], e["frames"]) for e in journal] == [
         (e["demo"], e["episode_index"], e["frames"]) for e in expected_journal
@@ -304,7 +308,9 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
     return path, folder / "dataset"
 
 
-def test_a_converter_killed_mid_episode_resumes_offline_to_the_same_dataset(uninterrupted, tmp_path, monkeypatch):
+def test_a_converter_killed_mid_episode_resumes_offline_to_the_same_dataset(
+    uninterrupted, tmp_path, monkeypatch
+):
     """SIGKILL after the second episode's rows reached the data parquet (no footer yet): the next run
     removes that episode's files, resumes after the first episode, reads no Hub, and gives the same
     dataset as an uninterrupted run."""
@@ -335,7 +341,8 @@ def test_conversion_survives_a_hard_kill_at_every_point(uninterrupted, tmp_path)
     for kill_at in ("create:1", "frame:3", "data:1", "saved:1", "closed:1", "journal:1", "data:2"):
         result = run_killed_converter(path, root, kill_at, tmp_path / f"{kill_at}.log")
         assert result.returncode == -9, result.describe()
-        assert "offline" not in result.output.lower() and "convert again" not in result.output, result.describe()
+        assert "offline" not in result.output.lower(), result.describe()
+        assert "convert again" not in result.output, result.describe()
     journal = json.loads((root / JOURNAL).read_text())["demos"]
     assert [entry["demo"] for entry in journal] == ["demo_0", "demo_1"]
     result = run_killed_converter(path, root, None, tmp_path / "final.log")

@@ -168,3 +168,96 @@ def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path,
     repo = capture / "repos" / train_cfg.policy.repo_id
     from_hub = e2e.predict_like_lerobot_eval(repo, "touch_block", env_kwargs, observation, noise, 7)
     assert torch.equal(from_hub["chunk"], before["chunk"])
+
+
+# lerobot-train, SIGKILLed as soon as its first checkpoint is complete (LeRobot points `last` at it).
+TRAIN_KILLED_AFTER_FIRST_CHECKPOINT = """
+import os, signal
+import lerobot.scripts.lerobot_train as train
+update_last_checkpoint = train.update_last_checkpoint
+def update_then_die(checkpoint_dir):
+    update_last_checkpoint(checkpoint_dir)
+    os.kill(os.getpid(), signal.SIGKILL)
+train.update_last_checkpoint = update_then_die
+train.main()
+"""
+
+# lerobot-train that also writes, to ./loaded_state, the policy's weights and the optimizer state as
+# they are right after `--resume` loaded the checkpoint (before the first resumed step).
+TRAIN_RECORDING_THE_RESUMED_STATE = """
+from pathlib import Path
+from safetensors.torch import save_file
+import lerobot.scripts.lerobot_train as train
+from lerobot.optim.optimizers import save_optimizer_state
+policies = []
+make_policy, load_training_state = train.make_policy, train.load_training_state
+def make_and_keep_policy(*args, **kwargs):
+    policies.append(make_policy(*args, **kwargs))
+    return policies[-1]
+def load_and_record(checkpoint_dir, optimizer, scheduler, **kwargs):
+    step, optimizer, scheduler = load_training_state(checkpoint_dir, optimizer, scheduler, **kwargs)
+    out = Path("loaded_state")
+    out.mkdir()
+    weights = {k: v.detach().clone().contiguous() for k, v in policies[-1].state_dict().items()}
+    save_file(weights, out / "policy.safetensors")
+    save_optimizer_state(optimizer, out)
+    (out / "step.txt").write_text(str(step))
+    return step, optimizer, scheduler
+train.make_policy, train.load_training_state = make_and_keep_policy, load_and_record
+train.main()
+"""
+
+
+def safetensors_dict(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(path, framework="pt") as reader:
+        return {key: reader.get_tensor(key) for key in reader.keys()}
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_first_checkpoint_resumes_from_that_checkpoint(tmp_path):
+    """lerobot-train (4 steps, a checkpoint every 2) SIGKILLed right after its step-2 checkpoint, then
+    `--resume=true` from that checkpoint's train_config.json: the resumed run starts from exactly the
+    saved weights, optimizer state and step, trains steps 3 and 4 and checkpoints step 4.
+
+    (A run never stopped ends with other step-4 weights, seen with LeRobot 0.6.1 on the CPU although
+    LeRobot restores the data order and RNG state; hence the test checks that the resume loads exactly
+    what was saved, rather than comparing with such a run.)
+    """
+    from lerobot.utils.constants import OPTIMIZER_STATE, TRAINING_STATE_DIR, TRAINING_STEP
+
+    from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
+
+    dataset = tmp_path / "dataset"
+    make_touch_block_dataset(dataset, REPO_ID, num_episodes=2, seed=0, height=IMAGE_SIZE, width=IMAGE_SIZE)
+    run = tmp_path / "run"
+    args = e2e.train_args(REPO_ID, dataset, run, steps=4, log_freq=1, batch_size=4)
+    args = [arg if not arg.startswith("--save_freq=") else "--save_freq=2" for arg in args]
+    killed = e2e.run_command(
+        [sys.executable, "-c", TRAIN_KILLED_AFTER_FIRST_CHECKPOINT, *args], tmp_path / "killed.log"
+    )
+    assert killed.returncode == -9, killed.describe()
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["000002", "last"]
+
+    saved = run / "checkpoints" / "000002"
+    resume = [f"--config_path={saved / 'pretrained_model' / 'train_config.json'}", "--resume=true"]
+    result = e2e.run_command(
+        [sys.executable, "-c", TRAIN_RECORDING_THE_RESUMED_STATE, *resume], tmp_path / "resume.log"
+    )
+    assert_ok(result)
+    assert [step for step, _ in e2e.parse_train_losses(result.output)] == [3, 4]
+
+    loaded = tmp_path / "loaded_state"
+    assert (loaded / "step.txt").read_text() == "2"
+    saved_weights = safetensors_dict(saved / "pretrained_model" / "model.safetensors")
+    loaded_weights = safetensors_dict(loaded / "policy.safetensors")
+    saved_optimizer = safetensors_dict(saved / TRAINING_STATE_DIR / OPTIMIZER_STATE)
+    loaded_optimizer = safetensors_dict(loaded / OPTIMIZER_STATE)
+    assert saved_weights.keys() <= loaded_weights.keys() and saved_optimizer.keys() == loaded_optimizer.keys()
+    for expected, actual in ((saved_weights, loaded_weights), (saved_optimizer, loaded_optimizer)):
+        for key, tensor in expected.items():
+            assert torch.equal(actual[key], tensor), key
+    final_state = run / "checkpoints" / "000004" / TRAINING_STATE_DIR
+    assert e2e.read_json(final_state / TRAINING_STEP)["step"] == 4
+    optimizer = safetensors_dict(final_state / OPTIMIZER_STATE)
+    steps = {key: value for key, value in optimizer.items() if key.rsplit("/", 1)[-1] == "step"}
+    assert steps and all(value.item() == 4 for value in steps.values()), steps

@@ -552,8 +552,9 @@ def _open_dataset(repo_id: str, root: Path, settings: Settings):
         LiberoRGBDEnvConfig(observation_height=settings.size, observation_width=settings.size)
     )
     dataset = LeRobotDataset.create(
-        repo_id=repo_id, fps=settings.fps, features=features, root=creating, robot_type="panda", use_videos=False
-    )
+        repo_id=repo_id, fps=settings.fps, features=features, root=creating, robot_type="panda",
+        use_videos=False,
+    )  # fmt: skip
     dataset.finalize()
     journal = {"settings": asdict(settings), "demos": [], "dataset": _dataset_snapshot(dataset)}
     _write_journal(creating, journal)
