@@ -179,3 +179,52 @@ def test_llava3d_position_mlp_tells_millimetres_apart_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         embedding = mlp(points, valid)
     torch.testing.assert_close(embedding.float(), reference, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "trains"),
+    [({}, True), ({"train_expert_only": True, "expert_mode": "separate"}, True), ({}, False)],
+    ids=["training", "train_expert_only", "served"],
+)
+def test_bf16_compute_keeps_both_residual_streams_float32(overrides, trains):
+    """bf16 matmuls, float32 residual streams: the tokens entering every layer of the VLM (prefix) and
+    of the action expert (suffix) are float32, in training (float32 master weights, a frozen bf16
+    VLM) and in a policy loaded only to act (bf16 weights)."""
+    policy = bf16_policy(**overrides)
+    if trains:
+        policy.train()
+    fusion = policy.model.fusion
+    seen = {"prefix": set(), "suffix": set(), "matmul": set()}
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, args, out, s=seen[stream]: s.add(args[0].dtype))
+        for stream, layers in (("prefix", fusion.vlm_layers), ("suffix", fusion.expert_layers))
+        for layer in layers
+    ]
+    hooks.append(
+        fusion.expert_layers[0].mlp.down_proj.register_forward_hook(
+            lambda m, args, out: seen["matmul"].add(out.dtype)
+        )
+    )
+    try:
+        policy.predict_action_chunk(preprocess(policy, raw_batch()))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"prefix": {torch.float32}, "suffix": {torch.float32}, "matmul": {torch.bfloat16}}
+
+
+def test_bf16_weights_stored_under_inference_mode_still_serve_rtc():
+    """lerobot-eval's first chunk runs under torch.inference_mode(); the weights it stores in bf16 then
+    must not be inference tensors, or RTC's guided chunks (autograd through the sampler) fail."""
+    from lerobot.configs.types import RTCAttentionSchedule
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+
+    policy = tiny_policy(dtype="bfloat16", n_action_steps=3)
+    policy.config.rtc_config = RTCConfig(enabled=True, execution_horizon=3, prefix_attention_schedule=RTCAttentionSchedule.EXP)
+    policy.init_rtc_processor()
+    batch = preprocess(policy, raw_batch())
+    with torch.inference_mode():
+        for _ in range(2 * policy.config.n_action_steps):  # the second chunk is guided by the first
+            policy.select_action(batch)
+    assert not any(p.is_inference() for p in policy.parameters())
+    assert {p.dtype for p in policy.parameters()} == {torch.bfloat16}

@@ -66,7 +66,8 @@ class FlowMatchingActionExpert(nn.Module):
         return slice(start, start + self.chunk_size)
 
     def embed_suffix(self, state: Tensor, noisy_actions: Tensor, time: Tensor) -> Tensor:
-        """state (B, S_max), noisy actions (B, H, A_max), time (B,) -> suffix tokens (B, Ls, W)."""
+        """state (B, S_max), noisy actions (B, H, A_max), time (B,) -> suffix tokens (B, Ls, W), float32:
+        the expert's residual stream stays float32 under bf16 autocast, as the prefix's does."""
         dtype = self.action_in_proj.weight.dtype
         tokens = []
         if self.state_proj is not None:
@@ -77,7 +78,7 @@ class FlowMatchingActionExpert(nn.Module):
             time, width, self.min_period, self.max_period, device=time.device
         ).to(dtype)
         tokens.append(self.time_mlp_out(F.silu(self.time_mlp_in(time_emb)))[:, None])
-        return torch.cat(tokens, dim=1)
+        return torch.cat(tokens, dim=1).float()
 
     def without_padding(self, actions: Tensor) -> Tensor:
         """(B, H, A_max) with the padded dims (>= action_dim) set to zero."""

@@ -317,7 +317,9 @@ def _project_streams(layers, streams, rotations) -> tuple[Tensor, Tensor, Tensor
         q = attn.q_proj(normed).view(shape).transpose(1, 2)
         k = attn.k_proj(normed).view(shape).transpose(1, 2)
         v = attn.v_proj(normed).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        # RoPE in the residual stream's float32, then back to the projections' dtype: under bf16
+        # autocast the attention (and the KV cache) is bf16 either way.
+        q, k = (x.to(v.dtype) for x in apply_rotary_pos_emb(q, k, cos, sin))
         queries.append(q)
         keys.append(k)
         values.append(v)
