@@ -141,9 +141,12 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         `master_weights=False` (inference): every parameter in `config.dtype`, as a bf16 model is
         served; `predict_action_chunk` switches to it unless the policy has trained (`train()`)."""
         frozen_dtype = TORCH_DTYPES[self.config.dtype]
-        for param in self.parameters():
-            keep_float32 = master_weights and param.requires_grad
-            param.data = param.data.to(torch.float32 if keep_float32 else frozen_dtype)
+        # Never inference tensors as weights (lerobot-eval acts under inference_mode): autograd refuses
+        # them in any later computation with gradients.
+        with torch.inference_mode(False), torch.no_grad():
+            for param in self.parameters():
+                keep_float32 = master_weights and param.requires_grad
+                param.data = param.data.to(torch.float32 if keep_float32 else frozen_dtype)
         self._master_weights = master_weights
 
     def train(self, mode: bool = True) -> "Llava3DFusionPolicy":
