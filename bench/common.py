@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -37,11 +38,13 @@ from lerobot.utils.constants import (
     OBS_LANGUAGE_TOKENS,
     OBS_STATE,
 )
+from packaging.requirements import Requirement
 from torch import nn
 from transformers import LlamaConfig, SiglipImageProcessor, SiglipVisionConfig
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
+from lerobot_llava3d_fusion.backbones.backbone import vision_transformer
 from lerobot_llava3d_fusion.backbones.loading import build_tiny_tokenizer, siglip_llava_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -395,6 +398,22 @@ def build_pi0(
 BUILDERS = {"ours": build_ours, "pi0": build_pi0}
 
 
+def pi0_unavailable() -> str | None:
+    """Why LeRobot's pi0 cannot run with the installed transformers, or None: its PaliGemma code needs
+    the range lerobot's `transformers-dep` extra pins (what the `libero` and `pi` extras install),
+    and a plain install of this package may resolve a newer one."""
+    for line in importlib.metadata.requires("lerobot") or []:
+        requirement = Requirement(line)
+        if requirement.name == "transformers" and requirement.marker is not None:
+            if requirement.marker.evaluate({"extra": "transformers-dep"}):
+                if not requirement.specifier.contains(transformers.__version__, prereleases=True):
+                    return (
+                        f"LeRobot's pi0 needs transformers{requirement.specifier}, installed "
+                        f"{transformers.__version__}: install lerobot[pi] to compare with it"
+                    )
+    return None
+
+
 # ------------------------------------------------------------------------------------ description
 
 
@@ -415,7 +434,7 @@ def _vision_size(tower: nn.Module) -> dict:
     config = tower.config
     return {
         "width": config.hidden_size,
-        "depth": len(tower.vision_model.encoder.layers),
+        "depth": len(vision_transformer(tower).encoder.layers),
         "mlp_dim": config.intermediate_size,
         "num_heads": config.num_attention_heads,
         "patch_size": config.patch_size,

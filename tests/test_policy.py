@@ -303,6 +303,7 @@ def test_optimizer_preset_is_adamw_with_the_fused_kernel():
     torch.testing.assert_close(results[0], results[1], atol=1e-6, rtol=0)
 
 
+@pytest.mark.transformers_range
 def test_save_and_load_give_identical_actions(policy, tmp_path):
     batch = preprocess(policy, raw_batch())
     noise = fixed_noise(2, policy)

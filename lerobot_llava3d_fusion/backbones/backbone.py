@@ -61,6 +61,13 @@ class Backbone:
         return rows // self.image_pooling, cols // self.image_pooling
 
 
+def vision_transformer(tower: nn.Module) -> nn.Module:
+    """The module of a CLIP/SigLIP vision tower that holds its `embeddings` and `encoder`: the tower's
+    `vision_model` up to transformers 5.5, the tower itself from 5.24 on (checkpoints of either layout
+    load under the other, `checkpoint.KEY_MIGRATIONS`)."""
+    return getattr(tower, "vision_model", tower)
+
+
 class ImageEncoder(nn.Module):
     """Images (N, 3, S, S) normalised for the tower -> projected patch tokens (N, P, D_llm).
 
