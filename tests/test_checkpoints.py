@@ -69,7 +69,9 @@ def other_vision_tower_layout(key: str) -> str:
     if not key.startswith(TOWER):
         return key
     rest = key[len(TOWER) :]
-    return TOWER + (rest.removeprefix("vision_model.") if rest.startswith("vision_model.") else "vision_model." + rest)
+    return TOWER + (
+        rest.removeprefix("vision_model.") if rest.startswith("vision_model.") else "vision_model." + rest
+    )
 
 
 def assert_same_actions(saved, reloaded: Llava3DFusionPolicy) -> None:
@@ -100,7 +102,9 @@ def test_a_config_that_drops_trained_modules_fails_naming_them(checkpoint, field
 
 
 def test_weights_missing_for_a_module_of_the_config_fail_naming_it(checkpoint):
-    rename_keys(checkpoint, lambda key: key.replace("model.action_expert.state_proj.", "model.old_state_proj."))
+    rename_keys(
+        checkpoint, lambda key: key.replace("model.action_expert.state_proj.", "model.old_state_proj.")
+    )
     with pytest.raises(CheckpointError) as error:
         Llava3DFusionPolicy.from_pretrained(checkpoint)
     message = str(error.value)
@@ -155,7 +159,9 @@ def test_the_installed_vision_tower_has_one_of_the_two_mapped_layouts(saved):
     assert len(tower_keys) == 48  # the tiny SigLIP: 2 layers x 16, embeddings 3, post-norm 2, head 11
     with_level = {key.startswith(TOWER + "vision_model.") for key in tower_keys}
     assert len(with_level) == 1  # all or none: transformers 5.5 nests them, 5.24+ does not
-    assert f"{TOWER}{'vision_model.' if with_level.pop() else ''}embeddings.patch_embedding.weight" in tower_keys
+    assert (
+        f"{TOWER}{'vision_model.' if with_level.pop() else ''}embeddings.patch_embedding.weight" in tower_keys
+    )
 
 
 @pytest.mark.transformers_range
