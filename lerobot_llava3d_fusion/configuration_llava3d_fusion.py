@@ -464,7 +464,7 @@ class Llava3DFusionConfig(PreTrainedConfig):
 
     @property
     def geometry_source(self) -> GeometrySource:
-        """Where cameras' depth comes from, by `geometry` (`geometry_sources.py`)."""
+        """Where cameras' depth comes from, by `geometry` (`geometry/sources.py`)."""
         return GEOMETRY_SOURCES[self.geometry]
 
     @property
