@@ -43,9 +43,9 @@ from torch import nn
 from transformers import LlamaConfig, SiglipImageProcessor, SiglipVisionConfig
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.backbones.backbone import vision_transformer
 from lerobot_llava3d_fusion.backbones.loading import build_tiny_tokenizer, siglip_llava_config
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("ours", "pi0")

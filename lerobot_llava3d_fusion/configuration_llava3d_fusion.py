@@ -15,10 +15,10 @@ from lerobot.configs import (
 from lerobot.optim import CosineDecayWithWarmupSchedulerConfig
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 
+from lerobot_llava3d_fusion.geometry.robot_depth import check_depth_features, is_depth_map
 from lerobot_llava3d_fusion.geometry.sources import GEOMETRY_SOURCES, GeometrySource
 from lerobot_llava3d_fusion.observation_keys import camera_name
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig
-from lerobot_llava3d_fusion.geometry.robot_depth import check_depth_features, is_depth_map
 
 # Special value of `vlm_model_name`: a tiny random LLaVA backbone built from code, tokenizer
 # included, for tests, demos and benchmarks that must run offline.

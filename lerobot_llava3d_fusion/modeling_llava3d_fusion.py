@@ -8,7 +8,6 @@ policy checks read `__init__`'s `config` annotation as a class.
 """
 
 import copy
-import dataclasses
 import logging
 from collections import deque
 from contextlib import nullcontext
@@ -26,13 +25,16 @@ from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS
 from lerobot.utils.device_utils import resolve_safetensors_device
 from torch import Tensor
 
-from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_offsets
-from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
-from lerobot_llava3d_fusion.backbones.files import BackboneSource, checkpoint_backbone_source, save_backbone_files
+from lerobot_llava3d_fusion.backbones.files import (
+    BackboneSource,
+    checkpoint_backbone_source,
+    save_backbone_files,
+)
 from lerobot_llava3d_fusion.checkpoint import fetch_versions_file, load_weights, save_library_versions
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, Llava3DFusionModel, ModelInputs
+from lerobot_llava3d_fusion.model.augmentation import random_crop_inputs, sensor_depth_noise_inputs
 from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
+from lerobot_llava3d_fusion.model.network import TORCH_DTYPES, Llava3DFusionModel, ModelInputs
 from lerobot_llava3d_fusion.model_card import build_model_card
 
 logger = logging.getLogger(__name__)
@@ -241,38 +243,6 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         """The model's inputs from a preprocessed batch, checked (`model/inputs.py`)."""
         return self._batch_to_inputs(batch, depth_unit, per_sample_keys)
 
-    def _random_crop(self, inputs: ModelInputs) -> ModelInputs:
-        """Training augmentation: one random crop per camera and sample, applied alike to the image, its
-        depth and its intrinsics, so the 3D positions stay consistent with the pixels (`augmentation.py`)."""
-        scale = self.config.augment_crop_scale
-        images, camera_geometry = [], []
-        for image, camera in zip(inputs.images, inputs.camera_geometry, strict=True):
-            batch_size = image.shape[0]
-            offsets = random_crop_offsets(batch_size, scale, image.device)
-            images.append(crop_and_resize(image, scale, offsets, mode="bilinear"))
-            if camera is not None:
-                # The intrinsics describe the depth's grid, or the image's when depth is estimated.
-                grid = image if camera.depth is None else camera.depth
-                intrinsics = crop_intrinsics(
-                    camera.intrinsics.expand(batch_size, 3, 3), scale, offsets, *grid.shape[-2:]
-                )
-                depth = (
-                    None if camera.depth is None else crop_and_resize(camera.depth, scale, offsets, "nearest")
-                )
-                camera = dataclasses.replace(camera, intrinsics=intrinsics, depth=depth)  # same origin
-            camera_geometry.append(camera)
-        return inputs._replace(images=images, camera_geometry=camera_geometry)
-
-    def _sensor_depth_noise(self, inputs: ModelInputs) -> ModelInputs:
-        """Training augmentation: every recorded depth map made sensor-like (`geometry/depth_noise.py`),
-        at its recorded resolution and before any crop, as a real camera would deliver it."""
-        camera_geometry = [
-            camera if camera is None or camera.depth is None
-            else dataclasses.replace(camera, depth=sensor_depth_noise(camera.depth))
-            for camera in inputs.camera_geometry
-        ]
-        return inputs._replace(camera_geometry=camera_geometry)
-
     @property
     def device_of_model(self) -> torch.device:
         return next(self.parameters()).device
@@ -295,9 +265,9 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             batch, self.config.dataset_depth_unit, per_sample_keys=(ACTION, ACTION_IS_PAD)
         )
         if self.training and self.config.augment_depth_noise:
-            inputs = self._sensor_depth_noise(inputs)
+            inputs = sensor_depth_noise_inputs(inputs)
         if self.training and self.config.augment_crop_scale < 1.0:
-            inputs = self._random_crop(inputs)
+            inputs = random_crop_inputs(inputs, self.config.augment_crop_scale)
         actions = batch[ACTION]
         expected = (self.config.chunk_size, self.action_dim)
         if actions.ndim != 3 or tuple(actions.shape[1:]) != expected:

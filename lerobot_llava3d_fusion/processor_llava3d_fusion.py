@@ -20,7 +20,6 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.lerobot_types import PolicyAction
 from lerobot.processor import (
-    TransitionKey,
     AbsoluteActionsProcessorStep,
     NewLineTaskProcessorStep,
     NormalizerProcessorStep,
@@ -29,15 +28,16 @@ from lerobot.processor import (
     ProcessorStepRegistry,
     RelativeActionsProcessorStep,
     TokenizerProcessorStep,
+    TransitionKey,
     make_default_policy_processor_steps,
     make_policy_processor_pipelines,
 )
 from lerobot.utils.constants import OBS_STATE
 from transformers import AutoTokenizer
 
+from lerobot_llava3d_fusion.backbones.loading import load_tokenizer
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.observation_keys import DEPTH_PREFIX, GEOMETRY_ORIGIN, GEOMETRY_PREFIXES
-from lerobot_llava3d_fusion.backbones.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 

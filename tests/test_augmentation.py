@@ -7,8 +7,8 @@ import torch
 from helpers import preprocess, raw_batch
 from test_policy_geometry import geometry_policy, noise_for, with_depth
 
-from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics
 from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
+from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_inputs
 
 
 def test_cropped_depth_and_intrinsics_back_project_to_the_points_under_the_cropped_rgb():
@@ -116,7 +116,7 @@ def test_the_crop_keeps_the_geometry_origin_and_points_stay_relative_to_it():
     inputs = policy._prepare_inputs(preprocess(policy, with_depth(raw_batch())))
     origin = inputs.camera_geometry[0].origin
     assert origin is not None and origin.abs().sum() > 0
-    cropped = policy._random_crop(inputs)
+    cropped = random_crop_inputs(inputs, policy.config.augment_crop_scale)
     for image, camera in zip(cropped.images, cropped.camera_geometry, strict=True):
         assert camera.origin is origin  # training measures from the end-effector, as inference does
         points, valid = policy.model.camera_patch_points(image, camera)

@@ -38,8 +38,8 @@ from transformers import (
 
 from lerobot_llava3d_fusion.backbones.backbone import vision_transformer
 from lerobot_llava3d_fusion.backbones.llava3d import map_llava3d_key
-from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.backbones.loading import build_tiny_tokenizer, load_backbone
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
 VISION_SIZES = {
     "hidden_size": 32,

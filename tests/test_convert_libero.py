@@ -30,9 +30,9 @@ from libero_hdf5 import (  # noqa: E402
     TASK_ID,
     write_libero_hdf5,
 )
-
 from libero_kill_points import fake_frames, use_fake_rendering  # noqa: E402
 
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth  # noqa: E402
 from lerobot_llava3d_fusion.tools import convert_libero  # noqa: E402
 from lerobot_llava3d_fusion.tools.convert_libero import (  # noqa: E402
     JOURNAL,
@@ -42,7 +42,6 @@ from lerobot_llava3d_fusion.tools.convert_libero import (  # noqa: E402
     noop_mask,
     read_demo_jobs,
 )
-from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth  # noqa: E402
 from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready  # noqa: E402
 
 convert = convert_libero.convert_libero  # the function (same name as its module)

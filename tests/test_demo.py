@@ -15,11 +15,14 @@ import torch
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 
-from lerobot_llava3d_fusion.demo import touch_block_demo as demo
+from lerobot_llava3d_fusion.backbones.loading import build_word_tokenizer, load_backbone
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
-from lerobot_llava3d_fusion.demo.touch_block_demo import evaluate_policy, reference_success, write_demo_backbone
-from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
-from lerobot_llava3d_fusion.envs.touch_block import PALETTE
+from lerobot_llava3d_fusion.demo import touch_block_demo as demo
+from lerobot_llava3d_fusion.demo.touch_block_demo import (
+    evaluate_policy,
+    reference_success,
+    write_demo_backbone,
+)
 from lerobot_llava3d_fusion.demo.touch_block_figures import (
     SIDE_VIEW_FIGURE,
     SUCCESS_FIGURE,
@@ -31,8 +34,8 @@ from lerobot_llava3d_fusion.demo.touch_block_outcomes import (
     policy_episode_trace,
 )
 from lerobot_llava3d_fusion.envs import touch_block
-from lerobot_llava3d_fusion.backbones.loading import build_word_tokenizer, load_backbone
-
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
+from lerobot_llava3d_fusion.envs.touch_block import PALETTE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

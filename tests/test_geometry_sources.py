@@ -6,6 +6,7 @@ from helpers import CAMERAS, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from test_policy_geometry import DEPTH_SIZE, INTRINSICS, geometry_policy, prefix_of
 
+from lerobot_llava3d_fusion.geometry.robot_depth import DepthToMetresStep
 from lerobot_llava3d_fusion.geometry.sources import (
     GEOMETRY_SOURCES,
     EstimatedDepth,
@@ -14,7 +15,6 @@ from lerobot_llava3d_fusion.geometry.sources import (
     RecordedDepth,
 )
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-from lerobot_llava3d_fusion.geometry.robot_depth import DepthToMetresStep
 
 # The top camera records depth under the policy's key, the wrist camera under a LeRobot robot's.
 FEATURES = {

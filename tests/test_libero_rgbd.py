@@ -23,8 +23,8 @@ from lerobot.processor import LiberoProcessorStep  # noqa: E402
 
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig, LiberoRGBDProcessorStep  # noqa: E402
 from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth, flip_intrinsics  # noqa: E402
-from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
 from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready, find_assets_dir, find_libero_root  # noqa: E402
 
 SUITE = "libero_spatial"
 SIZE = 128

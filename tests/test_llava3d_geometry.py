@@ -3,8 +3,12 @@
 import pytest
 import torch
 
+from lerobot_llava3d_fusion.geometry.llava3d_encoder import (
+    Llava3DGeometryEncoder,
+    Llava3DPositionMLP,
+    voxel_pool,
+)
 from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth, points_to_patches
-from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DGeometryEncoder, Llava3DPositionMLP, voxel_pool
 
 INTRINSICS = torch.tensor([[10.0, 0.0, 5.5], [0.0, 8.0, 3.5], [0.0, 0.0, 1.0]])
 

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
 from test_backbones import save_llava3d, save_vision_tower  # noqa: E402
+
 from lerobot_llava3d_fusion.presets import preset_path  # noqa: E402
 
 PRESET = preset_path("libero_llava3d")

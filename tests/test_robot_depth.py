@@ -19,12 +19,12 @@ from lerobot.policies.utils import build_inference_frame  # noqa: E402
 from lerobot.utils.feature_utils import dataset_to_policy_features, hw_to_dataset_features  # noqa: E402
 
 from lerobot_llava3d_fusion import Llava3DFusionConfig, make_llava3d_fusion_pre_post_processors  # noqa: E402
-from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy  # noqa: E402
 from lerobot_llava3d_fusion.geometry.robot_depth import (  # noqa: E402
     DepthToMetresStep,
     check_depth_features,
     depth_in_metres,
 )
+from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy  # noqa: E402
 from lerobot_llava3d_fusion.tools.realsense_intrinsics import rotated_intrinsics  # noqa: E402
 
 SIZE = 32

@@ -22,9 +22,6 @@ from lerobot.scripts.lerobot_eval import rollout
 from lerobot.utils.feature_utils import dataset_to_policy_features
 from torch import nn
 
-from lerobot_llava3d_fusion.envs import touch_block as tb
-from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
-from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
 from lerobot_llava3d_fusion.demo.make_touch_block_dataset import (
     HOLD_FRAMES,
     NEAR_TARGET_START_EXTENT,
@@ -33,6 +30,9 @@ from lerobot_llava3d_fusion.demo.make_touch_block_dataset import (
     make_touch_block_dataset,
 )
 from lerobot_llava3d_fusion.demo.touch_block_outcomes import OutcomeSummary, run_until_each_ends
+from lerobot_llava3d_fusion.envs import touch_block as tb
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig, TouchBlockProcessorStep
+from lerobot_llava3d_fusion.envs.instruction_perturbation import PERTURBATIONS
 
 CONTRACT = {  # policy key -> (batch-free shape given H, W; dtype)
     "observation.images.top": (lambda h, w: (3, h, w), torch.float32),

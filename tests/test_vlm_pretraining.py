@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import SiglipImageProcessor
 
-from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer, load_backbone
 from lerobot_llava3d_fusion.demo.touch_block_captions import (
     WHAT_COLOUR,
     WHERE_BLOCK,
@@ -15,7 +15,6 @@ from lerobot_llava3d_fusion.demo.touch_block_captions import (
     project,
     touch_block_image_text_pairs,
 )
-from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer, load_backbone
 from lerobot_llava3d_fusion.demo.vlm_pretraining import (
     ImageTextPair,
     PairBatcher,
@@ -23,6 +22,7 @@ from lerobot_llava3d_fusion.demo.vlm_pretraining import (
     read_image_text_pairs,
     write_image_text_pairs,
 )
+from lerobot_llava3d_fusion.envs import touch_block
 
 IMAGE_SIZE = (32, 32)
 

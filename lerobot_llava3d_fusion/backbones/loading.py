@@ -37,15 +37,19 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from lerobot_llava3d_fusion.backbones.backbone import Backbone, load_image_normalisation, read_checkpoint_config
-from lerobot_llava3d_fusion.configuration_llava3d_fusion import TINY_VLM_NAME
-from lerobot_llava3d_fusion.model.fusion import check_decoder_contract
+from lerobot_llava3d_fusion.backbones.backbone import (
+    Backbone,
+    load_image_normalisation,
+    read_checkpoint_config,
+)
 from lerobot_llava3d_fusion.backbones.llava3d import (
     LLAVA3D_ARCHITECTURES,
     LLAVA3D_MODEL_TYPES,
     load_llava3d_backbone,
     load_llava3d_tokenizer,
 )
+from lerobot_llava3d_fusion.configuration_llava3d_fusion import TINY_VLM_NAME
+from lerobot_llava3d_fusion.model.fusion import check_decoder_contract
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,9 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.processor import ObservationProcessorStep, PolicyProcessorPipeline
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 
+from lerobot_llava3d_fusion.envs import touch_block  # registers the gymnasium id
+from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 from lerobot_llava3d_fusion.observation_keys import (
     CAMERA_MATRIX_SHAPES,
     DEPTH,
@@ -29,9 +32,6 @@ from lerobot_llava3d_fusion.observation_keys import (
     geometry_key,
     parse_env_geometry_key,
 )
-from lerobot_llava3d_fusion.envs import touch_block  # registers the gymnasium id
-from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
-from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 
 # Dims of each geometry entry without the batch dim: depth (1, H, W), matrices (3, 3) / (4, 4).
 _UNBATCHED_NDIMS = {DEPTH: 3, **{entry: len(shape) for entry, shape in CAMERA_MATRIX_SHAPES.items()}}

@@ -49,6 +49,14 @@ from lerobot.envs.utils import parse_camera_names
 from lerobot.processor import LiberoProcessorStep, PolicyProcessorPipeline
 from lerobot.processor.pipeline import ObservationProcessorStep
 
+from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation
+from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation
+from lerobot_llava3d_fusion.envs.libero_rgbd_sim import (
+    MAX_CAMERA_TRANSLATION_PERTURBATION,
+    create_libero_rgbd_envs,
+)
+from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
+from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
 from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
 from lerobot_llava3d_fusion.observation_keys import (
     CAMERA_MATRIX_SHAPES,
@@ -60,14 +68,6 @@ from lerobot_llava3d_fusion.observation_keys import (
     geometry_key,
     parse_env_geometry_key,
 )
-from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation
-from lerobot_llava3d_fusion.envs.camera_perturbation import check_camera_perturbation
-from lerobot_llava3d_fusion.envs.libero_rgbd_sim import (
-    MAX_CAMERA_TRANSLATION_PERTURBATION,
-    create_libero_rgbd_envs,
-)
-from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise
-from lerobot_llava3d_fusion.envs.registration import env_type, processor_step
 
 # LeRobot's LiberoEnv maps robosuite camera obs keys to these names when no mapping is given.
 _DEFAULT_CAMERA_NAME_MAPPING = {"agentview_image": "image", "robot0_eye_in_hand_image": "image2"}

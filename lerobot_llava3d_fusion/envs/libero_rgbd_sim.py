@@ -39,14 +39,20 @@ from gymnasium import spaces
 from lerobot.envs.configs import LiberoEnv as LiberoEnvConfig
 from lerobot.envs.utils import _LazyAsyncVectorEnv
 
-from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
-from lerobot_llava3d_fusion.observation_keys import CAMERA_MATRIX_SHAPES, DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
 from lerobot_llava3d_fusion.envs.camera_perturbation import (
     check_camera_perturbation,
     draw_camera_perturbation,
 )
 from lerobot_llava3d_fusion.envs.instruction_perturbation import perturb_instruction
 from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
+from lerobot_llava3d_fusion.geometry.patch_points import flip_intrinsics
+from lerobot_llava3d_fusion.observation_keys import (
+    CAMERA_MATRIX_SHAPES,
+    DEPTH,
+    EXTRINSICS,
+    INTRINSICS,
+    env_geometry_entry,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -55,13 +55,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
 from lerobot_llava3d_fusion.envs.camera_perturbation import (
     check_camera_perturbation,
     draw_camera_perturbation,
 )
 from lerobot_llava3d_fusion.envs.instruction_perturbation import check_perturbation, perturb_instruction
 from lerobot_llava3d_fusion.geometry.depth_noise import check_depth_noise, sensor_depth_noise
+from lerobot_llava3d_fusion.observation_keys import DEPTH, EXTRINSICS, INTRINSICS, env_geometry_entry
 
 GYM_ID = "lerobot_llava3d_fusion/TouchBlock-v0"
 CAMERA_NAME = "top"

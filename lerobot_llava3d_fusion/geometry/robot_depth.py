@@ -44,7 +44,13 @@ import torch
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.processor import ObservationProcessorStep, ProcessorStepRegistry
 
-from lerobot_llava3d_fusion.observation_keys import DEPTH_PREFIX, IMAGE_PREFIX, ROBOT_DEPTH_SUFFIX, depth_key, robot_depth_key
+from lerobot_llava3d_fusion.observation_keys import (
+    DEPTH_PREFIX,
+    IMAGE_PREFIX,
+    ROBOT_DEPTH_SUFFIX,
+    depth_key,
+    robot_depth_key,
+)
 
 logger = logging.getLogger(__name__)
 

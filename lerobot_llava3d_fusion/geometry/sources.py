@@ -24,8 +24,8 @@ from lerobot.processor import ProcessorStep
 from torch import Tensor, nn
 
 from lerobot_llava3d_fusion.geometry.depth_estimation import MonocularDepthEstimator
-from lerobot_llava3d_fusion.observation_keys import depth_key, robot_depth_key
 from lerobot_llava3d_fusion.geometry.robot_depth import MM_PER_METRE, DepthToMetresStep, depth_sources
+from lerobot_llava3d_fusion.observation_keys import depth_key, robot_depth_key
 
 # Metres. No real depth map lies entirely closer than this: one declared as millimetres that does
 # was recorded in metres.

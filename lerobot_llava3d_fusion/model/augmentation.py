@@ -13,9 +13,14 @@ the source point u = scale * u' + offset_px, so fx' = fx / scale, cx' = (cx - of
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
+
+from lerobot_llava3d_fusion.geometry.depth_noise import sensor_depth_noise
+from lerobot_llava3d_fusion.model.network import ModelInputs
 
 
 def random_crop_offsets(batch_size: int, scale: float, device: torch.device) -> Tensor:
@@ -43,3 +48,33 @@ def crop_intrinsics(intrinsics: Tensor, scale: float, offsets: Tensor, height: i
     cropped[:, 0, 2] = (intrinsics[:, 0, 2] - shift_x) / scale
     cropped[:, 1, 2] = (intrinsics[:, 1, 2] - shift_y) / scale
     return cropped
+
+
+def random_crop_inputs(inputs: ModelInputs, scale: float) -> ModelInputs:
+    """One random crop per camera and sample, applied alike to the image, its depth and its intrinsics, so
+    the 3D positions stay consistent with the pixels; every other geometry field (extrinsics, origin) kept."""
+    images, camera_geometry = [], []
+    for image, camera in zip(inputs.images, inputs.camera_geometry, strict=True):
+        batch_size = image.shape[0]
+        offsets = random_crop_offsets(batch_size, scale, image.device)
+        images.append(crop_and_resize(image, scale, offsets, mode="bilinear"))
+        if camera is not None:
+            # The intrinsics describe the depth's grid, or the image's when depth is estimated.
+            grid = image if camera.depth is None else camera.depth
+            intrinsics = crop_intrinsics(camera.intrinsics.expand(batch_size, 3, 3), scale, offsets, *grid.shape[-2:])
+            depth = None if camera.depth is None else crop_and_resize(camera.depth, scale, offsets, "nearest")
+            camera = dataclasses.replace(camera, intrinsics=intrinsics, depth=depth)
+        camera_geometry.append(camera)
+    return inputs._replace(images=images, camera_geometry=camera_geometry)
+
+
+def sensor_depth_noise_inputs(inputs: ModelInputs) -> ModelInputs:
+    """Every recorded depth map made sensor-like (`geometry/depth_noise.py`), at its recorded resolution
+    and before any crop, as a real camera would deliver it."""
+    camera_geometry = [
+        camera
+        if camera is None or camera.depth is None
+        else dataclasses.replace(camera, depth=sensor_depth_noise(camera.depth))
+        for camera in inputs.camera_geometry
+    ]
+    return inputs._replace(camera_geometry=camera_geometry)

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 
 from lerobot_llava3d_fusion.backbones.backbone import Backbone, ImageEncoder
 from lerobot_llava3d_fusion.backbones.files import BackboneSource
+from lerobot_llava3d_fusion.backbones.llava3d import LLAVA3D_POSITION_PREFIX, load_llava3d_position_mlp
+from lerobot_llava3d_fusion.backbones.loading import load_backbone
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
+from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DGeometryEncoder, voxel_pool
+from lerobot_llava3d_fusion.geometry.patch_points import DepthToPatchPoints, SinusoidalGeometryEncoder
 from lerobot_llava3d_fusion.model.flow_matching import FlowMatchingActionExpert, sample_time
 from lerobot_llava3d_fusion.model.fusion import LLaVA3DWithActionExpertModel
-from lerobot_llava3d_fusion.geometry.patch_points import DepthToPatchPoints, SinusoidalGeometryEncoder
-from lerobot_llava3d_fusion.backbones.llava3d import LLAVA3D_POSITION_PREFIX, load_llava3d_position_mlp
-from lerobot_llava3d_fusion.geometry.llava3d_encoder import Llava3DGeometryEncoder, voxel_pool
-from lerobot_llava3d_fusion.backbones.loading import load_backbone
 
 logger = logging.getLogger(__name__)
 

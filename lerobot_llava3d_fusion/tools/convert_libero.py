@@ -76,11 +76,11 @@ from lerobot.datasets.utils import (
 )
 from lerobot.utils.io_utils import write_json
 
-from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
-from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
-from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features, frame_from_batch
 from lerobot_llava3d_fusion.envs.libero_rgbd_sim import libero_rgbd_env_class, libero_suite
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
+from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features, frame_from_batch
+from lerobot_llava3d_fusion.tools.libero_setup import ensure_libero_ready
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
 
-from lerobot_llava3d_fusion.observation_keys import camera_geometry_features
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+from lerobot_llava3d_fusion.observation_keys import camera_geometry_features
 
 STATE_NAMES = ["eef_x", "eef_y", "eef_z", "eef_axis_angle_x", "eef_axis_angle_y", "eef_axis_angle_z",
                "gripper_qpos_left", "gripper_qpos_right"]  # fmt: skip

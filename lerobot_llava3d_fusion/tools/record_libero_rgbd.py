@@ -19,8 +19,8 @@ from lerobot.datasets import LeRobotDataset
 from lerobot.envs.utils import preprocess_observation
 from tqdm import tqdm
 
-from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
 from lerobot_llava3d_fusion.envs.libero_rgbd import LiberoRGBDEnvConfig
+from lerobot_llava3d_fusion.tools.dataset_stats import save_episode
 from lerobot_llava3d_fusion.tools.libero_rgbd_dataset import dataset_features, frame_from_batch
 
 logger = logging.getLogger(__name__)
