@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import preprocess, raw_batch
-from test_policy_geometry import geometry_policy, noise_for, with_depth
+from helpers import fixed_noise, preprocess, raw_batch
+from test_policy_geometry import geometry_policy, with_depth
 
 from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
 from lerobot_llava3d_fusion.model.augmentation import crop_and_resize, crop_intrinsics, random_crop_inputs
@@ -55,7 +55,7 @@ def test_nearest_crop_invents_no_depth_between_surfaces():
 def test_training_crops_randomly_and_inference_never_crops():
     policy = geometry_policy(augment_crop_scale=0.8)
     batch = preprocess(policy, with_depth(raw_batch()))
-    noise, time = noise_for(policy), torch.tensor([0.3, 0.6])
+    noise, time = fixed_noise(policy, seed=3), torch.tensor([0.3, 0.6])
     policy.train()
     losses = [policy.forward(batch, noise=noise, time=time)[0].item() for _ in range(3)]
     assert len(set(losses)) == 3  # a new crop each step
@@ -80,7 +80,7 @@ def _depth_reaching_the_model(policy, batch):
 
     policy.model.forward = recording_forward
     try:
-        policy.forward(batch, noise=noise_for(policy), time=torch.tensor([0.3, 0.6]))
+        policy.forward(batch, noise=fixed_noise(policy, seed=3), time=torch.tensor([0.3, 0.6]))
     finally:
         del policy.model.forward
     return seen

@@ -3,7 +3,7 @@ empty cameras, relative actions and FSDP units."""
 
 import pytest
 import torch
-from helpers import ACTION_DIM, CAMERAS, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+from helpers import ACTION_DIM, CAMERAS, CHUNK, fixed_noise, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.policies.rtc.action_queue import ActionQueue
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.rollout.inference.rtc import supports_rtc_inference
@@ -11,12 +11,6 @@ from lerobot.rollout.inference.rtc import supports_rtc_inference
 from lerobot_llava3d_fusion import make_llava3d_fusion_pre_post_processors
 from lerobot_llava3d_fusion.model import fusion
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
-
-
-def fixed_noise(policy: Llava3DFusionPolicy, batch_size: int = 1, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, CHUNK, policy.config.max_action_dim, generator=generator)
-
 
 # ---- Real-time chunking ------------------------------------------------------------------------------
 
@@ -58,7 +52,7 @@ def test_rtc_guidance_makes_the_new_chunk_continue_the_left_over_chunk(monkeypat
     left_over = queue.get_left_over()  # (CHUNK - 2, action_dim), normalized model space
     assert left_over.shape == (CHUNK - executed, ACTION_DIM)
 
-    batch, noise = preprocess(policy, raw_batch(1, seed=5)), fixed_noise(policy)
+    batch, noise = preprocess(policy, raw_batch(1, seed=5)), fixed_noise(policy, batch_size=1)
     prefix_calls[0] = step_calls[0] = 0
     guided = policy.predict_action_chunk(
         batch, noise=noise, inference_delay=executed, prev_chunk_left_over=left_over

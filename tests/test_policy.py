@@ -3,17 +3,12 @@
 import draccus
 import pytest
 import torch
-from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config, tiny_policy
+from helpers import ACTION_DIM, CHUNK, fixed_noise, preprocess, raw_batch, tiny_config, tiny_policy
 from lerobot.optim import OptimizerConfig
 
 from lerobot_llava3d_fusion.model.network import ModelInputs
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig
-
-
-def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, CHUNK, policy.config.max_action_dim, generator=generator)
 
 
 @pytest.mark.parametrize("llm_type", ["qwen2", "llama", "mistral"])
@@ -24,7 +19,7 @@ def fixed_noise(batch_size: int, policy: Llava3DFusionPolicy, seed: int = 1) -> 
 def test_cache_and_no_cache_sample_the_same_actions(llm_type, expert_mode, tasks):
     policy = tiny_policy(tiny_llm_type=llm_type, expert_mode=expert_mode)
     batch = preprocess(policy, raw_batch(tasks=tasks))
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     policy.config.use_cache = True
     cached = policy.predict_action_chunk(batch, noise=noise)
     policy.config.use_cache = False
@@ -79,7 +74,7 @@ def test_each_sample_of_a_padded_batch_gets_the_actions_it_gets_alone(policy):
     batch = preprocess(policy, raw_batch(tasks=tasks))
     mask = batch["observation.language.attention_mask"]
     assert mask[0].sum() > mask[1].sum()  # the short prompt is padded
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     together = policy.predict_action_chunk(batch, noise=noise)
     for i in range(2):
         alone = raw_batch(tasks=tasks)
@@ -90,7 +85,7 @@ def test_each_sample_of_a_padded_batch_gets_the_actions_it_gets_alone(policy):
 
 def test_padding_the_prompt_does_not_change_the_actions(policy):
     batch = preprocess(policy, raw_batch())
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     reference = policy.predict_action_chunk(batch, noise=noise)
     torch.testing.assert_close(
         policy.predict_action_chunk(pad_prompt(batch), noise=noise), reference, atol=1e-5, rtol=0
@@ -113,7 +108,7 @@ def pad_prompt(batch: dict, extra: int = 7) -> dict:
 def test_padding_the_prompt_does_not_change_the_training_loss(expert_mode):
     policy = tiny_policy(expert_mode=expert_mode)
     batch = preprocess(policy, raw_batch(tasks=["pick up the red block and put it in the bowl", "push"]))
-    noise, time = fixed_noise(2, policy), torch.tensor([0.3, 0.8])
+    noise, time = fixed_noise(policy), torch.tensor([0.3, 0.8])
     reference, _ = policy.forward(batch, noise=noise, time=time)
     padded, _ = policy.forward(pad_prompt(batch), noise=noise, time=time)
     torch.testing.assert_close(padded, reference, atol=1e-6, rtol=0)
@@ -123,7 +118,7 @@ def test_padding_the_prompt_does_not_change_the_training_loss(expert_mode):
 def test_padded_action_dims_of_the_noise_change_neither_actions_nor_loss(policy):
     """Padded action dims (>= the robot's action dim) are invisible to the expert, in sampling and training."""
     batch = preprocess(policy, raw_batch())
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     other_noise = noise.clone()
     other_noise[..., ACTION_DIM:] = torch.randn_like(noise[..., ACTION_DIM:]) * 3
     actions = policy.predict_action_chunk(batch, noise=noise)
@@ -138,7 +133,7 @@ def test_padded_action_dims_of_the_noise_change_neither_actions_nor_loss(policy)
 def test_sampling_keeps_padded_action_dims_at_zero(policy):
     batch = preprocess(policy, raw_batch())
     inputs = policy._prepare_inputs(batch)
-    padded_actions = policy.model.sample_actions(inputs, fixed_noise(2, policy))
+    padded_actions = policy.model.sample_actions(inputs, fixed_noise(policy))
     assert padded_actions[..., :ACTION_DIM].abs().sum() > 0
     assert torch.equal(padded_actions[..., ACTION_DIM:], torch.zeros_like(padded_actions[..., ACTION_DIM:]))
 
@@ -212,7 +207,7 @@ def test_select_action_serves_a_queue_and_reset_empties_it(policy):
     policy.config.n_action_steps = 3
     policy.reset()
     batch = preprocess(policy, raw_batch())
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     chunk = policy.predict_action_chunk(batch, noise=noise)
     served = [policy.select_action(batch, noise=noise) for _ in range(3)]
     for step, action in enumerate(served):
@@ -247,7 +242,7 @@ def test_train_expert_only_runs_no_backward_through_the_frozen_vlm_stream(gradie
     for the backward pass) and are not recomputed by checkpointing, and the expert's gradients are
     those of the same weights with the VLM trained."""
     batch = preprocess(tiny_policy(), raw_batch())
-    noise, time = fixed_noise(2, tiny_policy()), torch.tensor([0.3, 0.8])
+    noise, time = fixed_noise(tiny_policy()), torch.tensor([0.3, 0.8])
 
     def expert_gradients(policy: Llava3DFusionPolicy) -> dict[str, torch.Tensor]:
         policy.train()
@@ -285,7 +280,7 @@ def test_optimizer_preset_is_adamw_with_the_fused_kernel():
 
     loop_policy = tiny_policy(seed=0, optimizer_fused=False)
     batch = preprocess(fused_policy, raw_batch())
-    noise, time = fixed_noise(2, fused_policy), torch.full((2,), 0.5)
+    noise, time = fixed_noise(fused_policy), torch.full((2,), 0.5)
     results = []
     for policy in (fused_policy, loop_policy):
         optimizer = policy.config.get_optimizer_preset().build(policy.get_optim_params())
@@ -306,7 +301,7 @@ def test_optimizer_preset_is_adamw_with_the_fused_kernel():
 @pytest.mark.transformers_range
 def test_save_and_load_give_identical_actions(policy, tmp_path):
     batch = preprocess(policy, raw_batch())
-    noise = fixed_noise(2, policy)
+    noise = fixed_noise(policy)
     before = policy.predict_action_chunk(batch, noise=noise)
     policy.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
@@ -331,7 +326,7 @@ def test_tiny_model_overfits_a_few_samples():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < first / 10, (first, last)
     policy.config.num_steps = 10
-    sampled = policy.predict_action_chunk(batch, noise=fixed_noise(2, policy))
+    sampled = policy.predict_action_chunk(batch, noise=fixed_noise(policy))
     target = batch["action"]
     error = (sampled - target).abs().mean()
     baseline = (target - target.mean()).abs().mean()  # predicting the mean action
@@ -467,7 +462,7 @@ def test_expert_widths_follow_the_multipliers():
 @pytest.mark.slow
 def test_compiled_denoising_step_samples_the_same_actions():
     batch = preprocess(tiny_policy(), raw_batch())
-    noise = fixed_noise(2, tiny_policy())
+    noise = fixed_noise(tiny_policy())
     eager = tiny_policy().predict_action_chunk(batch, noise=noise)
     compiled = tiny_policy(compile_model=True).predict_action_chunk(batch, noise=noise)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)

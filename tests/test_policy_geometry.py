@@ -3,7 +3,7 @@ and fails clearly."""
 
 import pytest
 import torch
-from helpers import CAMERAS, CHUNK, preprocess, raw_batch, tiny_config
+from helpers import CAMERAS, fixed_noise, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.processor import PolicyProcessorPipeline
 from lerobot.utils.feature_utils import dataset_to_policy_features
@@ -47,17 +47,13 @@ def with_depth(batch, seed=0, scale=1.0):
     return batch
 
 
-def noise_for(policy):
-    return torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(3))
-
-
 def test_geometry_starts_neutral_and_is_used_once_the_gate_opens():
     plain = Llava3DFusionPolicy(tiny_config())
     policy = geometry_policy()
     missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("model.geometry_encoder.") for k in missing)
     batch = preprocess(plain, with_depth(raw_batch()))
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     reference = plain.predict_action_chunk(batch, noise=noise)
     # Gate at zero: switching geometry on leaves the pretrained model's actions unchanged.
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), reference, atol=1e-6, rtol=0)
@@ -80,7 +76,7 @@ def test_geometry_gate_init_opens_the_gate_from_the_start():
     with torch.no_grad():
         by_hand.model.geometry_encoder.position_mlp.gate.fill_(1.0)
     batch = preprocess(opened, with_depth(raw_batch()))
-    noise = noise_for(opened)
+    noise = fixed_noise(opened, seed=3)
     torch.testing.assert_close(
         opened.predict_action_chunk(batch, noise=noise), by_hand.predict_action_chunk(batch, noise=noise)
     )
@@ -97,7 +93,7 @@ def test_geometry_policy_trains_and_cached_sampling_matches(target, encoder):
     loss.backward()
     assert torch.isfinite(loss)
     assert policy.model.geometry_encoder.position_mlp.gate.grad is not None
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     cached = policy.predict_action_chunk(batch, noise=noise)
     policy.config.use_cache = False
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
@@ -113,7 +109,7 @@ def test_several_points_per_patch_train_and_reach_the_actions(target):
     loss, _ = policy.forward(batch)
     loss.backward()
     assert torch.isfinite(loss) and first_layer.weight.grad.abs().sum() > 0
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     cached = policy.predict_action_chunk(batch, noise=noise)
     policy.config.use_cache = False
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
@@ -146,7 +142,7 @@ def test_only_cameras_with_depth_get_geometry_and_intrinsics_can_come_from_the_b
         input_features=features, camera_intrinsics={"top": INTRINSICS}, geometry_gate_init=1.0
     )
     without_intrinsics = {k: v for k, v in batch.items() if k != "observation.intrinsics.top"}
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     torch.testing.assert_close(
         policy.predict_action_chunk(batch, noise=noise),
         from_config.predict_action_chunk(without_intrinsics, noise=noise),
@@ -424,7 +420,7 @@ def test_estimated_depth_gives_the_3d_points_of_that_depth_recorded(tmp_path):
         recorded_batch[f"observation.depth.{name}"] = depth
         recorded_batch[f"observation.intrinsics.{name}"] = intrinsics
     torch.testing.assert_close(prefix_of(recorded, recorded_batch)[0], prefix_of(policy, batch)[0])
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     torch.testing.assert_close(
         recorded.predict_action_chunk(recorded_batch, noise=noise),
         policy.predict_action_chunk(batch, noise=noise),
@@ -567,7 +563,7 @@ def test_voxel_pooling_pads_samples_with_different_token_counts():
     assert counts[0] == GRID**2 and counts[1] == image_tokens > counts[0]
     assert not mask[0, counts[0] : image_tokens].any()  # padding, hidden by the mask
 
-    noise = noise_for(policy)
+    noise = fixed_noise(policy, seed=3)
     cached = policy.predict_action_chunk(batch, noise=noise)
     policy.config.use_cache = False
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), cached, atol=1e-5, rtol=0)
