@@ -13,8 +13,10 @@ Builds a small touch-block dataset with the demo's writer (in a temporary direct
 
 The profile counts the image decodes of one sample and splits its time into the current row
 (`hf_dataset[idx]`), the action-chunk query and the rest. With `--train-steps N`, short
-`lerobot-train` runs with the demo's preset (as installed, then with the proposed reader) alternate
-`--train-repeats` times; samples/s come from their logs (`batch / (updt_s + data_s)`).
+`lerobot-train` runs with the demo's preset alternate `--train-repeats` times: as installed with the
+demo's one compute thread, then with the proposed reader (given to every process, spawned DataLoader
+workers included, through a `sitecustomize` on PYTHONPATH) with one and with two compute threads;
+samples/s come from their logs (`batch / (updt_s + data_s)`).
 
     .venv/bin/python bench/data_loading.py                  # reader only (~1 min on 2 cores)
     .venv/bin/python bench/data_loading.py --train-steps 40 # plus lerobot-train (~5 min)
@@ -168,17 +170,22 @@ def profile_sample(dataset: LeRobotDataset, indices: list[int]) -> dict:
     }
 
 
-def train_command(dataset_root: Path, backbone: Path, output_dir: Path, steps: int, patched: bool) -> list[str]:
-    launcher = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import runpy, data_loading; "
-        "data_loading.DatasetReader._query_hf_dataset = data_loading.query_only_queried_columns; "
-        if patched
-        else "import runpy; "
-    ) + "runpy.run_module('lerobot.scripts.lerobot_train', run_name='__main__')"
+# Put on PYTHONPATH, it gives every process of a lerobot-train run the proposed reader: the main
+# process and its DataLoader workers, which lerobot-train starts with "spawn" (fresh interpreters).
+PROPOSED_READER_SITECUSTOMIZE = f"""\
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from data_loading import DatasetReader, query_only_queried_columns
+DatasetReader._query_hf_dataset = query_only_queried_columns
+"""
+
+
+def train_command(dataset_root: Path, backbone: Path, output_dir: Path, steps: int) -> list[str]:
+    """A short lerobot-train run with the demo's preset, unmodified."""
     return [
         sys.executable,
-        "-c",
-        launcher,
+        "-m",
+        "lerobot.scripts.lerobot_train",
         f"--config_path={PRESET}",
         f"--dataset.root={dataset_root}",
         f"--policy.vlm_model_name={backbone}",
@@ -256,14 +263,20 @@ def main() -> None:
                 "queried columns, 1": (True, 1),
                 "queried columns, 2": (True, 2),
             }
+            proposed_site = workdir / "proposed_reader_site"
+            proposed_site.mkdir()
+            (proposed_site / "sitecustomize.py").write_text(PROPOSED_READER_SITECUSTOMIZE)
             measured = {name: [] for name in runs}
             for repeat in range(args.train_repeats):
                 for run_index, (name, (patched, threads)) in enumerate(runs.items()):
                     command = train_command(
-                        images.root, backbone, workdir / f"train_{run_index}_{repeat}",
-                        args.train_steps, patched,
+                        images.root, backbone, workdir / f"train_{run_index}_{repeat}", args.train_steps
                     )
                     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                    if patched:
+                        environment["PYTHONPATH"] = os.pathsep.join(
+                            filter(None, [str(proposed_site), os.environ.get("PYTHONPATH")])
+                        )
                     measured[name].append(train_step_times(command, environment))
             training = {
                 name: {field: summarize([run[field] for run in values]) for field in values[0]}
