@@ -152,6 +152,11 @@ def _link_assets(libero_root: Path, assets_dir: Path) -> Path:
         )
     try:
         link.symlink_to(assets_dir, target_is_directory=True)
+    except FileExistsError:
+        # Another process (a second evaluation, a vector env's worker) linked it a moment ago.
+        if link.is_symlink() and link.resolve() == assets_dir.resolve():
+            return link
+        raise
     except OSError as err:
         raise LiberoSetupError(
             f"Cannot create the symlink {link} -> {assets_dir} ({err}). "
@@ -197,7 +202,11 @@ def _ensure_config(config_dir: Path, libero_root: Path, assets_link: Path) -> No
             backup,
         )
     config_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    # Written whole, then renamed into place: a process starting at the same moment reads the old file
+    # or the new one, never half of one.
+    partial = config_file.with_name(f".{config_file.name}.{os.getpid()}.tmp")
+    partial.write_text(yaml.safe_dump(config, sort_keys=False))
+    partial.replace(config_file)
     logger.info("Wrote LIBERO config %s", config_file)
 
 
