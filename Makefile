@@ -28,11 +28,15 @@ $(VENV_LATEST)/.installed: pyproject.toml
 	  $(PY_LATEST) -m pip install -q -e ".[test]"; \
 	  touch $@
 
+# Two pytest workers, one per core: most tests run one single-threaded process at a time. A test file
+# stays on one worker (module fixtures such as trained checkpoints are built once).
+PYTEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # The tests marked transformers_range (checkpoints across module layouts, backbone loaders, a policy's
 # train / save / load) on that newest transformers; only their modules are collected (others import
