@@ -183,7 +183,6 @@ def policy_episode_trace(
 
     env_config = make_env_config("touch_block", **env_options)
     policy, pipeline = load_policy_as_lerobot_eval_does(policy_path, env_config, device)
-    env_preprocessor, preprocessor, postprocessor, env_postprocessor = pipeline
     envs = make_env(env_config, n_envs=1, use_async_envs=False)
     vec_env = next(iter(next(iter(envs.values())).values()))  # {suite: {task_id: env}}
     try:
@@ -192,13 +191,7 @@ def policy_episode_trace(
         infos = [{key: info[key][0] for key in OUTCOME_INFO_KEYS}]
         policy.reset()
         while True:
-            batch = preprocess_observation(observation)
-            batch["task"] = list(vec_env.call("task_description"))
-            batch = preprocessor(env_preprocessor(batch))
-            with torch.inference_mode():
-                action = policy.select_action(batch)
-            action = env_postprocessor({ACTION: postprocessor(action)})[ACTION]
-            observation, _, _, _, info = vec_env.step(action.cpu().numpy())
+            observation, info = step_policy(vec_env, observation, policy, pipeline)
             final = final_infos_of_step(info, 1)[0]
             # The sub-env resets in the step its episode ends: its last info is the final one.
             infos.append(final if final is not None else {key: info[key][0] for key in OUTCOME_INFO_KEYS})
@@ -208,23 +201,31 @@ def policy_episode_trace(
         vec_env.close()
 
 
+def step_policy(vec_env, observation: dict, policy, pipeline: tuple) -> tuple[dict, dict]:
+    """One step of `vec_env` with the policy's action, through the pipelines as lerobot-eval's rollout
+    does; -> (next observation, info). `pipeline`: (env preprocessor, policy preprocessor, policy
+    postprocessor, env postprocessor)."""
+    env_preprocessor, preprocessor, postprocessor, env_postprocessor = pipeline
+    batch = preprocess_observation(observation)
+    batch["task"] = list(vec_env.call("task_description"))
+    batch = preprocessor(env_preprocessor(batch))
+    with torch.inference_mode():
+        action = policy.select_action(batch)
+    action = env_postprocessor({ACTION: postprocessor(action)})[ACTION]
+    observation, _, _, _, info = vec_env.step(action.cpu().numpy())
+    return observation, info
+
+
 def run_until_each_ends(vec_env, seeds: list[int], policy, pipeline: tuple) -> list[dict]:
     """Reset `vec_env` with `seeds`, act with `policy.select_action` as lerobot-eval's rollout does,
     and return each sub-env's last-step info of its first episode, in seed order.
 
     `pipeline`: (env preprocessor, policy preprocessor, policy postprocessor, env postprocessor)."""
-    env_preprocessor, preprocessor, postprocessor, env_postprocessor = pipeline
     observation, _ = vec_env.reset(seed=seeds)
     policy.reset()
     finals: list[dict | None] = [None] * len(seeds)
     while any(final is None for final in finals):
-        batch = preprocess_observation(observation)
-        batch["task"] = list(vec_env.call("task_description"))
-        batch = preprocessor(env_preprocessor(batch))
-        with torch.inference_mode():
-            action = policy.select_action(batch)
-        action = env_postprocessor({ACTION: postprocessor(action)})[ACTION]
-        observation, _, _, _, info = vec_env.step(action.cpu().numpy())
+        observation, info = step_policy(vec_env, observation, policy, pipeline)
         for index, final in enumerate(final_infos_of_step(info, len(seeds))):
             if final is not None and finals[index] is None:
                 finals[index] = final

@@ -11,6 +11,7 @@ env and robot observation pipelines, convert uint8 frames), so anything else is 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 
 import torch
@@ -331,8 +332,9 @@ def _check_image_range(key: str, image: Tensor) -> None:
             "Convert with image.float() / 255, or run the observation through LeRobot's "
             "preprocess_observation / the dataset, which do."
         )
-    check_finite(key, image)
-    low, high = image.min().item(), image.max().item()
+    low, high = torch.stack(torch.aminmax(image)).tolist()  # one host sync; NaN propagates to both
+    if not (math.isfinite(low) and math.isfinite(high)):
+        check_finite(key, image)  # raises, naming the NaN or inf
     if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
         hint = (
             "0..255 values: divide by 255" if high > 1 + IMAGE_RANGE_TOLERANCE else "undo the normalisation"
