@@ -178,7 +178,7 @@ def stubbed_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+        lambda workdir, blocks, episodes, every_block, near_target_starts, seed: (
             "data",
             tmp_path / "ds",
             tmp_path / "bb",
@@ -187,9 +187,9 @@ def stubbed_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: Path(geometry),
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: Path(geometry),
     )
-    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks, start_seed: 50.0)
 
 
 def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_calls, stubbed_training, capsys):
@@ -222,7 +222,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+        lambda workdir, blocks, episodes, every_block, near_target_starts, seed: (
             "data",
             tmp_path / "ds",
             tmp_path / "bb",
@@ -240,14 +240,14 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
     monkeypatch.setattr(
-        demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks, rtc: {}
+        demo, "evaluate_policy", lambda run_dir, checkpoint, geometry, episodes, blocks, rtc, start_seed: {}
     )
-    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks, start_seed: 50.0)
     demo.main(
         [
             "--workdir",
@@ -322,7 +322,7 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(
         demo,
         "prepare_demo_data",
-        lambda workdir, blocks, episodes, every_block, near_target_starts: (
+        lambda workdir, blocks, episodes, every_block, near_target_starts, seed: (
             data_calls.append((blocks, episodes, every_block, near_target_starts))
             or ("data", tmp_path / "ds", tmp_path / "bb")
         ),
@@ -330,12 +330,12 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
             train_calls.append(steps) or Path(geometry)
         ),
     )
     monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
-    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks: 50.0)
+    monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks, start_seed: 50.0)
 
     demo.main(["--workdir", str(tmp_path), *argv])
 
@@ -367,7 +367,7 @@ def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, 
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
             train_calls.append((run_dir.name, batch_size)) or Path(geometry)
         ),
     )
@@ -503,3 +503,57 @@ def test_policy_episode_trace_follows_one_lerobot_eval_episode_step_by_step(tmp_
     # One action moves the end-effector by at most max_step along each axis, the last step included.
     moves = [abs(after - before) for before, after in zip(trace.ee_z, trace.ee_z[1:], strict=False)]
     assert max(moves) <= env.max_step + 1e-6
+
+
+def test_seed_option_moves_the_training_scenes_the_training_seed_and_the_evaluation_episodes(
+    tmp_path, monkeypatch, eval_calls, policy_side_view
+):
+    recorded, train_calls, reference_calls = [], [], []
+    monkeypatch.setattr(demo, "make_touch_block_dataset", lambda **kwargs: recorded.append(kwargs))
+    monkeypatch.setattr(demo, "write_demo_backbone", lambda directory: directory)
+    run_eval = demo.run_lerobot  # the eval_calls stub
+
+    def run_lerobot(script, args, log_path, environment=None):
+        if script == "lerobot_train":
+            train_calls.append(args)
+        else:
+            run_eval(script, args, log_path)
+
+    monkeypatch.setattr(demo, "run_lerobot", run_lerobot)
+    monkeypatch.setattr(
+        demo,
+        "reference_success",
+        lambda policy, episodes, num_blocks, start_seed: reference_calls.append(start_seed) or 50.0,
+    )
+    monkeypatch.setattr(demo, "write_demo_figures", lambda *args, **kwargs: [])
+    for seed in (0, 2):
+        demo.main(["--workdir", str(tmp_path), "--steps", "3", "--episodes", "4", "--seed", str(seed)])
+
+    # Seed 0 is the default run; seed 2 records other scenes into its own dataset and run folders.
+    assert [call["seed"] for call in recorded] == [0, 2 * demo.SEED_STRIDE]
+    assert recorded[0]["root"] != recorded[1]["root"]
+    preset_seed = json.loads(demo.PRESET.read_text())["seed"]
+    assert [[a for a in args if a.startswith("--seed=")] for args in train_calls] == [
+        [f"--seed={preset_seed}"],
+        [f"--seed={preset_seed + 2}"],
+    ]
+    first_eval_seed = demo.EVAL_START_SEED + 2 * demo.SEED_STRIDE
+    assert f"--seed={demo.EVAL_START_SEED}" in eval_calls[0] and f"--seed={first_eval_seed}" in eval_calls[1]
+    assert set(reference_calls) == {demo.EVAL_START_SEED, first_eval_seed}
+    assert [call[1] for call in policy_side_view] == [demo.EVAL_START_SEED, first_eval_seed]
+    run_dir = tmp_path / "1_blocks_4_episodes_near_target_starts_0.25_seed_2_3_steps"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["seed"], results["eval_start_seed"], results["training_seed"]) == (
+        2,
+        first_eval_seed,
+        preset_seed + 2,
+    )
+    # The training scenes never meet the evaluation's.
+    training_scenes = range(recorded[1]["seed"], recorded[1]["seed"] + 4)
+    assert not set(training_scenes) & set(range(first_eval_seed, first_eval_seed + 50))
+
+
+def test_negative_seed_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", str(tmp_path), "--seed", "-1"])
+    assert "--seed must be 0 or more" in capsys.readouterr().err

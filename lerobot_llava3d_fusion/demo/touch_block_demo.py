@@ -64,6 +64,11 @@ PRESET_CONFIG = json.loads(PRESET.read_text())
 PRESET_BATCH_SIZE = PRESET_CONFIG["batch_size"]
 VLM_PRETRAINING_LR = 1e-3
 EVAL_START_SEED = 1000  # lerobot-eval's default seed; the dataset uses seeds 0 .. episodes - 1
+# `--seed S` moves every seed of a run by S: the scenes of the training set start at S * SEED_STRIDE
+# and the evaluation episodes at EVAL_START_SEED + S * SEED_STRIDE (the two ranges never meet: a
+# training set has fewer than 1,000 scenes), and lerobot-train's seed (weight initialisation, batch
+# order, flow-matching noise) is the preset's plus S. S = 0 is the run the README reports.
+SEED_STRIDE = 100_000
 # Defaults of the command line: scenes in the training set, training steps with one block per scene
 # and with several (where the colour word must be learnt too).
 DEFAULT_SCENES = 500
@@ -74,6 +79,21 @@ DEFAULT_STEPS_SEVERAL_BLOCKS = 5600
 # some of the episodes that start above the blocks; with several they come on top of them (the
 # default number of episodes grows), since those episodes are where the colour word is learnt (README).
 DEFAULT_NEAR_TARGET_STARTS = 0.25
+
+
+def dataset_seed(seed: int) -> int:
+    """Env seed of the first scene of the training set of demo seed `seed`."""
+    return seed * SEED_STRIDE
+
+
+def eval_start_seed(seed: int) -> int:
+    """Env seed of the first evaluation episode of demo seed `seed` (lerobot-eval's `--seed`)."""
+    return EVAL_START_SEED + seed * SEED_STRIDE
+
+
+def training_seed(seed: int) -> int:
+    """lerobot-train's `--seed` for demo seed `seed`."""
+    return PRESET_CONFIG["seed"] + seed
 
 
 def demo_vocabulary() -> list[str]:
@@ -153,9 +173,11 @@ def train(
     batch_size: int | None = None,
     policy_options: dict[str, str] | None = None,
     name: str | None = None,
+    seed: int = 0,
 ) -> Path:
     """The checkpoint of `lerobot-train` with the demo's preset into `<workdir>/train_<name>` (`name`
-    defaults to the geometry); `policy_options` add `--policy.<option>=<value>` arguments."""
+    defaults to the geometry); `policy_options` add `--policy.<option>=<value>` arguments; `seed` is
+    the demo seed (`training_seed`)."""
     name = name or geometry
     output_dir = workdir / f"train_{name}"
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
@@ -176,6 +198,7 @@ def train(
             *([f"--batch_size={batch_size}"] if batch_size is not None else []),  # else the preset's
             f"--policy.scheduler_decay_steps={steps}",  # the cosine decay spans the whole run
             f"--save_freq={steps}",
+            f"--seed={training_seed(seed)}",
             f"--output_dir={output_dir}",
         ],
         workdir / f"train_{name}.log",
@@ -199,9 +222,10 @@ def eval_args(
     num_blocks: int,
     env_options: dict[str, str],
     policy_options: dict[str, str] | None = None,
+    start_seed: int = EVAL_START_SEED,
 ) -> list[str]:
     """`lerobot-eval` arguments of one evaluation; `env_options` become `--env.<name>=<value>` and
-    `policy_options` `--policy.<name>=<value>`."""
+    `policy_options` `--policy.<name>=<value>`; episodes use env seeds `start_seed` onwards."""
     return [
         f"--policy.path={checkpoint}",
         *(f"--policy.{name}={value}" for name, value in (policy_options or {}).items()),
@@ -210,7 +234,7 @@ def eval_args(
         *(f"--env.{name}={value}" for name, value in env_options.items()),
         f"--eval.n_episodes={episodes}",
         "--eval.batch_size=10",
-        f"--seed={EVAL_START_SEED}",
+        f"--seed={start_seed}",
         f"--output_dir={output_dir}",
     ]
 
@@ -223,12 +247,15 @@ def evaluate(
     num_blocks: int,
     env_options: dict[str, str] | None = None,
     policy_options: dict[str, str] | None = None,
+    start_seed: int = EVAL_START_SEED,
 ) -> float:
     """Success rate (%) of `lerobot-eval` run into `<workdir>/eval_<name>`."""
     output_dir = workdir / f"eval_{name}"
     run_lerobot(
         "lerobot_eval",
-        eval_args(checkpoint, output_dir, episodes, num_blocks, env_options or {}, policy_options),
+        eval_args(
+            checkpoint, output_dir, episodes, num_blocks, env_options or {}, policy_options, start_seed
+        ),
         workdir / f"eval_{name}.log",
     )
     info = json.loads((output_dir / "eval_info.json").read_text())
@@ -250,21 +277,29 @@ def result_name(geometry: str, sampling: str, label: str) -> str:
     return ", ".join(part for part in (f"llava3d_fusion (geometry={geometry})", sampling, label) if part)
 
 
-def policy_outcomes(checkpoint: Path, geometry: str, episodes: int, num_blocks: int) -> dict[str, dict]:
+def policy_outcomes(
+    checkpoint: Path, geometry: str, episodes: int, num_blocks: int, start_seed: int = EVAL_START_SEED
+) -> dict[str, dict]:
     """Where the episodes of each of `instruction_evaluations` ended (`touch_block_outcomes`, the same
     seeds as lerobot-eval), by result name."""
     outcomes = {}
     for label, env_options in instruction_evaluations(num_blocks).items():
         name = result_name(geometry, "", label)
         summary = touch_block_outcomes(
-            checkpoint, episodes, start_seed=EVAL_START_SEED, num_blocks=num_blocks, **env_options
+            checkpoint, episodes, start_seed=start_seed, num_blocks=num_blocks, **env_options
         )
         outcomes[name] = dataclasses.asdict(summary)
     return outcomes
 
 
 def evaluate_policy(
-    workdir: Path, checkpoint: Path, geometry: str, episodes: int, num_blocks: int, rtc: bool = False
+    workdir: Path,
+    checkpoint: Path,
+    geometry: str,
+    episodes: int,
+    num_blocks: int,
+    rtc: bool = False,
+    start_seed: int = EVAL_START_SEED,
 ) -> dict[str, float]:
     """Success rates (%) of a trained policy by result name: the normal evaluation and, with several
     blocks per scene, the `INSTRUCTION_SWAP_EVALS`; with `rtc`, each of them again with real-time
@@ -285,7 +320,7 @@ def evaluate_policy(
                 if part
             )
             rates[name] = evaluate(
-                workdir, checkpoint, run_name, episodes, num_blocks, env_options, policy_options
+                workdir, checkpoint, run_name, episodes, num_blocks, env_options, policy_options, start_seed
             )
     return rates
 
@@ -336,34 +371,38 @@ def reference_env(policy: str, num_blocks: int) -> touch_block.TouchBlockEnv:
     return gym.make(touch_block.GYM_ID, disable_env_checker=True, num_blocks=num_blocks).unwrapped
 
 
-def reference_success(policy: str, episodes: int, num_blocks: int = 3) -> float:
-    """Success rate (%) of a scripted reference policy (`REFERENCE_POLICIES`), seeds as lerobot-eval's."""
+def reference_success(
+    policy: str, episodes: int, num_blocks: int = 3, start_seed: int = EVAL_START_SEED
+) -> float:
+    """Success rate (%) of a scripted reference policy (`REFERENCE_POLICIES`) on the episodes of env
+    seeds `start_seed` onwards, as lerobot-eval's."""
     env = reference_env(policy, num_blocks)
     rng = np.random.default_rng(0)
     successes = 0
-    for seed in range(EVAL_START_SEED, EVAL_START_SEED + episodes):
+    for seed in range(start_seed, start_seed + episodes):
         _, infos = run_reference_episode(env, policy, rng, seed)
         successes += bool(infos[-1]["is_success"])
     return 100.0 * successes / episodes
 
 
-# The episode `side_view_traces` draws, and the references drawn next to the trained policies: the
-# expert with and without depth (the heights of the blocks' tops are what depth tells).
-SIDE_VIEW_SEED = EVAL_START_SEED
+# The references `side_view_traces` draws next to the trained policies: the expert with and without
+# depth (the heights of the blocks' tops are what depth tells).
 SIDE_VIEW_REFERENCES = ("expert", "expert without depth")
 
 
-def side_view_traces(checkpoints: dict[str, Path], num_blocks: int) -> list[EpisodeTrace]:
-    """The episode of seed `SIDE_VIEW_SEED` (lerobot-eval's first) run by `SIDE_VIEW_REFERENCES` and by
-    each trained policy (`checkpoints`: geometry -> checkpoint), step by step."""
+def side_view_traces(
+    checkpoints: dict[str, Path], num_blocks: int, seed: int = EVAL_START_SEED
+) -> list[EpisodeTrace]:
+    """The episode of env seed `seed` (lerobot-eval's first) run by `SIDE_VIEW_REFERENCES` and by each
+    trained policy (`checkpoints`: geometry -> checkpoint), step by step."""
     traces = []
     for policy in SIDE_VIEW_REFERENCES:
         env = reference_env(policy, num_blocks)
-        start_ee_z, infos = run_reference_episode(env, policy, np.random.default_rng(0), SIDE_VIEW_SEED)
+        start_ee_z, infos = run_reference_episode(env, policy, np.random.default_rng(0), seed)
         traces.append(EpisodeTrace.of(policy, start_ee_z, infos))
     for geometry, checkpoint in checkpoints.items():
         label = result_name(geometry, "", "")
-        traces.append(policy_episode_trace(checkpoint, SIDE_VIEW_SEED, label, num_blocks=num_blocks))
+        traces.append(policy_episode_trace(checkpoint, seed, label, num_blocks=num_blocks))
     return traces
 
 
@@ -373,19 +412,23 @@ def prepare_demo_data(
     episodes: int,
     every_block_as_target: bool = False,
     near_target_starts: float = 0.0,
+    seed: int = 0,
 ) -> tuple[str, Path, Path]:
     """(name of the data settings, dataset root, backbone directory) under `workdir`, written once
-    per setting and reused by later runs with the same settings."""
+    per setting and reused by later runs with the same settings; `seed` is the demo seed
+    (`dataset_seed`)."""
     data_name = f"{num_blocks}_blocks_{episodes}_episodes" + ("_every_block" if every_block_as_target else "")
     if near_target_starts > 0:
         data_name += f"_near_target_starts_{near_target_starts:g}"
+    if seed:
+        data_name += f"_seed_{seed}"
     dataset_root = workdir / f"dataset_{data_name}"
     if not dataset_root.exists():
         make_touch_block_dataset(
             root=dataset_root,
             repo_id="local/touch_block",
             num_episodes=episodes,
-            seed=0,
+            seed=dataset_seed(seed),
             num_blocks=num_blocks,
             every_block_as_target=every_block_as_target,
             near_target_starts=near_target_starts,
@@ -479,6 +522,15 @@ def main(argv: list[str] | None = None) -> None:
         "hardly change with it on a CPU, so a smaller batch gives more optimizer steps in the same time",
     )
     parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help=f"moves every seed of the run: the training scenes (env seeds SEED*{SEED_STRIDE} onwards), "
+        "lerobot-train's seed (weights, batch order, flow-matching noise: the preset's + SEED) and the "
+        f"evaluation episodes and their sampling noise (lerobot-eval --seed={EVAL_START_SEED} + "
+        f"SEED*{SEED_STRIDE}); 0: the README's run",
+    )
     parser.add_argument("--geometry", nargs="+", default=["depth"], choices=["depth", "none"])
     parser.add_argument(
         "--rtc",
@@ -501,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         "--vlm-pretraining-images", type=int, default=5000, help="rendered scenes for VLM pretraining"
     )
     args = fill_block_dependent_defaults(parser.parse_args(argv))
+    if args.seed < 0:
+        parser.error(f"--seed must be 0 or more, got {args.seed}")
     # force: an imported library may have configured the root logger already (it hid this output).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     datasets.disable_progress_bars()  # the episode bar only, not one `datasets` bar per saved episode
@@ -509,8 +563,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # Results of earlier runs are reused only when made with the same settings.
     data_name, dataset_root, backbone = prepare_demo_data(
-        args.workdir, args.num_blocks, args.episodes, args.every_block_as_target, args.near_target_starts
+        args.workdir,
+        args.num_blocks,
+        args.episodes,
+        args.every_block_as_target,
+        args.near_target_starts,
+        args.seed,
     )
+    start_seed = eval_start_seed(args.seed)
     pretraining = args.vlm_pretraining_steps > 0
     run_name = f"{data_name}_{args.steps}_steps"
     if args.batch_size is not None:
@@ -523,25 +583,40 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = args.workdir / run_name
     run_dir.mkdir(exist_ok=True)
     results = {
-        policy: reference_success(policy, args.eval_episodes, args.num_blocks)
+        policy: reference_success(policy, args.eval_episodes, args.num_blocks, start_seed)
         for policy in REFERENCE_POLICIES
     }
     outcomes = {}
     checkpoints = {}
     for geometry in tqdm(args.geometry, desc="policies", unit="policy"):
         checkpoint = train(
-            run_dir, dataset_root, backbone, geometry, args.steps, pretraining, args.batch_size
+            run_dir,
+            dataset_root,
+            backbone,
+            geometry,
+            args.steps,
+            pretraining,
+            args.batch_size,
+            seed=args.seed,
         )
         checkpoints[geometry] = checkpoint
         results.update(
-            evaluate_policy(run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks, args.rtc)
+            evaluate_policy(
+                run_dir, checkpoint, geometry, args.eval_episodes, args.num_blocks, args.rtc, start_seed
+            )
         )
         if args.outcomes:
-            outcomes.update(policy_outcomes(checkpoint, geometry, args.eval_episodes, args.num_blocks))
+            outcomes.update(
+                policy_outcomes(checkpoint, geometry, args.eval_episodes, args.num_blocks, start_seed)
+            )
 
     summary = {
         "success_rate_pc": results,
         "eval_episodes": args.eval_episodes,
+        "seed": args.seed,
+        "dataset_start_seed": dataset_seed(args.seed),
+        "training_seed": training_seed(args.seed),
+        "eval_start_seed": start_seed,
         "train_steps": args.steps,
         "train_batch_size": args.batch_size or PRESET_BATCH_SIZE,
         "train_episodes": args.episodes,
@@ -559,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir,
         results,
         REFERENCE_POLICIES,
-        side_view_traces(checkpoints, args.num_blocks),
+        side_view_traces(checkpoints, args.num_blocks, start_seed),
         success_radius=TouchBlockEnvConfig.success_radius,
     )
     width = max(len(name) for name in results)
@@ -569,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
         "total time: %s min; results in %s%s",
         args.num_blocks,
         args.eval_episodes,
-        EVAL_START_SEED,
+        start_seed,
         table,
         summary["minutes"],
         run_dir / "results.json",
