@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -77,26 +78,45 @@ class ScriptResult:
 
 
 def run_command(command: list[str], log_path: Path, timeout: float = 300) -> ScriptResult:
-    """Run `command` (a Python subprocess) with `subprocess_env()`; stdout/stderr saved next to `log_path`."""
+    """Run `command` (a Python subprocess) with `subprocess_env()`; stdout/stderr saved next to `log_path`.
+
+    The command runs in its own process group with Python's fault handler on: past `timeout`, every
+    process of the group gets SIGABRT first, so each prints where it was stuck (the stack of every
+    thread) into the captured stderr, and is then killed."""
     start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(PYTHONFAULTHANDLER="1"),
+        cwd=log_path.parent,
+        start_new_session=True,
+    )
     try:
-        completed = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=subprocess_env(),
-            cwd=log_path.parent,
-            timeout=timeout,
-        )
-        returncode, stdout, stderr = completed.returncode, completed.stdout, completed.stderr
-    except subprocess.TimeoutExpired as err:
-        decode = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        returncode, stdout = -9, decode(err.stdout)
-        stderr = decode(err.stderr) + f"\n[test harness] timed out after {timeout}s"
+        stdout, stderr = process.communicate(timeout=timeout)
+        returncode = process.returncode
+    except subprocess.TimeoutExpired:
+        _signal_group(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            _signal_group(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        _signal_group(process.pid, signal.SIGKILL)  # children the launcher left behind
+        returncode = -9
+        stderr += f"\n[test harness] timed out after {timeout}s (stacks above: SIGABRT to every process)"
     log_path.write_text(
         f"$ {' '.join(map(str, command))}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
     )
     return ScriptResult([str(c) for c in command], returncode, stdout, stderr, time.perf_counter() - start)
+
+
+def _signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
 
 
 def run_module(module: str, args: list[str], log_path: Path, timeout: float = 300) -> ScriptResult:

@@ -181,10 +181,11 @@ def test_accelerate_launch_two_processes_trains_and_the_checkpoint_loads(workdir
         # `--cpu` would start ONE process (Accelerate's simple launcher); `--multi_gpu` starts them
         # through torchrun, and lerobot-train's Accelerator(cpu=True) joins them with gloo.
         "--multi_gpu", "--num_processes=2", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no",
+        "--main_process_port=0",  # a free port (Accelerate's default, 29500, may be taken on a shared machine)
         "-m", "lerobot.scripts.lerobot_train",
         *e2e.train_args(TB_REPO_ID, touch_block_dataset, output_dir, 2, log_freq=1, batch_size=4),
     ]  # fmt: skip
-    result = e2e.run_command(launch, workdir / "ddp_train.log", timeout=300)
+    result = e2e.run_command(launch, workdir / "ddp_train.log", timeout=240)
     assert_ok(result)
     assert "Effective batch size: 4 x 2 = 8" in result.output
     losses = e2e.parse_train_losses(result.output)
