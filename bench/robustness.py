@@ -20,6 +20,7 @@ Each training takes 30-50 min on 2 CPU cores.
 
     python bench/robustness.py --workdir outputs/robustness            # all three
     python bench/robustness.py --experiments camera --eval-episodes 20
+    python bench/robustness.py --experiments camera depth_noise --policies depth_ee_points no_geometry
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ from lerobot_llava3d_fusion.envs import touch_block
 logger = logging.getLogger(__name__)
 
 EXPERIMENTS = ("camera", "depth_noise", "camera_training")
+POLICIES = (
+    "depth_ee_points",
+    "depth_world_points",
+    "no_geometry",
+    "depth_noise_trained",
+    "depth_camera_trained",
+)
 # (largest shift in m, largest turn in degrees): none, small, medium, large.
 DEFAULT_CAMERA_PERTURBATIONS = ((0.0, 0.0), (0.02, 2.0), (0.05, 5.0), (0.10, 10.0))
 MEDIUM_CAMERA_PERTURBATION = (0.05, 5.0)
@@ -94,9 +102,12 @@ def trainings(training_camera_perturbation: tuple[float, float]) -> dict[str, Tr
 
 
 def plan(
-    experiments: list[str], camera_perturbations: list[tuple[float, float]]
+    experiments: list[str],
+    camera_perturbations: list[tuple[float, float]],
+    policies: list[str] = POLICIES,
 ) -> list[Evaluation]:
-    """The evaluations of `experiments`, each policy's in a fixed order (no duplicates)."""
+    """The evaluations of `experiments` for the `policies` among theirs, each policy's in a fixed order
+    (no duplicates)."""
     evaluations: list[Evaluation] = []
     for experiment in experiments:
         if experiment == "camera":
@@ -116,11 +127,11 @@ def plan(
                 )
         else:
             raise ValueError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}")
-    return evaluations
+    return [evaluation for evaluation in evaluations if evaluation.policy in policies]
 
 
 def parse_camera_perturbation(text: str) -> tuple[float, float]:
-    """"0.05,5" -> (0.05, 5.0): largest shift (m), largest turn (degrees)."""
+    """ "0.05,5" -> (0.05, 5.0): largest shift (m), largest turn (degrees)."""
     try:
         translation, rotation = (float(part) for part in text.split(","))
     except ValueError:
@@ -191,7 +202,7 @@ def write_figure(path: Path, rates: dict[str, dict[str, float]], camera_perturba
         from matplotlib.figure import Figure
     except ImportError:
         logger.warning(
-            "matplotlib is not installed: no figure (pip install \"lerobot_policy_llava3d_fusion[demo]\")"
+            'matplotlib is not installed: no figure (pip install "lerobot_policy_llava3d_fusion[demo]")'
         )
         return None
     figure = Figure(figsize=(10, 4), layout="constrained")
@@ -258,6 +269,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", type=Path, default=Path("outputs/robustness"))
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=EXPERIMENTS)
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        choices=POLICIES,
+        help="train and evaluate only these of the experiments' policies (default: all of them)",
+    )
     parser.add_argument("--num-blocks", type=int, default=1, help="blocks per scene (the demo's option)")
     parser.add_argument("--episodes", type=int, help="training episodes (default: the demo's)")
     parser.add_argument("--steps", type=int, help="training steps per policy (default: the demo's)")
@@ -299,7 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.workdir / run_name
     run_dir.mkdir(exist_ok=True)
 
-    evaluations = plan(args.experiments, args.camera_perturbations)
+    evaluations = plan(args.experiments, args.camera_perturbations, args.policies)
+    if not evaluations:
+        raise SystemExit(
+            f"none of --policies {' '.join(args.policies)} takes part in --experiments "
+            f"{' '.join(args.experiments)}"
+        )
     policies = trainings(args.training_camera_perturbation)
     checkpoints: dict[str, Path] = {}
     rates: dict[str, dict[str, float]] = {}

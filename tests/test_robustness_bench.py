@@ -64,6 +64,7 @@ def stubbed(tmp_path, monkeypatch, robustness):
 
     monkeypatch.setattr(demo, "run_lerobot", run_lerobot)
     monkeypatch.setattr(demo, "prepare_demo_data", prepare_demo_data)
+
     def make_touch_block_dataset(**kwargs):
         calls["datasets"].append(kwargs)
         Path(kwargs["root"]).mkdir(parents=True)
@@ -175,3 +176,19 @@ def test_outcomes_option_runs_the_medium_move_and_sensor_depth_with_typed_env_op
     # for the clean-trained and the noise-trained policies.
     assert len(recorded) == 4 + 2
     assert results["where_episodes_ended"]["depth_noise_trained_depth_sensor"] == {"episodes": 50}
+
+
+def test_policies_option_trains_and_evaluates_only_the_chosen_policies(tmp_path, stubbed, robustness):
+    assert set(robustness.trainings((0.05, 5.0))) == set(robustness.POLICIES)
+    results = robustness.main(
+        ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera", "depth_noise",
+         "--policies", "depth_ee_points", "no_geometry"]
+    )  # fmt: skip
+    trained = sorted(output_dir_name(args) for args in stubbed["train"])
+    assert trained == ["train_depth_ee_points", "train_no_geometry"]
+    assert len(stubbed["eval"]) == 2 * 4 + 2  # both at every camera size, the depth policy under noise
+    assert set(results["success_rate_pc"]) == {"depth_ee_points", "no_geometry"}
+    with pytest.raises(SystemExit, match="none of --policies depth_camera_trained"):
+        robustness.main(
+            ["--workdir", str(tmp_path), "--experiments", "camera", "--policies", "depth_camera_trained"]
+        )
