@@ -434,3 +434,29 @@ def test_recorder_writes_a_loadable_dataset(tmp_path):
     )
     assert (frame["observation.depth.image"] > 0).float().mean() > 0.95
     assert frame["observation.intrinsics.image"][0, 0] < 0  # the delivered (rotated) grid, as at eval time
+
+
+@pytest.mark.parametrize("is_libero_plus", [False, True])
+def test_libero_plus_flag_reaches_every_sub_env(monkeypatch, is_libero_plus):
+    """LIBERO-plus is not on the package index, so its suites cannot be built here; the flag that makes
+    LeRobot's LIBERO env read LIBERO-plus's init-state layout must still reach each sub-env."""
+    import gymnasium as gym
+    from types import SimpleNamespace
+
+    from lerobot_llava3d_fusion.envs import libero_rgbd_sim
+
+    built = []
+
+    class RecordingEnv(gym.Env):
+        observation_space = gym.spaces.Box(-1.0, 1.0, (1,))
+        action_space = gym.spaces.Box(-1.0, 1.0, (7,))
+
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+    monkeypatch.setattr(libero_rgbd_sim, "libero_rgbd_env_class", lambda: RecordingEnv)
+    monkeypatch.setattr(libero_rgbd_sim, "libero_suite", lambda name: SimpleNamespace(tasks=[0, 1, 2]))
+    cfg = make_env_config("libero_rgbd", task=SUITE, task_ids=[1, 2], is_libero_plus=is_libero_plus)
+    envs = libero_rgbd_sim.create_libero_rgbd_envs(cfg, n_envs=2)
+    assert sorted(envs[SUITE]) == [1, 2]
+    assert len(built) == 4 and all(kwargs["is_libero_plus"] is is_libero_plus for kwargs in built)
