@@ -14,9 +14,10 @@ same episodes (seeds from the demo's `EVAL_START_SEED`):
    (`--training-camera-perturbation`), evaluated at every `--camera-perturbations` size; its
    evaluation episodes (seeds 1000+) draw other poses than its training episodes (seeds 0+).
 
-Writes `<workdir>/<run>/robustness.json` (success rates, the issue's targets and whether they are
-met, and the share of episodes whose target the moved camera does not see) and `robustness.png`; a rerun reuses the dataset, checkpoints and evaluations it finds.
-Each training takes 30-50 min on 2 CPU cores.
+Writes `<workdir>/<run>/robustness.json` (success rates; the targets of docs/robustness.md and
+whether they are met; per camera move, the share of episodes whose target the moved camera does not
+see and each policy's success over the episodes whose target it sees) and `robustness.png`; a rerun
+reuses the dataset, checkpoints and evaluations it finds. Each training takes 30-50 min on 2 CPU cores.
 
     python bench/robustness.py --workdir outputs/robustness            # all three
     python bench/robustness.py --experiments camera --eval-episodes 20
@@ -172,27 +173,52 @@ def target_checks(
 
 def targets_out_of_view(
     camera_perturbations: list[tuple[float, float]], episodes: int, num_blocks: int
-) -> dict[str, float]:
-    """Share (%) of the evaluation episodes whose target top-centre the moved camera does not see (it
-    projects outside the image), by camera label: what no policy that needs to see its target can
-    succeed at."""
-    shares = {}
+) -> dict[str, list[bool]]:
+    """Per evaluation episode (seeds from `demo.EVAL_START_SEED`), whether the moved camera does not see
+    its target's top-centre (it projects outside the image), by camera label: what no policy that
+    needs to see its target can succeed at."""
+    masks = {}
     for translation, rotation in camera_perturbations:
         env = touch_block.TouchBlockEnv(
             num_blocks=num_blocks,
             camera_translation_perturbation=translation,
             camera_rotation_perturbation=rotation,
         )
-        out = 0
+        out = []
         for seed in range(demo.EVAL_START_SEED, demo.EVAL_START_SEED + episodes):
             observation, _ = env.reset(seed=seed)
             extrinsics = observation[touch_block.EXTRINSICS_ENTRY].astype(np.float64)
             camera = extrinsics[:3, :3].T @ (env.target_position - extrinsics[:3, 3])
             column, row = (observation[touch_block.INTRINSICS_ENTRY] @ (camera / camera[2]))[:2]
             height, width = observation[touch_block.DEPTH_ENTRY].shape[-2:]
-            out += not (-0.5 <= column < width - 0.5 and -0.5 <= row < height - 0.5)
-        shares[camera_label(translation, rotation)] = 100.0 * out / episodes
-    return shares
+            out.append(not (-0.5 <= column < width - 0.5 and -0.5 <= row < height - 0.5))
+        masks[camera_label(translation, rotation)] = out
+    return masks
+
+
+def success_in_view(
+    run_dir: Path, evaluations: list[Evaluation], out_of_view: dict[str, list[bool]]
+) -> dict[str, dict[str, float]]:
+    """Success rate (%) over the episodes whose target the camera sees, per camera evaluation: what is
+    left of a drop once the targets the move took out of the image are set aside. Read from each
+    lerobot-eval run's per-episode successes (in seed order)."""
+    rates: dict[str, dict[str, float]] = {}
+    for evaluation in evaluations:
+        if evaluation.label not in out_of_view:
+            continue
+        info = json.loads((run_dir / f"eval_{evaluation.name}" / "eval_info.json").read_text())
+        (task,) = info["per_task"]  # touch_block has one task
+        successes = task["metrics"]["successes"]
+        mask = out_of_view[evaluation.label]
+        if len(successes) != len(mask):
+            raise ValueError(
+                f"eval_{evaluation.name} holds {len(successes)} episodes, not {len(mask)}: "
+                "rerun it with this --eval-episodes"
+            )
+        seen = [success for success, out in zip(successes, mask, strict=True) if not out]
+        if seen:
+            rates.setdefault(evaluation.policy, {})[evaluation.label] = 100.0 * sum(seen) / len(seen)
+    return rates
 
 
 def write_figure(path: Path, rates: dict[str, dict[str, float]], camera_perturbations) -> Path | None:
@@ -355,12 +381,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
             outcomes[evaluation.name] = dataclasses.asdict(summary)
 
+    out_of_view = targets_out_of_view(args.camera_perturbations, args.eval_episodes, args.num_blocks)
     results = {
         "success_rate_pc": rates,
         "targets": target_checks(rates, args.camera_perturbations),
-        "target_out_of_view_pc": targets_out_of_view(
-            args.camera_perturbations, args.eval_episodes, args.num_blocks
-        ),
+        "target_out_of_view_pc": {
+            label: 100.0 * sum(mask) / len(mask) for label, mask in out_of_view.items()
+        },
+        "success_in_view_pc": success_in_view(run_dir, evaluations, out_of_view),
         "eval_episodes": args.eval_episodes,
         "eval_start_seed": demo.EVAL_START_SEED,
         "num_blocks": args.num_blocks,
@@ -375,6 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
     figure = write_figure(run_dir / "robustness.png", rates, args.camera_perturbations)
     for policy, policy_rates in rates.items():
         print(f"{policy}:", ", ".join(f"{label} {rate:.1f} %" for label, rate in policy_rates.items()))
+    for policy, policy_rates in results["success_in_view_pc"].items():
+        print(
+            f"{policy}, episodes whose target the camera sees:",
+            ", ".join(f"{label} {rate:.1f} %" for label, rate in policy_rates.items()),
+        )
     for check, outcome in results["targets"].items():
         print(f"target {check}: {'met' if outcome['met'] else 'MISSED'} ({outcome})")
     print(f"results: {run_dir / 'robustness.json'}" + (f", {figure}" if figure else ""))

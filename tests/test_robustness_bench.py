@@ -57,7 +57,10 @@ def stubbed(tmp_path, monkeypatch, robustness):
         env = draccus.parse(EvalCommandLine, args=[a for a in args if a.startswith("--env.")]).env
         output_dir.mkdir(parents=True)
         rate = stub_rate(env, options["policy.path"])
-        (output_dir / "eval_info.json").write_text(json.dumps({"overall": {"pc_success": rate}}))
+        episodes = int(options["eval.n_episodes"])
+        successes = [index < round(rate * episodes / 100) for index in range(episodes)]  # first ones succeed
+        info = {"overall": {"pc_success": rate}, "per_task": [{"metrics": {"successes": successes}}]}
+        (output_dir / "eval_info.json").write_text(json.dumps(info))
 
     def prepare_demo_data(workdir, num_blocks, episodes, every_block_as_target, near_target_starts):
         return "data", workdir / "dataset_data", workdir / "backbone"
@@ -136,6 +139,11 @@ def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_s
     out_of_view = results["target_out_of_view_pc"]
     assert out_of_view["camera_0cm_0deg"] == 0.0
     assert out_of_view["camera_2cm_2deg"] <= out_of_view["camera_5cm_5deg"] < out_of_view["camera_10cm_10deg"]
+    # With every target in view, the in-view success is the share of successful episodes (the stub's
+    # 90 % of 7 episodes: the first 6).
+    in_view = results["success_in_view_pc"]
+    assert set(in_view) == {"depth_ee_points", "depth_world_points", "no_geometry", "depth_camera_trained"}
+    assert in_view["no_geometry"]["camera_0cm_0deg"] == pytest.approx(100 * 6 / 7)
     run_dir = tmp_path / "data_3_steps"
     assert json.loads((run_dir / "robustness.json").read_text())["success_rate_pc"] == rates
     assert (run_dir / "robustness.png").stat().st_size > 0
@@ -192,3 +200,17 @@ def test_policies_option_trains_and_evaluates_only_the_chosen_policies(tmp_path,
         robustness.main(
             ["--workdir", str(tmp_path), "--experiments", "camera", "--policies", "depth_camera_trained"]
         )
+
+
+def test_success_in_view_sets_aside_the_episodes_whose_target_left_the_image(tmp_path, robustness):
+    evaluation = robustness.Evaluation("camera", "depth_ee_points", "camera_5cm_5deg", {})
+    noise = robustness.Evaluation("depth_noise", "depth_ee_points", "depth_sensor", {})
+    (tmp_path / f"eval_{evaluation.name}").mkdir()
+    successes = [True, True, False, False, True]
+    info = {"overall": {"pc_success": 60.0}, "per_task": [{"metrics": {"successes": successes}}]}
+    (tmp_path / f"eval_{evaluation.name}" / "eval_info.json").write_text(json.dumps(info))
+    out_of_view = {"camera_5cm_5deg": [False, True, False, True, False]}
+    rates = robustness.success_in_view(tmp_path, [evaluation, noise], out_of_view)
+    assert rates == {"depth_ee_points": {"camera_5cm_5deg": pytest.approx(200 / 3)}}  # 2 of the 3 in view
+    with pytest.raises(ValueError, match="holds 5 episodes, not 4"):
+        robustness.success_in_view(tmp_path, [evaluation], {"camera_5cm_5deg": [False] * 4})
