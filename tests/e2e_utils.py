@@ -7,6 +7,7 @@ Everything here is offline and CPU-only: the policies use the tiny random backbo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -98,12 +99,10 @@ def run_command(command: list[str], log_path: Path, timeout: float = 300) -> Scr
         returncode = process.returncode
     except subprocess.TimeoutExpired:
         _signal_group(process.pid, signal.SIGABRT)
-        try:
-            stdout, stderr = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-        _signal_group(process.pid, signal.SIGKILL)  # children the launcher left behind
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.communicate(timeout=20)  # reads the stacks while they are printed
+        _signal_group(process.pid, signal.SIGKILL)  # whatever of the group still runs
+        stdout, stderr = process.communicate()  # everything read so far, once the pipes close
         returncode = -9
         stderr += f"\n[test harness] timed out after {timeout}s (stacks above: SIGABRT to every process)"
     log_path.write_text(
@@ -113,10 +112,8 @@ def run_command(command: list[str], log_path: Path, timeout: float = 300) -> Scr
 
 
 def _signal_group(group: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # every process of the group has ended
         os.killpg(group, signum)
-    except ProcessLookupError:
-        pass
 
 
 def run_module(module: str, args: list[str], log_path: Path, timeout: float = 300) -> ScriptResult:
