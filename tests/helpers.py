@@ -51,7 +51,13 @@ def preprocess(policy: Llava3DFusionPolicy, batch: dict, **processor_overrides) 
     return preprocessor(batch)
 
 
-def fixed_noise(policy: Llava3DFusionPolicy, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
-    """Flow-matching start noise (B, chunk_size, max_action_dim) drawn from `seed`: equal actions across calls."""
-    shape = (batch_size, policy.config.chunk_size, policy.config.max_action_dim)
+def noise_for(chunk_size: int, max_action_dim: int, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    """Flow-matching start noise (B, chunk_size, max_action_dim), float32, drawn from a generator seeded with
+    `seed`: the same tensor on every call, so actions computed from it compare exactly."""
+    shape = (batch_size, chunk_size, max_action_dim)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def fixed_noise(policy: Llava3DFusionPolicy, batch_size: int = 2, seed: int = 1) -> torch.Tensor:
+    """`noise_for` the policy's chunk_size and max_action_dim."""
+    return noise_for(policy.config.chunk_size, policy.config.max_action_dim, batch_size, seed)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import ACTION_DIM, CHUNK, preprocess, raw_batch, tiny_config
+from helpers import ACTION_DIM, CHUNK, fixed_noise, preprocess, raw_batch, tiny_config
 from lerobot.configs import FeatureType, PolicyFeature
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -422,7 +422,7 @@ def test_from_pretrained_of_a_policy_built_from_a_checkpoint_gives_identical_act
 ):
     policy = checkpoint_policy(checkpoints, fmt)
     batch = preprocess(policy, raw_batch())
-    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    noise = fixed_noise(policy, seed=6)
     before = policy.predict_action_chunk(batch, noise=noise)
     policy.save_pretrained(tmp_path)
     torch.manual_seed(123)  # the reloaded backbone starts from other random weights
@@ -451,7 +451,7 @@ def test_a_saved_policy_needs_nothing_but_its_checkpoint(checkpoints, tmp_path, 
     preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config)
     raw = raw_batch()
     batch = preprocessor(dict(raw))
-    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    noise = fixed_noise(policy, seed=6)
     before = policy.predict_action_chunk(batch, noise=noise)
     checkpoint = tmp_path / "checkpoint"
     policy.save_pretrained(checkpoint)
@@ -804,7 +804,7 @@ def test_llava3d_prefix_patch_features_follow_the_original_equations(checkpoints
 
 def test_llava3d_actions_depend_on_depth_from_the_first_step(checkpoints):
     policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
-    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    noise = fixed_noise(policy, seed=6)
     near = policy.predict_action_chunk(depth_batch(policy), noise=noise)
     far = policy.predict_action_chunk(depth_batch(policy, scale=2.0), noise=noise)
     assert (near - far).abs().max() > 1e-3
@@ -843,7 +843,7 @@ def test_llava3d_3d_encoder_unused_is_logged(checkpoints, caplog):
 def test_llava3d_with_3d_encoder_survives_save_and_load(checkpoints, tmp_path):
     policy = checkpoint_policy(checkpoints, "llava3d-clip", **depth_config_fields())
     batch = depth_batch(policy)
-    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    noise = fixed_noise(policy, seed=6)
     before = policy.predict_action_chunk(batch, noise=noise)
     policy.save_pretrained(tmp_path)
     torch.manual_seed(123)
@@ -902,7 +902,7 @@ def test_llava3d_mlp_on_other_backbones_starts_random_behind_the_gate(checkpoint
     missing, unexpected = policy.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(key.startswith("model.geometry_encoder.") for key in missing)
     batch = depth_batch(policy)
-    noise = torch.randn(2, CHUNK, policy.config.max_action_dim, generator=torch.Generator().manual_seed(6))
+    noise = fixed_noise(policy, seed=6)
     reference = plain.predict_action_chunk(batch, noise=noise)
     torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), reference, atol=1e-6, rtol=0)
     with torch.no_grad():

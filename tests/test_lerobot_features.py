@@ -3,7 +3,17 @@ empty cameras, relative actions and FSDP units."""
 
 import pytest
 import torch
-from helpers import ACTION_DIM, CAMERAS, CHUNK, fixed_noise, preprocess, raw_batch, tiny_config, tiny_policy
+from helpers import (
+    ACTION_DIM,
+    CAMERAS,
+    CHUNK,
+    fixed_noise,
+    noise_for,
+    preprocess,
+    raw_batch,
+    tiny_config,
+    tiny_policy,
+)
 from lerobot.policies.rtc.action_queue import ActionQueue
 from lerobot.policies.rtc.configuration_rtc import RTCConfig
 from lerobot.rollout.inference.rtc import supports_rtc_inference
@@ -135,7 +145,7 @@ def test_rtc_config_is_validated_against_the_chunk():
 @pytest.mark.parametrize("expert_mode", ["shared", "separate"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(monkeypatch, expert_mode):
     batch = preprocess(tiny_policy(), raw_batch(2))
-    noise = torch.randn(2, CHUNK, 4, generator=torch.Generator().manual_seed(3))
+    noise = noise_for(CHUNK, 4, seed=3)
     time = torch.tensor([0.3, 0.8])
 
     def loss_and_grads(policy):

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
+from helpers import noise_for  # noqa: E402
 from lerobot.configs.train import TrainPipelineConfig  # noqa: E402
 
 from lerobot_llava3d_fusion.optim import FusedAdamWConfig  # noqa: E402
@@ -240,9 +241,7 @@ def test_checkpoint_loads_in_a_fresh_process_with_identical_actions(workdir, tou
     env_kwargs = {"observation_height": IMAGE_SIZE, "observation_width": IMAGE_SIZE}
     observation = e2e.touch_block_observation(IMAGE_SIZE, IMAGE_SIZE, seed=7)
     config = e2e.read_json(touch_block_checkpoint / "config.json")
-    noise = torch.randn(
-        1, config["chunk_size"], config["max_action_dim"], generator=torch.Generator().manual_seed(3)
-    )
+    noise = noise_for(config["chunk_size"], config["max_action_dim"], batch_size=1, seed=3)
     inputs = workdir / "predict_inputs.pt"
     torch.save({"observation": observation, "noise": noise}, inputs)
 

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
+from helpers import fixed_noise, noise_for  # noqa: E402
 
 IMAGE_SIZE = 32
 TB_REPO_ID = "local/touch_block"
@@ -111,9 +112,7 @@ def test_lora_fine_tuning_trains_only_adapters_and_head_and_reloads(
     # Reloaded as lerobot-eval loads it (base checkpoint + adapter): the same actions whatever the
     # RNG state, different from the base policy's (the adapter and head trained), base weights intact.
     config = json.loads((base_checkpoint / "config.json").read_text())
-    noise = torch.randn(
-        1, config["chunk_size"], config["max_action_dim"], generator=torch.Generator().manual_seed(3)
-    )
+    noise = noise_for(config["chunk_size"], config["max_action_dim"], batch_size=1, seed=3)
     first, second = predict(checkpoint, noise, init_seed=0), predict(checkpoint, noise, init_seed=123)
     assert torch.equal(first, second)
     assert not torch.allclose(first, predict(base_checkpoint, noise, init_seed=0))
@@ -164,9 +163,7 @@ def test_streaming_training_reads_the_depth_in_millimetres_it_is_given(workdir, 
     checkpoint = e2e.last_checkpoint(output_dir)
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["dataset_depth_unit"] == "mm"
-    noise = torch.randn(
-        1, config["chunk_size"], config["max_action_dim"], generator=torch.Generator().manual_seed(3)
-    )
+    noise = noise_for(config["chunk_size"], config["max_action_dim"], batch_size=1, seed=3)
     assert torch.isfinite(predict(checkpoint, noise, init_seed=0)).all()
 
 
@@ -193,9 +190,7 @@ def test_accelerate_launch_two_processes_trains_and_the_checkpoint_loads(workdir
 
     checkpoint = e2e.last_checkpoint(output_dir)
     config = json.loads((checkpoint / "config.json").read_text())
-    noise = torch.randn(
-        1, config["chunk_size"], config["max_action_dim"], generator=torch.Generator().manual_seed(3)
-    )
+    noise = noise_for(config["chunk_size"], config["max_action_dim"], batch_size=1, seed=3)
     chunk = predict(checkpoint, noise, init_seed=0)
     assert chunk.shape == (1, config["chunk_size"], 3) and torch.isfinite(chunk).all()
 
@@ -294,9 +289,7 @@ def _fsdp_rank(rank: int, world_size: int, port: int, results: Path) -> None:
 
 
 def _fsdp_step_inputs(policy, preprocess, raw_batch):
-    generator = torch.Generator().manual_seed(4)
-    noise = torch.randn(2, policy.config.chunk_size, policy.config.max_action_dim, generator=generator)
-    return preprocess(policy, raw_batch(2, seed=10)), noise, torch.tensor([0.3, 0.7])
+    return preprocess(policy, raw_batch(2, seed=10)), fixed_noise(policy, seed=4), torch.tensor([0.3, 0.7])
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
 
 import pytest
 import torch
-from helpers import preprocess, raw_batch, tiny_policy
+from helpers import fixed_noise, preprocess, raw_batch, tiny_policy
 
 SMALLEST_DECAYED_LR = 2.5e-6  # the LIBERO presets' `scheduler_decay_lr`
 
@@ -70,7 +70,7 @@ def test_bf16_policy_computes_in_bf16_and_samples_close_to_float32():
     bf16 = bf16_policy()
     bf16.load_state_dict(float32.state_dict())  # same weights; the frozen tower is rounded to bf16
     batch = preprocess(float32, raw_batch())
-    noise = torch.randn(2, float32.config.chunk_size, float32.config.max_action_dim)
+    noise = fixed_noise(float32)
 
     output_dtypes = []
     layer = bf16.model.fusion.vlm_layers[0].self_attn.q_proj
@@ -140,7 +140,7 @@ def test_a_bf16_checkpoint_loaded_to_act_holds_weights_and_kv_cache_in_bf16(tmp_
     trained.train()  # a training run: float32 master weights, in its evaluation passes too
     trained.save_pretrained(tmp_path)
     batch = preprocess(trained, raw_batch())
-    noise = torch.randn(2, trained.config.chunk_size, trained.config.max_action_dim)
+    noise = fixed_noise(trained)
     _, master_actions = _prefix_cache_dtypes(trained, batch, noise)
     assert any(p.dtype == torch.float32 for p in trained.parameters())
 
@@ -211,7 +211,6 @@ def test_bf16_compute_keeps_both_residual_streams_float32(overrides, trains):
         for hook in hooks:
             hook.remove()
     assert seen == {"prefix": {torch.float32}, "suffix": {torch.float32}, "matmul": {torch.bfloat16}}
-
 
 
 def test_bf16_weights_stored_under_inference_mode_are_ordinary_tensors():

@@ -26,6 +26,7 @@ from fake_depth_robot import (
     depth_robot_dataset_features,
     depth_robot_observation,
 )
+from helpers import fixed_noise
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.policies import make_pre_post_processors
 from lerobot.policies.utils import build_inference_frame
@@ -136,7 +137,7 @@ def expected_chunk(checkpoint, raw: dict) -> torch.Tensor:
     policy = Llava3DFusionPolicy.from_pretrained(checkpoint)
     preprocessor, postprocessor = make_pre_post_processors(policy.config, pretrained_path=str(checkpoint))
     frame = build_inference_frame(dict(raw), torch.device("cpu"), depth_robot_dataset_features(), task=TASK)
-    noise = torch.randn(1, CHUNK, MAX_ACTION_DIM, generator=torch.Generator().manual_seed(NOISE_SEED))
+    noise = fixed_noise(policy, batch_size=1, seed=NOISE_SEED)
     return postprocessor(policy.predict_action_chunk(preprocessor(frame), noise=noise))[0]
 
 

@@ -14,6 +14,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import fixed_noise  # noqa: E402
 from lerobot.configs import FeatureType, PolicyFeature  # noqa: E402
 from lerobot.policies.utils import build_inference_frame  # noqa: E402
 from lerobot.utils.feature_utils import dataset_to_policy_features, hw_to_dataset_features  # noqa: E402
@@ -71,7 +72,7 @@ def make_policy(input_features: dict[str, PolicyFeature], seed: int = 0) -> Llav
 
 def act(policy: Llava3DFusionPolicy, observation: dict) -> torch.Tensor:
     preprocessor, _ = make_llava3d_fusion_pre_post_processors(policy.config, dataset_stats=None)
-    noise = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1))
+    noise = fixed_noise(policy, batch_size=1, seed=1)
     return policy.predict_action_chunk(preprocessor(observation), noise=noise)
 
 

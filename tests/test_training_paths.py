@@ -24,6 +24,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_utils as e2e  # noqa: E402
+from helpers import noise_for  # noqa: E402
 
 IMAGE_SIZE = 32
 REPO_ID = "local/touch_block"
@@ -118,7 +119,7 @@ def test_fresh_resume_finetune_and_eval_without_the_backbone_directory(tmp_path,
     # 4. The backbone's own directory is gone: the checkpoint alone serves lerobot-eval and from_pretrained.
     env_kwargs = {"observation_height": IMAGE_SIZE, "observation_width": IMAGE_SIZE}
     observation = e2e.touch_block_observation(IMAGE_SIZE, IMAGE_SIZE, seed=3)
-    noise = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(4))
+    noise = noise_for(4, 32, batch_size=1, seed=4)
     before = e2e.predict_like_lerobot_eval(finetuned, "touch_block", env_kwargs, observation, noise, 0)
     shutil.rmtree(backbone)
     after = e2e.predict_like_lerobot_eval(finetuned, "touch_block", env_kwargs, observation, noise, 99)
