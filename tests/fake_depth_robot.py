@@ -4,10 +4,13 @@ Its observation follows LeRobot 0.6.1's convention for a depth camera (``use_dep
 RGB ``uint8`` (H, W, 3) and ``front_depth`` ``uint16`` (H, W, 1) millimetres, 0 where nothing was
 measured. LeRobot's factories find the robot class next to its config
 (``make_device_from_device_class``), so ``RobotClient`` builds it from ``FakeDepthRobotConfig``.
+Every observation is the same one (``depth_robot_observation(config.seed)``); the actions it receives
+through ``send_action`` are kept, in order, in ``config.sent_actions``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ class FakeDepthRobot(Robot):
         super().__init__(config)
         self.config = config
         self._connected = False
+        self._action_received = threading.Condition()
 
     @property
     def observation_features(self) -> dict:
@@ -80,8 +84,15 @@ class FakeDepthRobot(Robot):
         return depth_robot_observation(self.config.seed)
 
     def send_action(self, action: dict[str, float]) -> dict[str, float]:
-        self.config.sent_actions.append(action)
+        with self._action_received:
+            self.config.sent_actions.append(dict(action))
+            self._action_received.notify_all()
         return action
+
+    def wait_for_actions(self, count: int, timeout: float) -> bool:
+        """Whether ``send_action`` has received ``count`` actions, waiting at most ``timeout`` seconds."""
+        with self._action_received:
+            return self._action_received.wait_for(lambda: len(self.config.sent_actions) >= count, timeout)
 
     def disconnect(self) -> None:
         self._connected = False

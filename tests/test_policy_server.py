@@ -4,15 +4,21 @@ A tiny ``geometry=depth`` checkpoint, a robot with a RealSense-like depth camera
 the server on 127.0.0.1 in this process: action chunks equal what ``predict_action_chunk`` gives on
 the same observation (as ``lerobot-rollout`` builds it) with the same noise; bad observations are
 refused with a message the client receives, and the server keeps serving; malicious pickles are refused
-without running their payload. Every gRPC call has a deadline; the fixture stops what it starts.
+without running their payload; LeRobot's control loop and action receiver run the robot on the server's
+chunks. The test's own gRPC calls have a deadline; every test, with its fixtures, is bounded by a
+watchdog (``WATCHDOG_S``), since LeRobot's client calls have none; fixtures stop what they start.
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
+import faulthandler
 import pickle
 import socket
+import sys
+import threading
 
 import grpc
 import numpy as np
@@ -40,6 +46,45 @@ from lerobot_llava3d_fusion.tools.safe_unpickle import UnsafePickleError, safe_l
 K = [[30.0, 0.0, 15.5], [0.0, 30.0, 15.5], [0.0, 0.0, 1.0]]
 CHUNK, MAX_ACTION_DIM, NOISE_SEED = 4, 8, 7
 DEADLINE_S = 60
+# The longest a test, with the fixtures it sets up and tears down, may take (the slowest takes about
+# 40 s on a busy machine); past it the stacks of all threads are printed and the process exits.
+WATCHDOG_S = 180
+
+
+def terminal_stderr(config: pytest.Config) -> int:
+    """The file descriptor of the terminal's stderr. pytest captures fd 2 into a file that is lost when
+    the process exits, so a dump written there before exiting would never be seen; pytest's faulthandler
+    plugin keeps a copy of the original one."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):  # another pytest, or -p no:faulthandler
+        return sys.__stderr__.fileno()
+
+
+def arm_watchdog(config: pytest.Config) -> None:
+    """Print every thread's stack and exit the process (an xdist worker: reported as crashed) unless
+    re-armed or cancelled within WATCHDOG_S."""
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=terminal_stderr(config))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_watchdog(pytestconfig):
+    """Bounds the module-scoped fixtures set up before a test's own watchdog (RobotClient.start() waits on
+    the server without a deadline); set up before them, torn down after them."""
+    arm_watchdog(pytestconfig)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(autouse=True)
+def watchdog(pytestconfig, module_watchdog):
+    """WATCHDOG_S for each test, then again for the teardown that follows it (the module's fixtures after
+    its last test)."""
+    arm_watchdog(pytestconfig)
+    yield
+    arm_watchdog(pytestconfig)
 
 
 def free_port() -> int:
@@ -68,39 +113,53 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The server on 127.0.0.1 (LeRobot's async-inference modules write logs/ into the working dir)."""
-    workdir = tmp_path_factory.mktemp("server_workdir")
+@contextlib.contextmanager
+def running_server(workdir, **config):
+    """The server on 127.0.0.1 with seeded noise, stopped on exit (LeRobot's async-inference modules write
+    logs/ into the working directory: ``workdir`` while it runs)."""
     previous = os.getcwd()
     os.chdir(workdir)
-    from lerobot_llava3d_fusion.tools.policy_server import Llava3DFusionServerConfig, start_server
-
-    config = Llava3DFusionServerConfig(port=free_port(), noise_seed=NOISE_SEED, obs_queue_timeout=10)
-    grpc_server, policy_server = start_server(config)
     try:
-        yield config, policy_server
+        from lerobot_llava3d_fusion.tools.policy_server import Llava3DFusionServerConfig, start_server
+
+        server_config = Llava3DFusionServerConfig(port=free_port(), noise_seed=NOISE_SEED, **config)
+        grpc_server, policy_server = start_server(server_config)
+        try:
+            yield server_config, policy_server
+        finally:
+            policy_server.stop()
+            grpc_server.stop(grace=None).wait(timeout=10)
     finally:
-        grpc_server.stop(grace=None).wait(timeout=10)
         os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("server_workdir"), obs_queue_timeout=10) as served:
+        yield served
+
+
+def make_client(checkpoint, port: int, calibration_dir):
+    """LeRobot's unmodified RobotClient on the fake depth robot (connected, not started)."""
+    from lerobot.async_inference.configs import RobotClientConfig
+    from lerobot.async_inference.robot_client import RobotClient
+
+    robot = FakeDepthRobotConfig(calibration_dir=calibration_dir)
+    return RobotClient(
+        RobotClientConfig(
+            policy_type="llava3d_fusion", pretrained_name_or_path=str(checkpoint), robot=robot,
+            actions_per_chunk=CHUNK, task=TASK, server_address=f"127.0.0.1:{port}",
+        )
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def client(server, checkpoint, tmp_path_factory):
     """LeRobot's unmodified RobotClient on the fake depth robot, connected and instructed."""
-    from lerobot.async_inference.configs import RobotClientConfig
-    from lerobot.async_inference.robot_client import RobotClient
-
     config, _ = server
-    robot = FakeDepthRobotConfig(calibration_dir=tmp_path_factory.mktemp("calibration"))
-    client = RobotClient(
-        RobotClientConfig(
-            policy_type="llava3d_fusion", pretrained_name_or_path=str(checkpoint), robot=robot,
-            actions_per_chunk=CHUNK, task=TASK, server_address=f"127.0.0.1:{config.port}",
-        )
-    )  # fmt: skip
-    assert client.start()
+    client = make_client(checkpoint, config.port, tmp_path_factory.mktemp("calibration"))
     try:
+        assert client.start()
         yield client
     finally:
         client.stop()
@@ -185,6 +244,52 @@ def test_a_bad_observation_is_refused_with_its_reason_and_the_server_keeps_servi
     good = robot_observation(seed=2)
     send(client, good, timestep=30)
     torch.testing.assert_close(receive_chunk(client), expected_chunk(checkpoint, good), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def loop_server(tmp_path_factory):
+    """A server for one client's control loop. A stopped client leaves its last GetActions call waiting on
+    the server's observation queue (up to obs_queue_timeout), where it would take another client's next
+    observation: here it waits 1 s, on a server of its own."""
+    with running_server(tmp_path_factory.mktemp("loop_server_workdir"), obs_queue_timeout=1) as served:
+        yield served
+
+
+def test_lerobots_control_loop_executes_the_servers_chunks_on_the_robot(loop_server, checkpoint, tmp_path):
+    """LeRobot's client as ``python -m lerobot.async_inference.robot_client`` runs it: ``receive_actions``
+    in one thread, ``control_loop`` in another, stopped by ``stop()`` once the robot has executed two
+    chunks' worth of actions. The robot's observation (RGB, uint16 depth) never changes, so every chunk
+    is the one ``predict_action_chunk`` gives on it with the server's noise."""
+    config, policy_server = loop_server
+    client = make_client(checkpoint, config.port, tmp_path)
+    robot = client.robot
+    receiver = threading.Thread(target=client.receive_actions, daemon=True)
+    controller = threading.Thread(target=client.control_loop, kwargs={"task": TASK}, daemon=True)
+    try:
+        assert client.start()
+        receiver.start()
+        controller.start()
+        executed_enough = robot.wait_for_actions(2 * CHUNK, timeout=DEADLINE_S)
+    finally:
+        client.stop()
+    receiver.join(timeout=DEADLINE_S)
+    controller.join(timeout=DEADLINE_S)
+    assert not receiver.is_alive() and not controller.is_alive(), "the client's threads outlived stop()"
+    assert executed_enough, f"the robot executed {len(robot.config.sent_actions)} actions in {DEADLINE_S} s"
+
+    executed = torch.tensor([[action[joint] for joint in JOINTS] for action in robot.config.sent_actions])
+    assert executed.shape[1] == len(JOINTS) and torch.isfinite(executed).all()
+    expected = expected_chunk(checkpoint, robot_observation(seed=0))
+    torch.testing.assert_close(executed[:CHUNK], expected, atol=1e-5, rtol=0)
+    # Later chunks (asked for when the queue ran empty) are the same chunk again: each action is one of it.
+    distance = (executed[:, None, :] - expected[None, :, :]).abs().amax(dim=-1).amin(dim=-1)
+    assert distance.max() <= 1e-5, distance
+    # What the server ran the policy on: the robot's observation, its depth still uint16 millimetres.
+    received = policy_server.last_processed_obs.get_observation()
+    sent = depth_robot_observation(seed=0)
+    assert received["task"] == TASK and received["front_depth"].dtype == np.uint16
+    for key in ("front", "front_depth", *JOINTS):
+        np.testing.assert_array_equal(received[key], sent[key])
 
 
 class WritesAFile:
