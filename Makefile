@@ -39,9 +39,10 @@ test-fast: setup
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 # The tests marked transformers_range (checkpoints across module layouts, backbone loaders, a policy's
-# train / save / load) on that newest transformers; only their modules are collected (others import
-# the `libero` extra's packages).
-TRANSFORMERS_RANGE_TESTS := tests/test_checkpoints.py tests/test_golden.py tests/test_backbones.py tests/test_policy.py
+# train / save / load, the benches' model building) on that newest transformers; only their modules
+# are collected (others import the `libero` extra's packages).
+TRANSFORMERS_RANGE_TESTS := tests/test_checkpoints.py tests/test_golden.py tests/test_backbones.py tests/test_policy.py \
+	tests/test_latency_bench.py
 test-latest: $(VENV_LATEST)/.installed
 	$(PY_LATEST) -m pytest -q -m transformers_range $(TRANSFORMERS_RANGE_TESTS)
 

@@ -140,7 +140,20 @@ _SMALL = dataclasses.replace(
     expert=DecoderSize(width=512, depth=2, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=128),
     vocab_size=16_384,
 )
-PRESETS = {"full": _FULL, "small": _SMALL}
+# "tiny": a check that a script runs (~0.2 M parameters per policy, seconds on a CPU), not a
+# measurement: 2 cameras of 32x32 pixels (4 x 4 patches each), an 8-token prompt, a chunk of 4 actions
+# and 2 Euler steps.
+_TINY = dataclasses.replace(
+    _FULL,
+    vision=VisionSize(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=32),
+    llm=DecoderSize(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=8),
+    expert=DecoderSize(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=8),
+    vocab_size=512,
+    prompt_length=8,
+    chunk_size=4,
+    num_steps=2,
+)
+PRESETS = {"full": _FULL, "small": _SMALL, "tiny": _TINY}
 
 
 def preset_changes(name: str) -> list[str]:
