@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import h5py  # noqa: E402
+import huggingface_hub.constants  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -257,13 +258,24 @@ def four_demo_file(folder: Path) -> Path:
 
 
 def run_killed_converter(path: Path, root: Path, kill_at: str | None, log: Path):
-    """The command line in a subprocess (fake rendering), SIGKILLed at `kill_at` (see libero_kill_points)."""
+    """The command line in a subprocess (fake rendering), SIGKILLed at `kill_at` (see libero_kill_points).
+    The subprocess gets `e2e_utils.subprocess_env()`, with HF_HUB_OFFLINE=1 whatever the caller's
+    environment: a Hub request then fails with huggingface_hub's "offline mode is enabled"."""
     import e2e_utils as e2e
 
     helper = Path(__file__).resolve().parent / "libero_kill_points.py"
     command = [sys.executable, str(helper), *(["--kill-at", kill_at] if kill_at else []), "--",
                "--hdf5", str(path), "--repo-id", REPO_ID, "--root", str(root), "--image-size", "16"]  # fmt: skip
     return e2e.run_command(command, log)
+
+
+def test_converter_subprocesses_are_offline_whatever_the_callers_environment(monkeypatch):
+    """The hard-kill tests read "offline" in a run's output as a Hub request: their subprocesses must run
+    with HF_HUB_OFFLINE=1 even where the caller's environment sets it otherwise."""
+    import e2e_utils as e2e
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert e2e.subprocess_env()["HF_HUB_OFFLINE"] == "1"
 
 
 def assert_same_dataset(root: Path, reference: Path) -> None:
@@ -321,6 +333,8 @@ def test_a_converter_killed_mid_episode_resumes_offline_to_the_same_dataset(
 
     use_fake_rendering(convert_libero, monkeypatch.setattr)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable when it was imported: offline for this run whatever it said then.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     summary = convert([path], REPO_ID, root, image_size=16)
     assert (summary.skipped, summary.episodes, summary.frames) == (1, 3, 3 + 2 + 3)
     assert not [file for file in (root / "images").rglob("*") if file.is_file()]  # LeRobot's staged frames
