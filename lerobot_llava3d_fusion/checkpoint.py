@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from packaging.version import InvalidVersion, Version
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.utils import cached_file
@@ -86,7 +86,7 @@ KEY_MIGRATIONS = (
 )
 
 
-def migrate_keys(state_dict: dict[str, Tensor], expected: set[str]) -> tuple[dict[str, Tensor], list[str]]:
+def migrate_keys(state_dict: dict[str, object], expected: set[str]) -> tuple[dict[str, object], list[str]]:
     """Rename the keys of `state_dict` that `expected` (the policy's keys) lacks but knows under a
     migrated name; -> the renamed state dict and the descriptions of the migrations applied."""
     migrated, applied = {}, set()
@@ -142,6 +142,22 @@ def load_weights(model: nn.Module, model_file: str | Path, device: str | torch.d
     if strict:
         raise CheckpointError(message)
     logger.warning("%s Loaded anyway (strict=False).", message)
+
+
+def read_saved_tensors(model: nn.Module, model_file: str | Path, names: Iterable[str]) -> dict[str, Tensor]:
+    """The tensors `model_file` saved for the keys `names` of `model` (through the known layout
+    migrations), read one by one on the CPU; keys the file does not hold are left out."""
+    model_file = Path(model_file)
+    try:
+        with safe_open(model_file, framework="pt", device="cpu") as saved:
+            file_keys = {key: key for key in saved.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            file_key_of, _ = migrate_keys(file_keys, set(model.state_dict()))
+            return {name: saved.get_tensor(file_key_of[name]) for name in names if name in file_key_of}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(
+            f"cannot read {model_file} again for the float32 weights it saved: {error}. Was it moved "
+            "or replaced after the policy was loaded?"
+        ) from error
 
 
 def _read_tensors(model_file: Path, device: str | torch.device) -> dict[str, Tensor]:

@@ -22,7 +22,6 @@ from lerobot.policies.common.vla_utils import pad_vector
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_TOKENS
-from lerobot.utils.device_utils import resolve_safetensors_device
 from torch import Tensor
 
 from lerobot_llava3d_fusion.backbones.files import (
@@ -30,7 +29,12 @@ from lerobot_llava3d_fusion.backbones.files import (
     checkpoint_backbone_source,
     save_backbone_files,
 )
-from lerobot_llava3d_fusion.checkpoint import fetch_versions_file, load_weights, save_library_versions
+from lerobot_llava3d_fusion.checkpoint import (
+    fetch_versions_file,
+    load_weights,
+    read_saved_tensors,
+    save_library_versions,
+)
 from lerobot_llava3d_fusion.configuration_llava3d_fusion import Llava3DFusionConfig
 from lerobot_llava3d_fusion.model.augmentation import random_crop_inputs, sensor_depth_noise_inputs
 from lerobot_llava3d_fusion.model.inputs import BatchToModelInputs, check_finite
@@ -60,6 +64,7 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         self.model.fusion.gradient_checkpointing = config.gradient_checkpointing
         self._apply_freeze_flags()
         self._trains = False  # set by train(): keep float32 master weights from then on
+        self._masters_file: Path | None = None  # a loaded checkpoint's, until the policy trains
         self._set_storage_dtypes()
         self.init_rtc_processor()
         self.reset()
@@ -91,10 +96,50 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     @classmethod
     def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):
-        load_weights(model, model_file, resolve_safetensors_device(map_location), strict)
+        # Read on the CPU, where the policy is built; LeRobot moves it to `config.device` afterwards.
+        load_weights(model, model_file, "cpu", strict)
+        model._store_to_act(Path(model_file))
         return model
 
+    def _store_to_act(self, checkpoint_file: Path) -> None:
+        """A loaded policy acts until it trains: its weights go to `config.dtype` now, before LeRobot
+        moves it to its device, so float32 master copies never occupy the accelerator (a 7B model:
+        14 GB instead of 28). `train()` reads the trained ones back from `checkpoint_file`."""
+        if TORCH_DTYPES[self.config.dtype] == torch.float32:
+            return
+        self._set_storage_dtypes(master_weights=False)
+        self._masters_file = checkpoint_file
+
+    def _saved_masters(self) -> dict[str, Tensor]:
+        """The float32 values the checkpoint saved for the weights that train, where the policy still
+        holds them (rounded to `config.dtype`); a weight changed since loading, or one the checkpoint
+        does not hold (an adapter's), is left out with a warning for the changed ones."""
+        if self._masters_file is None:
+            return {}
+        trainable = {name: param for name, param in self.named_parameters() if param.requires_grad}
+        saved = read_saved_tensors(self, self._masters_file, trainable)
+        unchanged, changed = {}, []
+        for name, tensor in saved.items():
+            stored = trainable[name].detach()
+            if torch.equal(tensor.to(stored.device, stored.dtype), stored):
+                unchanged[name] = tensor.to(torch.float32)
+            else:
+                changed.append(name)
+        if changed:
+            logger.warning(
+                "%d trained weight(s) changed after loading %s (%s, ...): they keep their %s values "
+                "instead of the file's float32 ones.",
+                len(changed),
+                self._masters_file,
+                changed[0],
+                self.config.dtype,
+            )
+        return unchanged
+
     def _save_pretrained(self, save_directory: Path, state_dict: dict[str, Tensor] | None = None) -> None:
+        if state_dict is None and self._masters_file is not None:
+            # Loaded and never trained: save the checkpoint's float32 weights, not their rounded copies.
+            state_dict = {**self.state_dict(), **self._saved_masters()}
         super()._save_pretrained(save_directory, state_dict)
         save_backbone_files(self.model.backbone_source, self.model.tokenizer, save_directory)
         save_library_versions(save_directory)
@@ -158,7 +203,13 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         if mode:
             self._trains = True
             if not self._master_weights:
+                masters = self._saved_masters()
                 self._set_storage_dtypes()
+                with torch.no_grad():
+                    for name, param in self.named_parameters():
+                        if name in masters:
+                            param.copy_(masters[name])
+                self._masters_file = None
         return super().train(mode)
 
     def get_optim_params(self) -> list[torch.nn.Parameter]:
@@ -403,4 +454,3 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
             self._unexecuted_actions = chunk[:, n_steps:] if n_steps < chunk.shape[1] else None
             self._action_queue.extend(chunk[:, :n_steps].transpose(0, 1))  # queue of (B, action_dim)
         return self._action_queue.popleft()
-

@@ -254,3 +254,69 @@ def test_non_finite_actions_are_refused_with_the_likely_cause(saved, checkpoint)
     _, batch, noise, _ = saved
     with pytest.raises(FloatingPointError, match=r"weights are damaged or come from a diverged training run"):
         policy.predict_action_chunk(batch, noise=noise)
+
+
+@pytest.fixture
+def bf16_checkpoint(tmp_path):
+    """A trained bf16 policy's checkpoint (float32 master weights for what trains) and its saved tensors."""
+    from helpers import tiny_policy
+
+    policy = tiny_policy(dtype="bfloat16", freeze_vision_encoder=True).train()
+    with torch.no_grad():  # values bf16 cannot hold, as a training run's updates leave them
+        for param in policy.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 1e-4)
+    policy.save_pretrained(tmp_path)
+    return tmp_path, load_file(tmp_path / WEIGHTS)
+
+
+def _trainable(policy) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in policy.named_parameters() if param.requires_grad}
+
+
+def test_a_bf16_checkpoint_is_loaded_in_bf16_before_it_reaches_the_device(bf16_checkpoint):
+    """LeRobot's from_pretrained moves the policy to its device after loading: every weight is bf16 by
+    then, so no float32 master copy occupies the accelerator (lerobot-eval, lerobot-rollout, the server)."""
+    directory, _ = bf16_checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(directory)
+    assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
+
+
+def test_training_a_loaded_bf16_checkpoint_restores_its_float32_weights_exactly(bf16_checkpoint):
+    directory, saved_tensors = bf16_checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(directory)
+    assert any(
+        not torch.equal(param.float(), saved_tensors[name]) for name, param in _trainable(loaded).items()
+    ), "the bf16 copies should round the trained values"
+    loaded.train()
+    trainable = _trainable(loaded)
+    assert trainable
+    for name, param in trainable.items():
+        assert param.dtype == torch.float32, name
+        assert torch.equal(param, saved_tensors[name]), name
+    frozen = {param.dtype for param in loaded.parameters() if not param.requires_grad}
+    assert frozen == {torch.bfloat16}
+
+
+def test_a_loaded_bf16_checkpoint_saved_again_keeps_its_float32_weights(bf16_checkpoint, tmp_path):
+    directory, saved_tensors = bf16_checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(directory)
+    loaded.save_pretrained(tmp_path / "again")
+    again = load_file(tmp_path / "again" / WEIGHTS)
+    for name in _trainable(loaded):
+        assert again[name].dtype == torch.float32, name
+        assert torch.equal(again[name], saved_tensors[name]), name
+
+
+def test_a_weight_changed_after_loading_keeps_its_value_when_training_starts(bf16_checkpoint, caplog):
+    directory, saved_tensors = bf16_checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(directory)
+    name, param = next(iter(_trainable(loaded).items()))
+    with torch.no_grad():
+        param.fill_(0.5)
+    with caplog.at_level(logging.WARNING):
+        loaded.train()
+    assert torch.equal(dict(loaded.named_parameters())[name], torch.full_like(saved_tensors[name], 0.5))
+    assert "changed after loading" in caplog.text and name in caplog.text
+    others = [other for other in _trainable(loaded) if other != name]
+    assert all(torch.equal(dict(loaded.named_parameters())[o], saved_tensors[o]) for o in others)
