@@ -308,10 +308,13 @@ def build_ours(
     freeze_vision_encoder: bool = False,
     extra_inputs: dict | None = None,
     config_fields: dict | None = None,
+    backbone_dir: Path | None = None,
 ) -> Llava3DFusionPolicy:
     """Our policy with random weights at `sizes` (a separate expert of the pi0 expert's sizes);
     `extra_inputs` are input features besides pi0's (e.g. depth), `config_fields` further
-    Llava3DFusionConfig fields (e.g. {"gradient_checkpointing": True}, {"geometry": "depth"})."""
+    Llava3DFusionConfig fields (e.g. {"gradient_checkpointing": True}, {"geometry": "depth"}).
+    The backbone's files are written to `backbone_dir`, to save the policy later, or to a temporary
+    folder."""
     inputs, outputs = _features(sizes)
     inputs.update(extra_inputs or {})
     fields = {
@@ -321,7 +324,7 @@ def build_ours(
     }
     with tempfile.TemporaryDirectory(prefix="llava_bench_") as directory:
         config = Llava3DFusionConfig(
-            vlm_model_name=write_llava_checkpoint(sizes, Path(directory)).as_posix(),
+            vlm_model_name=write_llava_checkpoint(sizes, Path(backbone_dir or directory)).as_posix(),
             load_vlm_weights=False,
             expert_mode="separate",
             expert_width_multiplier=sizes.expert.width / sizes.llm.width,

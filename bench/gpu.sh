@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmarks on one GPU, bfloat16, at pi0's real sizes: about 4-5 minutes on an H100.
+# The benchmarks on one GPU, bfloat16, at pi0's real sizes: about 5-6 minutes on an H100.
 # Results (JSON) and logs go to $OUT when it is set, else to outputs/bench/gpu/.
 #
 #   bash bench/gpu.sh
@@ -26,6 +26,19 @@ run() {  # run SCRIPT [its options]: output to the terminal and to $OUT_DIR/SCRI
 print('torch', torch.__version__, 'on', torch.cuda.get_device_name())"
 # The cached Euler step eager and compiled (reduce-overhead: replayed as a CUDA graph), pi0 in the same run.
 run latency --warmup 3 --reps 20 --profile --compile-modes reduce-overhead
+# The deployment target: a full-preset chunk, batch 1, bf16, CUDA graph, in at most 60 ms.
+"$PYTHON" - "$OUT_DIR/latency.json" <<'PY'
+import json, sys
+results = json.load(open(sys.argv[1]))["results"]
+for name in ("ours compile_mode=reduce-overhead", "ours use_cache=true", "pi0"):
+    if name in results:
+        print(f"{name}: median {results[name]['median'] * 1000:.1f} ms per chunk")
+graph_ms = results["ours compile_mode=reduce-overhead"]["median"] * 1000
+print(f"CUDA-graph chunk {graph_ms:.1f} ms against the 60 ms target:", "MET" if graph_ms <= 60 else "MISSED")
+PY
+# Inference peak memory: built to act, loaded from a checkpoint (the load's own peak too), float32
+# masters, pi0's bf16 mode.
+run memory --chunks 3
 # Both full-size policies training at once would not fit one 80 GB GPU: one after the other.
 run throughput --batch-size 8 --warmup 2 --steps 8 --sequential
 run roofline --warmup 2 --reps 10
