@@ -124,11 +124,6 @@ def installed_wheel(wheel, tmp_path_factory) -> FreshVenv:
 
 # ---- What the package imports is what it declares ------------------------------------------------------
 
-# Imported only by code handed a device that LeRobot itself drives through one of its extras (a RealSense
-# camera of lerobot-record / lerobot-rollout): whoever has the device installed that extra.
-WITH_A_LEROBOT_DEVICE_EXTRA = {"pyrealsense2": "lerobot[intelrealsense]"}
-
-
 def imported_modules(packages: Iterable[Path]) -> dict[str, set[str]]:
     """The top-level module of every absolute import in `packages` (in functions too) -> the files."""
     found: dict[str, set[str]] = {}
@@ -192,9 +187,6 @@ def test_every_third_party_import_of_the_package_is_declared():
         # Not installed here: named as its distribution would most likely be.
         distributions = {canonicalize_name(d) for d in distributions_of.get(module, [module])}
         if distributions & base or any(distributions & closure for closure in extras.values()):
-            continue
-        device_extra = WITH_A_LEROBOT_DEVICE_EXTRA.get(module)
-        if device_extra and distributions & requirement_closure([device_extra]):
             continue
         undeclared[module] = {"distributions": sorted(distributions), "imported in": sorted(files)}
     assert not undeclared, f"imported, not declared in pyproject.toml: {json.dumps(undeclared, indent=1)}"
