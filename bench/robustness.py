@@ -77,10 +77,15 @@ class Evaluation:
     policy: str
     label: str
     env_options: dict[str, float | str]  # TouchBlockEnvConfig fields: `--env.<name>=<value>`
+    draw: int = 0  # which set of evaluation episodes: the demo's `--seed <draw>` ones
 
     @property
     def name(self) -> str:
-        return f"{self.policy}_{self.label}"
+        return f"{self.policy}_{self.label}" + (f"_draw_{self.draw}" if self.draw else "")
+
+    @property
+    def start_seed(self) -> int:
+        return demo.eval_start_seed(self.draw)
 
 
 def camera_label(translation: float, rotation: float) -> str:
@@ -106,9 +111,10 @@ def plan(
     experiments: list[str],
     camera_perturbations: list[tuple[float, float]],
     policies: list[str] = POLICIES,
+    draws: int = 1,
 ) -> list[Evaluation]:
     """The evaluations of `experiments` for the `policies` among theirs, each policy's in a fixed order
-    (no duplicates)."""
+    (no duplicates), each on `draws` disjoint sets of episodes."""
     evaluations: list[Evaluation] = []
     for experiment in experiments:
         if experiment == "camera":
@@ -128,7 +134,19 @@ def plan(
                 )
         else:
             raise ValueError(f"unknown experiment {experiment!r}; choose from {EXPERIMENTS}")
-    return [evaluation for evaluation in evaluations if evaluation.policy in policies]
+    return [
+        dataclasses.replace(evaluation, draw=draw)
+        for evaluation in evaluations
+        if evaluation.policy in policies
+        for draw in range(draws)
+    ]
+
+
+def draws_text(rates: list[float]) -> str:
+    """ "92.0 %", or over several draws "86.0 % (80.0-92.0 %, 3 draws)"."""
+    if len(rates) == 1:
+        return f"{rates[0]:.1f} %"
+    return f"{np.mean(rates):.1f} % ({min(rates):.1f}-{max(rates):.1f} %, {len(rates)} draws)"
 
 
 def parse_camera_perturbation(text: str) -> tuple[float, float]:
@@ -172,11 +190,14 @@ def target_checks(
 
 
 def targets_out_of_view(
-    camera_perturbations: list[tuple[float, float]], episodes: int, num_blocks: int
+    camera_perturbations: list[tuple[float, float]],
+    episodes: int,
+    num_blocks: int,
+    start_seed: int = demo.EVAL_START_SEED,
 ) -> dict[str, list[bool]]:
-    """Per evaluation episode (seeds from `demo.EVAL_START_SEED`), whether the moved camera does not see
-    its target's top-centre (it projects outside the image), by camera label: what no policy that
-    needs to see its target can succeed at."""
+    """Per evaluation episode (seeds from `start_seed`), whether the moved camera does not see its
+    target's top-centre (it projects outside the image), by camera label: what no policy that needs to
+    see its target can succeed at."""
     masks = {}
     for translation, rotation in camera_perturbations:
         env = touch_block.TouchBlockEnv(
@@ -185,7 +206,7 @@ def targets_out_of_view(
             camera_rotation_perturbation=rotation,
         )
         out = []
-        for seed in range(demo.EVAL_START_SEED, demo.EVAL_START_SEED + episodes):
+        for seed in range(start_seed, start_seed + episodes):
             observation, _ = env.reset(seed=seed)
             extrinsics = observation[touch_block.EXTRINSICS_ENTRY].astype(np.float64)
             camera = extrinsics[:3, :3].T @ (env.target_position - extrinsics[:3, 3])
@@ -197,27 +218,33 @@ def targets_out_of_view(
 
 
 def success_in_view(
-    run_dir: Path, evaluations: list[Evaluation], out_of_view: dict[str, list[bool]]
+    run_dir: Path, evaluations: list[Evaluation], out_of_view: dict[int, dict[str, list[bool]]]
 ) -> dict[str, dict[str, float]]:
-    """Success rate (%) over the episodes whose target the camera sees, per camera evaluation: what is
-    left of a drop once the targets the move took out of the image are set aside. Read from each
-    lerobot-eval run's per-episode successes (in seed order)."""
-    rates: dict[str, dict[str, float]] = {}
+    """Success rate (%) over the episodes whose target the camera sees, per policy and camera move,
+    over all its draws (`out_of_view` by draw, then camera label): what is left of a drop once the
+    targets the move took out of the image are set aside. Read from each lerobot-eval run's
+    per-episode successes (in seed order)."""
+    counts: dict[tuple[str, str], list[int]] = {}
     for evaluation in evaluations:
-        if evaluation.label not in out_of_view:
+        if evaluation.label not in out_of_view[evaluation.draw]:
             continue
         info = json.loads((run_dir / f"eval_{evaluation.name}" / "eval_info.json").read_text())
         (task,) = info["per_task"]  # touch_block has one task
         successes = task["metrics"]["successes"]
-        mask = out_of_view[evaluation.label]
+        mask = out_of_view[evaluation.draw][evaluation.label]
         if len(successes) != len(mask):
             raise ValueError(
                 f"eval_{evaluation.name} holds {len(successes)} episodes, not {len(mask)}: "
                 "rerun it with this --eval-episodes"
             )
         seen = [success for success, out in zip(successes, mask, strict=True) if not out]
-        if seen:
-            rates.setdefault(evaluation.policy, {})[evaluation.label] = 100.0 * sum(seen) / len(seen)
+        count = counts.setdefault((evaluation.policy, evaluation.label), [0, 0])
+        count[0] += sum(seen)
+        count[1] += len(seen)
+    rates: dict[str, dict[str, float]] = {}
+    for (policy, label), (successes, episodes) in counts.items():
+        if episodes:
+            rates.setdefault(policy, {})[label] = 100.0 * successes / episodes
     return rates
 
 
@@ -285,8 +312,35 @@ def evaluate_once(run_dir: Path, checkpoint: Path, evaluation: Evaluation, args)
     if info_path.exists():
         return json.loads(info_path.read_text())["overall"]["pc_success"]
     return demo.evaluate(
-        run_dir, checkpoint, evaluation.name, args.eval_episodes, args.num_blocks, evaluation.env_options
+        run_dir,
+        checkpoint,
+        evaluation.name,
+        args.eval_episodes,
+        args.num_blocks,
+        evaluation.env_options,
+        start_seed=evaluation.start_seed,
     )
+
+
+def outcomes_once(run_dir: Path, checkpoint: Path, evaluation: Evaluation, args) -> dict:
+    """Where the episodes of `evaluation` ended (`touch_block_outcomes`), reusing the file a former run
+    wrote for the same number of episodes."""
+    path = run_dir / f"outcomes_{evaluation.name}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("episodes") == args.eval_episodes:
+            return saved
+    summary = dataclasses.asdict(
+        touch_block_outcomes(
+            checkpoint,
+            args.eval_episodes,
+            start_seed=evaluation.start_seed,
+            num_blocks=args.num_blocks,
+            **evaluation.env_options,
+        )
+    )
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -308,6 +362,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument(
+        "--eval-draws",
+        type=int,
+        default=1,
+        help="evaluate every cell on this many disjoint sets of --eval-episodes episodes (the demo's "
+        "`--seed 0, 1, ...` evaluation seeds, each with its own sampling noise); the rates are their "
+        "mean, with each draw's rate in the JSON",
+    )
+    parser.add_argument(
         "--camera-perturbations",
         nargs="+",
         type=parse_camera_perturbation,
@@ -328,6 +390,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also record where the episodes ended under the medium camera move and sensor depth",
     )
     args = parser.parse_args(argv)
+    if args.eval_draws < 1:
+        parser.error(f"--eval-draws must be at least 1, got {args.eval_draws}")
     args.every_block_as_target = args.near_target_starts = None
     return demo.fill_block_dependent_defaults(args)
 
@@ -343,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = args.workdir / run_name
     run_dir.mkdir(exist_ok=True)
 
-    evaluations = plan(args.experiments, args.camera_perturbations, args.policies)
+    evaluations = plan(args.experiments, args.camera_perturbations, args.policies, args.eval_draws)
     if not evaluations:
         raise SystemExit(
             f"none of --policies {' '.join(args.policies)} takes part in --experiments "
@@ -351,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     policies = trainings(args.training_camera_perturbation)
     checkpoints: dict[str, Path] = {}
-    rates: dict[str, dict[str, float]] = {}
+    draw_rates: dict[str, dict[str, list[float]]] = {}
     outcomes: dict[str, dict] = {}
     for evaluation in evaluations:
         training = policies[evaluation.policy]
@@ -369,40 +433,48 @@ def main(argv: list[str] | None = None) -> dict:
             )
         checkpoint = checkpoints[evaluation.policy]
         rate = evaluate_once(run_dir, checkpoint, evaluation, args)
-        rates.setdefault(evaluation.policy, {})[evaluation.label] = rate
+        draw_rates.setdefault(evaluation.policy, {}).setdefault(evaluation.label, []).append(rate)
         perturbed = evaluation.label in (camera_label(*MEDIUM_CAMERA_PERTURBATION), "depth_sensor")
-        if args.outcomes and perturbed:
-            summary = touch_block_outcomes(
-                checkpoint,
-                args.eval_episodes,
-                start_seed=demo.EVAL_START_SEED,
-                num_blocks=args.num_blocks,
-                **evaluation.env_options,
-            )
-            outcomes[evaluation.name] = dataclasses.asdict(summary)
+        if args.outcomes and perturbed and evaluation.draw == 0:
+            outcomes[evaluation.name] = outcomes_once(run_dir, checkpoint, evaluation, args)
 
-    out_of_view = targets_out_of_view(args.camera_perturbations, args.eval_episodes, args.num_blocks)
+    rates = {
+        policy: {label: float(np.mean(values)) for label, values in by_label.items()}
+        for policy, by_label in draw_rates.items()
+    }
+    out_of_view = {
+        draw: targets_out_of_view(
+            args.camera_perturbations, args.eval_episodes, args.num_blocks, demo.eval_start_seed(draw)
+        )
+        for draw in range(args.eval_draws)
+    }
     results = {
         "success_rate_pc": rates,
         "targets": target_checks(rates, args.camera_perturbations),
         "target_out_of_view_pc": {
-            label: 100.0 * sum(mask) / len(mask) for label, mask in out_of_view.items()
+            label: 100.0
+            * sum(sum(masks[label]) for masks in out_of_view.values())
+            / sum(len(masks[label]) for masks in out_of_view.values())
+            for label in out_of_view[0]
         },
         "success_in_view_pc": success_in_view(run_dir, evaluations, out_of_view),
         "eval_episodes": args.eval_episodes,
-        "eval_start_seed": demo.EVAL_START_SEED,
+        "eval_draws": args.eval_draws,
+        "eval_start_seeds": [demo.eval_start_seed(draw) for draw in range(args.eval_draws)],
         "num_blocks": args.num_blocks,
         "train_steps": args.steps,
         "train_episodes": args.episodes,
         "camera_perturbations": [list(size) for size in args.camera_perturbations],
         "training_camera_perturbation": list(args.training_camera_perturbation),
     }
+    if args.eval_draws > 1:
+        results["success_rate_pc_per_draw"] = draw_rates
     if outcomes:
         results["where_episodes_ended"] = outcomes
     (run_dir / "robustness.json").write_text(json.dumps(results, indent=2, default=str))
     figure = write_figure(run_dir / "robustness.png", rates, args.camera_perturbations)
-    for policy, policy_rates in rates.items():
-        print(f"{policy}:", ", ".join(f"{label} {rate:.1f} %" for label, rate in policy_rates.items()))
+    for policy, by_label in draw_rates.items():
+        print(f"{policy}:", ", ".join(f"{label} {draws_text(values)}" for label, values in by_label.items()))
     for policy, policy_rates in results["success_in_view_pc"].items():
         print(
             f"{policy}, episodes whose target the camera sees:",

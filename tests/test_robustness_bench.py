@@ -209,8 +209,67 @@ def test_success_in_view_sets_aside_the_episodes_whose_target_left_the_image(tmp
     successes = [True, True, False, False, True]
     info = {"overall": {"pc_success": 60.0}, "per_task": [{"metrics": {"successes": successes}}]}
     (tmp_path / f"eval_{evaluation.name}" / "eval_info.json").write_text(json.dumps(info))
-    out_of_view = {"camera_5cm_5deg": [False, True, False, True, False]}
+    out_of_view = {0: {"camera_5cm_5deg": [False, True, False, True, False]}}
     rates = robustness.success_in_view(tmp_path, [evaluation, noise], out_of_view)
     assert rates == {"depth_ee_points": {"camera_5cm_5deg": pytest.approx(200 / 3)}}  # 2 of the 3 in view
     with pytest.raises(ValueError, match="holds 5 episodes, not 4"):
-        robustness.success_in_view(tmp_path, [evaluation], {"camera_5cm_5deg": [False] * 4})
+        robustness.success_in_view(tmp_path, [evaluation], {0: {"camera_5cm_5deg": [False] * 4}})
+
+    # A second draw of other episodes: pooled with the first over the episodes in view (2 + 1 of 3 + 2).
+    second = robustness.dataclasses.replace(evaluation, draw=1)
+    assert second.name == "depth_ee_points_camera_5cm_5deg_draw_1"
+    (tmp_path / f"eval_{second.name}").mkdir()
+    info["per_task"][0]["metrics"]["successes"] = [False, True, False, False, False]
+    (tmp_path / f"eval_{second.name}" / "eval_info.json").write_text(json.dumps(info))
+    out_of_view[1] = {"camera_5cm_5deg": [True, False, True, True, False]}
+    rates = robustness.success_in_view(tmp_path, [evaluation, second], out_of_view)
+    assert rates == {"depth_ee_points": {"camera_5cm_5deg": pytest.approx(100 * 3 / 5)}}
+
+
+def test_eval_draws_evaluate_every_cell_on_disjoint_episodes_and_report_the_mean(
+    tmp_path, stubbed, robustness, monkeypatch
+):
+    rates_by_seed = {
+        demo.eval_start_seed(0): 90.0,
+        demo.eval_start_seed(1): 70.0,
+        demo.eval_start_seed(2): 80.0,
+    }
+    run_lerobot = demo.run_lerobot
+
+    def seeded_run_lerobot(script, args, log_path, environment=None):
+        run_lerobot(script, args, log_path, environment)
+        if script == "lerobot_eval":  # the stub's rate, replaced by one that depends on the episodes' seed
+            options = dict(arg.removeprefix("--").split("=", 1) for arg in args)
+            info_path = Path(options["output_dir"]) / "eval_info.json"
+            info = json.loads(info_path.read_text())
+            info["overall"]["pc_success"] = rates_by_seed[int(options["seed"])]
+            info_path.write_text(json.dumps(info))
+
+    monkeypatch.setattr(demo, "run_lerobot", seeded_run_lerobot)
+    outcome_calls = []
+
+    def touch_block_outcomes(checkpoint, episodes, start_seed, num_blocks, **env_options):
+        outcome_calls.append(start_seed)
+        return robustness.dataclasses.make_dataclass("Summary", ["episodes"])(episodes)
+
+    monkeypatch.setattr(robustness, "touch_block_outcomes", touch_block_outcomes)
+    argv = ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera", "--policies",
+            "depth_ee_points", "--camera-perturbations", "0,0", "0.05,5", "--eval-draws", "3", "--outcomes",
+            "--eval-episodes", "5"]  # fmt: skip
+    results = robustness.main(argv)
+
+    seeds = sorted(int(a.removeprefix("--seed=")) for args in stubbed["eval"] for a in args if "--seed=" in a)
+    assert seeds == sorted(2 * list(rates_by_seed))  # each of the two cells on the three sets of episodes
+    assert len({output_dir_name(args) for args in stubbed["eval"]}) == 6
+    per_draw = results["success_rate_pc_per_draw"]["depth_ee_points"]
+    assert per_draw == {"camera_0cm_0deg": [90.0, 70.0, 80.0], "camera_5cm_5deg": [90.0, 70.0, 80.0]}
+    assert results["success_rate_pc"]["depth_ee_points"]["camera_5cm_5deg"] == pytest.approx(80.0)
+    assert results["eval_start_seeds"] == list(rates_by_seed)
+    assert outcome_calls == [demo.eval_start_seed(0)]  # where episodes ended: the first draw's episodes
+
+    # A rerun reuses every evaluation and the recorded outcomes.
+    evaluations = len(stubbed["eval"])
+    robustness.main(argv)
+    assert len(stubbed["eval"]) == evaluations and outcome_calls == [demo.eval_start_seed(0)]
+    with pytest.raises(SystemExit):
+        robustness.parse_args(["--eval-draws", "0"])
