@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lerobot_llava3d_fusion.demo import touch_block_demo as demo
 from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 from lerobot_llava3d_fusion.demo.touch_block_outcomes import touch_block_outcomes
 from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.geometry.patch_points import backproject_depth
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +217,37 @@ def targets_out_of_view(
             out.append(not (-0.5 <= column < width - 0.5 and -0.5 <= row < height - 0.5))
         masks[camera_label(translation, rotation)] = out
     return masks
+
+
+def pixel_point_spread_mm(
+    camera_perturbation: tuple[float, float], episodes: int, num_blocks: int
+) -> dict[str, float]:
+    """How much a pixel's 3D point varies across episodes (first frames, seeds from 0), in mm: the
+    standard deviation of its x and y over the episodes, averaged over pixels, for world points and
+    for points measured from the end-effector (`geometry_origin=state`). Where a pixel's world x/y
+    barely varies (a fixed camera: only through depth), world points tell the policy little that the
+    patch's place in the image does not; a policy that localises by that place fails when the camera
+    moves."""
+    translation, rotation = camera_perturbation
+    env = touch_block.TouchBlockEnv(
+        num_blocks=num_blocks,
+        camera_translation_perturbation=translation,
+        camera_rotation_perturbation=rotation,
+    )
+    world, from_end_effector = [], []
+    for seed in range(episodes):
+        observation, _ = env.reset(seed=seed)
+        points, _ = backproject_depth(
+            torch.from_numpy(observation[touch_block.DEPTH_ENTRY]).double()[None],
+            torch.from_numpy(observation[touch_block.INTRINSICS_ENTRY]).double(),
+            torch.from_numpy(observation[touch_block.EXTRINSICS_ENTRY]).double(),
+        )
+        world.append(points[0])
+        from_end_effector.append(points[0] - torch.from_numpy(observation["agent_pos"]).double())
+    return {
+        name: float(torch.stack(values)[..., :2].std(dim=0).mean() * 1000)
+        for name, values in (("world", world), ("end_effector", from_end_effector))
+    }
 
 
 def success_in_view(
@@ -458,6 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
             for label in out_of_view[0]
         },
         "success_in_view_pc": success_in_view(run_dir, evaluations, out_of_view),
+        "pixel_point_spread_mm": {
+            camera_label(*size): pixel_point_spread_mm(size, args.eval_episodes, args.num_blocks)
+            for size in {(0.0, 0.0), args.training_camera_perturbation}
+        },
         "eval_episodes": args.eval_episodes,
         "eval_draws": args.eval_draws,
         "eval_start_seeds": [demo.eval_start_seed(draw) for draw in range(args.eval_draws)],

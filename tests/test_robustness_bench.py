@@ -144,6 +144,9 @@ def test_every_experiment_trains_each_policy_once_and_evaluates_it_on_the_same_s
     in_view = results["success_in_view_pc"]
     assert set(in_view) == {"depth_ee_points", "depth_world_points", "no_geometry", "depth_camera_trained"}
     assert in_view["no_geometry"]["camera_0cm_0deg"] == pytest.approx(100 * 6 / 7)
+    spread = results["pixel_point_spread_mm"]
+    assert set(spread) == {"camera_0cm_0deg", "camera_5cm_5deg"}
+    assert spread["camera_0cm_0deg"]["world"] < spread["camera_5cm_5deg"]["world"]
     run_dir = tmp_path / "data_3_steps"
     assert json.loads((run_dir / "robustness.json").read_text())["success_rate_pc"] == rates
     assert (run_dir / "robustness.png").stat().st_size > 0
@@ -273,3 +276,13 @@ def test_eval_draws_evaluate_every_cell_on_disjoint_episodes_and_report_the_mean
     assert len(stubbed["eval"]) == evaluations and outcome_calls == [demo.eval_start_seed(0)]
     with pytest.raises(SystemExit):
         robustness.parse_args(["--eval-draws", "0"])
+
+
+def test_a_fixed_camera_gives_each_pixel_nearly_the_same_world_point_in_every_episode(robustness):
+    """The nominal camera: a pixel's world x/y moves only with the depth it sees (millimetres), while
+    its point from the end-effector moves with the end-effector (centimetres); a camera moved per
+    episode moves the world points too."""
+    fixed = robustness.pixel_point_spread_mm((0.0, 0.0), episodes=12, num_blocks=1)
+    moved = robustness.pixel_point_spread_mm((0.05, 5.0), episodes=12, num_blocks=1)
+    assert fixed["world"] < 3.0 and fixed["end_effector"] > 50.0
+    assert moved["world"] > 10 * fixed["world"]
