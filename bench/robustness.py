@@ -16,8 +16,9 @@ same episodes (seeds from the demo's `EVAL_START_SEED`):
 
 Writes `<workdir>/<run>/robustness.json` (success rates; the targets of docs/robustness.md and
 whether they are met; per camera move, the share of episodes whose target the moved camera does not
-see and each policy's success over the episodes whose target it sees) and `robustness.png`; a rerun
-reuses the dataset, checkpoints and evaluations it finds. Each training takes 30-50 min on 2 CPU cores.
+see and each policy's success over the episodes whose target it sees) and `robustness.png`
+(`robustness_<N>_draws.*` with `--eval-draws N`); a rerun reuses the dataset, checkpoints,
+evaluations and outcomes it finds. Each training takes 30-50 min on 2 CPU cores.
 
     python bench/robustness.py --workdir outputs/robustness            # all three
     python bench/robustness.py --experiments camera --eval-episodes 20
@@ -508,8 +509,11 @@ def main(argv: list[str] | None = None) -> dict:
         results["success_rate_pc_per_draw"] = draw_rates
     if outcomes:
         results["where_episodes_ended"] = outcomes
-    (run_dir / "robustness.json").write_text(json.dumps(results, indent=2, default=str))
-    figure = write_figure(run_dir / "robustness.png", rates, args.camera_perturbations)
+    # One draw: robustness.json; several: their own file, so the one-draw record of every cell stays.
+    stem = "robustness" + (f"_{args.eval_draws}_draws" if args.eval_draws > 1 else "")
+    results_path = run_dir / f"{stem}.json"
+    results_path.write_text(json.dumps(results, indent=2, default=str))
+    figure = write_figure(run_dir / f"{stem}.png", rates, args.camera_perturbations)
     for policy, by_label in draw_rates.items():
         print(f"{policy}:", ", ".join(f"{label} {draws_text(values)}" for label, values in by_label.items()))
     for policy, policy_rates in results["success_in_view_pc"].items():
@@ -519,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     for check, outcome in results["targets"].items():
         print(f"target {check}: {'met' if outcome['met'] else 'MISSED'} ({outcome})")
-    print(f"results: {run_dir / 'robustness.json'}" + (f", {figure}" if figure else ""))
+    print(f"results: {results_path}" + (f", {figure}" if figure else ""))
     return results
 
 

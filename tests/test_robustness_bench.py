@@ -269,6 +269,9 @@ def test_eval_draws_evaluate_every_cell_on_disjoint_episodes_and_report_the_mean
     assert results["success_rate_pc"]["depth_ee_points"]["camera_5cm_5deg"] == pytest.approx(80.0)
     assert results["eval_start_seeds"] == list(rates_by_seed)
     assert outcome_calls == [demo.eval_start_seed(0)]  # where episodes ended: the first draw's episodes
+    run_dir = tmp_path / "data_3_steps"
+    assert json.loads((run_dir / "robustness_3_draws.json").read_text())["eval_draws"] == 3
+    assert not (run_dir / "robustness.json").exists()  # the one-draw record is not overwritten
 
     # A rerun reuses every evaluation and the recorded outcomes.
     evaluations = len(stubbed["eval"])
