@@ -201,18 +201,27 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
         lerobot-train's periodic evaluation never rounds them); one loaded only to act (lerobot-eval,
         lerobot-rollout, the policy server) stores its weights in `config.dtype` at its first chunk."""
         if mode:
-            self._trains = True
-            if not self._master_weights:
-                masters = self._saved_masters()
-                self._set_storage_dtypes()
-                with torch.no_grad():
-                    for name, param in self.named_parameters():
-                        if name in masters:
-                            param.copy_(masters[name])
-                self._masters_file = None
+            self._keep_master_weights()
         return super().train(mode)
 
+    def _keep_master_weights(self) -> None:
+        """From now on the policy trains: float32 master weights for what trains, a loaded checkpoint's
+        read back from its file (see `_store_to_act`)."""
+        self._trains = True
+        if self._master_weights:
+            return
+        masters = self._saved_masters()
+        self._set_storage_dtypes()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name in masters:
+                    param.copy_(masters[name])
+        self._masters_file = None
+
     def get_optim_params(self) -> list[torch.nn.Parameter]:
+        """The parameters that train, as float32 masters: lerobot-train builds its optimizer (and loads a
+        resumed run's optimizer state, cast to the parameters' dtype) before it calls `train()`."""
+        self._keep_master_weights()
         return [p for p in self.parameters() if p.requires_grad]
 
     # --------------------------------------------------------------- LeRobot VLA features

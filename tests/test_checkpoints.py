@@ -320,3 +320,24 @@ def test_a_weight_changed_after_loading_keeps_its_value_when_training_starts(bf1
     assert "changed after loading" in caplog.text and name in caplog.text
     others = [other for other in _trainable(loaded) if other != name]
     assert all(torch.equal(dict(loaded.named_parameters())[o], saved_tensors[o]) for o in others)
+
+
+def test_an_optimizer_built_on_a_loaded_bf16_checkpoint_gets_its_float32_weights(bf16_checkpoint):
+    """lerobot-train (fine-tuning, --resume) builds the optimizer from get_optim_params() before it
+    calls train(): the parameters it holds are the float32 masters, so a resumed optimizer state is
+    cast to float32, not rounded to bf16."""
+    directory, saved_tensors = bf16_checkpoint
+    loaded = Llava3DFusionPolicy.from_pretrained(directory)
+    params = loaded.get_optim_params()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    state = {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.ones_like(p, dtype=torch.float64),
+                           "exp_avg_sq": torch.ones_like(p, dtype=torch.float64)} for i, p in enumerate(params)},
+             "param_groups": optimizer.state_dict()["param_groups"]}  # fmt: skip
+    optimizer.load_state_dict(state)
+    names = {id(param): name for name, param in loaded.named_parameters()}
+    for param in params:
+        assert param.dtype == torch.float32
+        assert torch.equal(param, saved_tensors[names[id(param)]])
+        assert optimizer.state[param]["exp_avg"].dtype == torch.float32
+    loaded.train()
+    assert all(param.dtype == torch.float32 for param in params)
