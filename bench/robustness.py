@@ -192,6 +192,16 @@ def target_checks(
     return checks
 
 
+def moved_camera_env(camera_perturbation: tuple[float, float], num_blocks: int) -> touch_block.TouchBlockEnv:
+    """A touch_block env whose camera each reset moves by up to `camera_perturbation` (m, degrees)."""
+    translation, rotation = camera_perturbation
+    return touch_block.TouchBlockEnv(
+        num_blocks=num_blocks,
+        camera_translation_perturbation=translation,
+        camera_rotation_perturbation=rotation,
+    )
+
+
 def targets_out_of_view(
     camera_perturbations: list[tuple[float, float]],
     episodes: int,
@@ -202,12 +212,8 @@ def targets_out_of_view(
     target's top-centre (it projects outside the image), by camera label: what no policy that needs to
     see its target can succeed at."""
     masks = {}
-    for translation, rotation in camera_perturbations:
-        env = touch_block.TouchBlockEnv(
-            num_blocks=num_blocks,
-            camera_translation_perturbation=translation,
-            camera_rotation_perturbation=rotation,
-        )
+    for size in camera_perturbations:
+        env = moved_camera_env(size, num_blocks)
         out = []
         for seed in range(start_seed, start_seed + episodes):
             observation, _ = env.reset(seed=seed)
@@ -216,7 +222,7 @@ def targets_out_of_view(
             column, row = (observation[touch_block.INTRINSICS_ENTRY] @ (camera / camera[2]))[:2]
             height, width = observation[touch_block.DEPTH_ENTRY].shape[-2:]
             out.append(not (-0.5 <= column < width - 0.5 and -0.5 <= row < height - 0.5))
-        masks[camera_label(translation, rotation)] = out
+        masks[camera_label(*size)] = out
     return masks
 
 
@@ -229,12 +235,7 @@ def pixel_point_spread_mm(
     barely varies (a fixed camera: only through depth), world points tell the policy little that the
     patch's place in the image does not; a policy that localises by that place fails when the camera
     moves."""
-    translation, rotation = camera_perturbation
-    env = touch_block.TouchBlockEnv(
-        num_blocks=num_blocks,
-        camera_translation_perturbation=translation,
-        camera_rotation_perturbation=rotation,
-    )
+    env = moved_camera_env(camera_perturbation, num_blocks)
     world, from_end_effector = [], []
     for seed in range(episodes):
         observation, _ = env.reset(seed=seed)

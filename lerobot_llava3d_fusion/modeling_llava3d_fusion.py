@@ -198,8 +198,8 @@ class Llava3DFusionPolicy(PreTrainedPolicy):
 
     def train(self, mode: bool = True) -> "Llava3DFusionPolicy":
         """A policy that trains keeps float32 master weights, in its evaluation passes too (so
-        lerobot-train's periodic evaluation never rounds them); one loaded only to act (lerobot-eval,
-        lerobot-rollout, the policy server) stores its weights in `config.dtype` at its first chunk."""
+        lerobot-train's periodic evaluation never rounds them); one that only acts stores them in
+        `config.dtype`: when loaded (`_store_to_act`), or at its first chunk when built in Python."""
         if mode:
             self._keep_master_weights()
         return super().train(mode)
