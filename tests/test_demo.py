@@ -362,6 +362,23 @@ def test_batch_size_option_reaches_lerobot_train(tmp_path, monkeypatch):
     assert "--batch_size=16" in calls[1]
 
 
+def test_save_freq_option_keeps_intermediate_checkpoints_without_renaming_the_run(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
+    demo.train(tmp_path / "a", tmp_path / "ds", tmp_path / "bb", "depth", 10, False)
+    demo.train(tmp_path / "b", tmp_path / "ds", tmp_path / "bb", "depth", 10, False, save_freq=4)
+    assert "--save_freq=10" in calls[0] and "--save_freq=4" in calls[1]
+    assert {arg for arg in calls[0] if not arg.startswith(("--save_freq", "--output_dir"))} == {
+        arg for arg in calls[1] if not arg.startswith(("--save_freq", "--output_dir"))
+    }
+
+
+def test_non_positive_save_freq_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", str(tmp_path), "--save-freq", "0"])
+    assert "--save-freq must be positive" in capsys.readouterr().err
+
+
 def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, stubbed_training):
     train_calls = []
     monkeypatch.setattr(

@@ -43,8 +43,7 @@ import gymnasium as gym
 import numpy as np
 from tqdm import tqdm
 
-from lerobot_llava3d_fusion.envs import touch_block
-from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
+from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer
 from lerobot_llava3d_fusion.demo.make_touch_block_dataset import make_touch_block_dataset
 from lerobot_llava3d_fusion.demo.touch_block_captions import caption_vocabulary, touch_block_image_text_pairs
 from lerobot_llava3d_fusion.demo.touch_block_figures import write_demo_figures
@@ -53,8 +52,9 @@ from lerobot_llava3d_fusion.demo.touch_block_outcomes import (
     policy_episode_trace,
     touch_block_outcomes,
 )
-from lerobot_llava3d_fusion.backbones.loading import build_tiny_llava, build_word_tokenizer
 from lerobot_llava3d_fusion.demo.vlm_pretraining import pretrain_vlm
+from lerobot_llava3d_fusion.envs import touch_block
+from lerobot_llava3d_fusion.envs.configs import TouchBlockEnvConfig
 from lerobot_llava3d_fusion.presets import preset_path
 
 logger = logging.getLogger(__name__)
@@ -174,10 +174,12 @@ def train(
     policy_options: dict[str, str] | None = None,
     name: str | None = None,
     seed: int = 0,
+    save_freq: int | None = None,
 ) -> Path:
     """The checkpoint of `lerobot-train` with the demo's preset into `<workdir>/train_<name>` (`name`
     defaults to the geometry); `policy_options` add `--policy.<option>=<value>` arguments; `seed` is
-    the demo seed (`training_seed`)."""
+    the demo seed (`training_seed`); `save_freq` also keeps a checkpoint every that many steps (saving
+    draws no random numbers: the run is the same)."""
     name = name or geometry
     output_dir = workdir / f"train_{name}"
     checkpoint = output_dir / "checkpoints" / "last" / "pretrained_model"
@@ -197,7 +199,7 @@ def train(
             f"--steps={steps}",
             *([f"--batch_size={batch_size}"] if batch_size is not None else []),  # else the preset's
             f"--policy.scheduler_decay_steps={steps}",  # the cosine decay spans the whole run
-            f"--save_freq={steps}",
+            f"--save_freq={save_freq or steps}",
             f"--seed={training_seed(seed)}",
             f"--output_dir={output_dir}",
         ],
@@ -523,6 +525,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument(
+        "--save-freq",
+        type=int,
+        help="also keep a training checkpoint every this many steps (lerobot-train's --save_freq; default: "
+        "the last step only), e.g. to follow the learning with bench/plateau.py; the run is the same",
+    )
+    parser.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -555,6 +563,8 @@ def main(argv: list[str] | None = None) -> None:
     args = fill_block_dependent_defaults(parser.parse_args(argv))
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
+    if args.save_freq is not None and args.save_freq < 1:
+        parser.error(f"--save-freq must be positive, got {args.save_freq}")
     # force: an imported library may have configured the root logger already (it hid this output).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     datasets.disable_progress_bars()  # the episode bar only, not one `datasets` bar per saved episode
@@ -598,6 +608,7 @@ def main(argv: list[str] | None = None) -> None:
             pretraining,
             args.batch_size,
             seed=args.seed,
+            save_freq=args.save_freq,
         )
         checkpoints[geometry] = checkpoint
         results.update(
