@@ -187,7 +187,9 @@ def stubbed_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: Path(geometry),
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: Path(
+            geometry
+        ),
     )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks, start_seed: 50.0)
 
@@ -240,7 +242,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
@@ -330,7 +332,7 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
             train_calls.append(steps) or Path(geometry)
         ),
     )
@@ -384,7 +386,7 @@ def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, 
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
             train_calls.append((run_dir.name, batch_size)) or Path(geometry)
         ),
     )
