@@ -46,8 +46,6 @@ from lerobot_llava3d_fusion.envs import touch_block
 from lerobot_llava3d_fusion.model import fusion
 from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
-logger = logging.getLogger(__name__)
-
 LOSS_LINE = re.compile(r"\bstep:\S+ .*\bloss:([\d.]+)")
 DEFAULT_EXIT_LOSS = 0.25  # between the plateau (about 0.4) and the trained loss (0.05-0.1)
 
@@ -189,15 +187,15 @@ def probe_checkpoint(
         swapped_losses.append(swapped_loss)
         tokens = own[OBS_LANGUAGE_TOKENS]
         colour = colour_key_positions(tokens, swapped[OBS_LANGUAGE_TOKENS])
-        per_layer, uniform = [], []
-        for probabilities in records:  # per layer: (B, Ls, Lk)
-            text_start = probabilities.shape[-1] - suffix_length - tokens.shape[1]
-            rows = torch.arange(len(items))
-            per_layer.append(probabilities[rows, :, text_start + colour].mean(1))
-            keys_seen = (probabilities[:, -1] > 0).sum(-1)  # unmasked keys of the last action query
-            uniform.append(1.0 / keys_seen.float())
+        # Keys: [prefix: image tokens, task tokens][suffix]; every layer has the same keys and mask.
+        colour_key = records[0].shape[-1] - suffix_length - tokens.shape[1] + colour  # (B,)
+        rows = torch.arange(len(items))
+        keys_seen = (records[0][:, -1] > 0).sum(-1)  # unmasked keys of the last action query, (B,)
+        per_layer = [
+            probabilities[rows, :, colour_key].mean(1) for probabilities in records
+        ]  # (B, Ls, Lk) each
         colour_share.append(torch.stack(per_layer, 1))  # (B, layers)
-        uniform_share.append(torch.stack(uniform, 1))
+        uniform_share.append((1.0 / keys_seen.float())[:, None].expand(-1, len(records)))
     own_loss, swapped_loss = torch.cat(own_losses), torch.cat(swapped_losses)
     first = torch.from_numpy(samples.first_frame)
     return {
