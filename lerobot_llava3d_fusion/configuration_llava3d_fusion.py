@@ -57,6 +57,10 @@ class Llava3DFusionConfig(PreTrainedConfig):
     n_obs_steps: int = 1
     chunk_size: int = 50  # the action horizon H
     n_action_steps: int = 50
+    # Training: the last frames of every episode that `lerobot-train`'s sampler leaves out (its
+    # EpisodeAwareSampler reads this attribute). Their actions still train, inside the chunks of the
+    # frames before them; only their observations are no longer samples.
+    drop_n_last_frames: int = 0
 
     normalization_mapping: dict[str, NormalizationMode] = field(
         default_factory=lambda: {
@@ -221,6 +225,8 @@ class Llava3DFusionConfig(PreTrainedConfig):
             raise ValueError(
                 f"chunk_size ({self.chunk_size}) and n_action_steps ({self.n_action_steps}) must be >= 1."
             )
+        if self.drop_n_last_frames < 0:
+            raise ValueError(f"drop_n_last_frames must be >= 0 (got {self.drop_n_last_frames}).")
         if self.n_obs_steps != 1:
             raise ValueError(f"n_obs_steps must be 1 (got {self.n_obs_steps}): the policy sees one frame.")
         _check_choice("expert_mode", self.expert_mode, EXPERT_MODES)

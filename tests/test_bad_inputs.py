@@ -8,6 +8,7 @@ Related cases elsewhere: test_policy.py (missing camera, wrong sizes, NaN), test
 test_robot_depth.py (depth units).
 """
 
+import inspect
 import logging
 import math
 import re
@@ -532,6 +533,7 @@ def _lerobot_train_argv(*policy_args: str) -> list[str]:
         ("--policy.scheduler_decay_lr=-0.1", "scheduler_decay_lr must be a finite number >= 0"),
         ("--policy.geometry=lidar", "geometry must be one of"),
         ("--policy.num_steps=0", "num_steps"),
+        ("--policy.drop_n_last_frames=-1", "drop_n_last_frames must be >= 0"),
     ],
 )
 def test_lerobot_train_shows_the_invalid_fields_own_message(monkeypatch, capsys, caplog, arg, message):
@@ -549,3 +551,17 @@ def test_lerobot_train_parses_valid_training_presets(monkeypatch):
     cfg = _parse_like_lerobot_train()
     assert (cfg.policy.optimizer_lr, cfg.policy.scheduler_warmup_steps) == (3e-4, 0)
     assert not cfg.policy.allow_missing_depth
+
+
+def test_drop_n_last_frames_reaches_lerobot_trains_sampler(monkeypatch):
+    from lerobot.datasets import EpisodeAwareSampler
+    from lerobot.scripts import lerobot_train
+
+    monkeypatch.setattr(sys, "argv", _lerobot_train_argv("--policy.drop_n_last_frames=2"))
+    cfg = _parse_like_lerobot_train()
+    assert cfg.trainable_config.drop_n_last_frames == 2
+    # lerobot-train reads the attribute from the config it trains when it builds its sampler.
+    assert 'getattr(active_cfg, "drop_n_last_frames", 0)' in inspect.getsource(lerobot_train.train)
+    # Two episodes of 5 and 3 frames: frames 0-2 and 5 remain samples.
+    sampler = EpisodeAwareSampler([0, 5], [5, 8], drop_n_last_frames=cfg.trainable_config.drop_n_last_frames)
+    assert sorted(sampler) == [0, 1, 2, 5]

@@ -187,8 +187,8 @@ def stubbed_training(tmp_path, monkeypatch):
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: Path(
-            geometry
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
+            Path(geometry)
         ),
     )
     monkeypatch.setattr(demo, "reference_success", lambda policy, episodes, num_blocks, start_seed: 50.0)
@@ -242,7 +242,7 @@ def test_vlm_pretraining_option_trains_the_policy_from_the_pretrained_backbone(t
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
             train_calls.append((backbone, pretrained)) or Path(geometry)
         ),
     )
@@ -332,7 +332,7 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
             train_calls.append(steps) or Path(geometry)
         ),
     )
@@ -386,7 +386,7 @@ def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, 
     monkeypatch.setattr(
         demo,
         "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq: (
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
             train_calls.append((run_dir.name, batch_size)) or Path(geometry)
         ),
     )
@@ -397,6 +397,40 @@ def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, 
     for run_name, batch_size in (("data_3_steps", demo.PRESET_BATCH_SIZE), ("data_3_steps_batch_16", 16)):
         results = json.loads((tmp_path / run_name / "results.json").read_text())
         assert results["train_batch_size"] == batch_size
+
+
+def test_drop_n_last_frames_option_reaches_lerobot_train_names_the_run_and_is_recorded(
+    tmp_path, monkeypatch, stubbed_training
+):
+    train_calls = []
+    monkeypatch.setattr(
+        demo,
+        "train",
+        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
+            train_calls.append((run_dir.name, policy_options)) or Path(geometry)
+        ),
+    )
+    monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
+    demo.main(["--workdir", str(tmp_path), "--steps", "3"])
+    demo.main(["--workdir", str(tmp_path), "--steps", "3", "--drop-n-last-frames", "6"])
+    assert train_calls == [("data_3_steps", None), ("data_3_steps_drop_last_6", {"drop_n_last_frames": 6})]
+    for run_name, dropped in (("data_3_steps", 0), ("data_3_steps_drop_last_6", 6)):
+        results = json.loads((tmp_path / run_name / "results.json").read_text())
+        assert results["train_drop_n_last_frames"] == dropped
+
+
+def test_drop_n_last_frames_reaches_lerobot_train_as_a_policy_option(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_lerobot", lambda script, args, log, environment: calls.append(args))
+    options = {"drop_n_last_frames": 6}
+    demo.train(tmp_path, tmp_path / "ds", tmp_path / "bb", "depth", 10, False, policy_options=options)
+    assert "--policy.drop_n_last_frames=6" in calls[0]
+
+
+def test_negative_drop_n_last_frames_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--workdir", str(tmp_path), "--drop-n-last-frames", "-1"])
+    assert "--drop-n-last-frames must be 0 or more" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("geometry", ["depth", "none"])

@@ -523,6 +523,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"training batch size (default: the preset's, {PRESET_BATCH_SIZE}); the samples per second "
         "hardly change with it on a CPU, so a smaller batch gives more optimizer steps in the same time",
     )
+    parser.add_argument(
+        "--drop-n-last-frames",
+        type=int,
+        default=0,
+        help="training: leave the last this many frames of every episode out of the samples "
+        "(--policy.drop_n_last_frames, read by lerobot-train's sampler; their actions still train inside "
+        "earlier frames' chunks); 0: every frame",
+    )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument(
         "--save-freq",
@@ -563,6 +571,8 @@ def main(argv: list[str] | None = None) -> None:
     args = fill_block_dependent_defaults(parser.parse_args(argv))
     if args.seed < 0:
         parser.error(f"--seed must be 0 or more, got {args.seed}")
+    if args.drop_n_last_frames < 0:
+        parser.error(f"--drop-n-last-frames must be 0 or more, got {args.drop_n_last_frames}")
     if args.save_freq is not None and args.save_freq < 1:
         parser.error(f"--save-freq must be positive, got {args.save_freq}")
     # force: an imported library may have configured the root logger already (it hid this output).
@@ -585,6 +595,8 @@ def main(argv: list[str] | None = None) -> None:
     run_name = f"{data_name}_{args.steps}_steps"
     if args.batch_size is not None:
         run_name += f"_batch_{args.batch_size}"
+    if args.drop_n_last_frames:
+        run_name += f"_drop_last_{args.drop_n_last_frames}"
     if pretraining:
         backbone = pretrain_demo_backbone(
             args.workdir, backbone, args.vlm_pretraining_steps, args.vlm_pretraining_images
@@ -609,6 +621,9 @@ def main(argv: list[str] | None = None) -> None:
             args.batch_size,
             seed=args.seed,
             save_freq=args.save_freq,
+            policy_options={"drop_n_last_frames": args.drop_n_last_frames}
+            if args.drop_n_last_frames
+            else None,
         )
         checkpoints[geometry] = checkpoint
         results.update(
@@ -630,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval_start_seed": start_seed,
         "train_steps": args.steps,
         "train_batch_size": args.batch_size or PRESET_BATCH_SIZE,
+        "train_drop_n_last_frames": args.drop_n_last_frames,
         "train_episodes": args.episodes,
         "num_blocks": args.num_blocks,
         "every_block_as_target": args.every_block_as_target,
