@@ -15,7 +15,11 @@ chunks apart. This script follows a demo training run through its checkpoints (r
 
 It also reads the training loss the run logged (`train_<name>.log`, one line per `log_freq` steps)
 and reports the plateau exit: the first logged step after which the loss stays below `--exit-loss`,
-in steps and in samples (steps x batch size). That needs no intermediate checkpoints.
+in steps and in samples (steps x batch size). That needs no intermediate checkpoints, but it depends on
+which frames the run samples (a run with `--drop-n-last-frames` leaves out frames of low loss, so its
+logged loss is higher at the same skill). The checkpoints give a measure that does not: the first one
+from which a swapped colour word costs the first frames at least `--colour-bound-ratio` times their
+own loss (the colour word is bound), on the same fixed samples for every run of a dataset.
 
     .venv/bin/python bench/plateau.py --run-dir outputs/demo/<run> --dataset-root outputs/demo/<dataset>
 
@@ -48,6 +52,9 @@ from lerobot_llava3d_fusion.modeling_llava3d_fusion import Llava3DFusionPolicy
 
 LOSS_LINE = re.compile(r"\bstep:\S+ .*\bloss:([\d.]+)")
 DEFAULT_EXIT_LOSS = 0.25  # between the plateau (about 0.4) and the trained loss (0.05-0.1)
+# On the plateau a swapped colour word changes the first frames' loss by a few percent; once the word
+# is bound it multiplies it (8x one checkpoint after the exit of the demo's seed 2).
+DEFAULT_COLOUR_BOUND_RATIO = 2.0
 
 
 def logged_losses(log_path: Path, log_freq: int) -> list[tuple[int, float]]:
@@ -68,6 +75,19 @@ def plateau_exit(losses: list[tuple[int, float]], exit_loss: float) -> int | Non
         elif exit_step is None:
             exit_step = step
     return exit_step
+
+
+def colour_bound_step(probes: dict[int, dict], ratio: float) -> int | None:
+    """The first probed checkpoint step from which every later probe's first-frame loss with a swapped
+    colour word is at least `ratio` times the loss with the own one (None: never)."""
+    bound_step = None
+    for step in sorted(probes):
+        probe = probes[step]
+        if probe["loss_first_frames_colour_swapped"] < ratio * probe["loss_first_frames"]:
+            bound_step = None
+        elif bound_step is None:
+            bound_step = step
+    return bound_step
 
 
 def training_checkpoints(train_dir: Path) -> list[tuple[int, Path]]:
@@ -219,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples-per-group", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--exit-loss", type=float, default=DEFAULT_EXIT_LOSS)
+    parser.add_argument("--colour-bound-ratio", type=float, default=DEFAULT_COLOUR_BOUND_RATIO)
     parser.add_argument("--seed", type=int, default=0, help="sample choice, noise and flow time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
@@ -286,6 +307,14 @@ def main(argv: list[str] | None = None) -> None:
                 "attention",
             ],
             rows,
+        )
+        bound_step = colour_bound_step(summary["checkpoints"], args.colour_bound_ratio)
+        summary["colour_bound_ratio"] = args.colour_bound_ratio
+        summary["colour_bound_step"] = bound_step
+        summary["colour_bound_samples"] = None if bound_step is None else bound_step * batch
+        print(
+            f"colour word bound (swapped colour >= {args.colour_bound_ratio:g} x own loss on first frames from "
+            f"then on): step {bound_step}, {'-' if bound_step is None else bound_step * batch} samples"
         )
     write_json(args.run_dir / "plateau.json", summary)
 

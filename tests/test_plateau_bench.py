@@ -43,6 +43,22 @@ def test_plateau_exit_is_the_first_step_the_loss_stays_below_the_threshold(plate
     assert plateau.plateau_exit(losses, exit_loss=1.0) == 100
 
 
+def test_colour_bound_step_is_the_first_checkpoint_from_which_a_swap_costs_the_ratio(plateau):
+    def probe(own, swapped):
+        return {"loss_first_frames": own, "loss_first_frames_colour_swapped": swapped}
+
+    probes = {
+        2400: probe(0.2, 1.9),
+        800: probe(0.6, 0.6),
+        1200: probe(0.5, 1.2),  # bound once, then not: does not count
+        1600: probe(0.45, 0.5),
+        2000: probe(0.3, 0.6),  # exactly the ratio counts
+    }
+    assert plateau.colour_bound_step(probes, ratio=2.0) == 2000
+    assert plateau.colour_bound_step(probes, ratio=5.0) == 2400
+    assert plateau.colour_bound_step(probes, ratio=20.0) is None
+
+
 def test_colour_position_is_the_one_token_that_differs(plateau):
     own = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 8]])
     swapped = torch.tensor([[5, 6, 3, 8], [5, 2, 9, 8]])
