@@ -9,6 +9,8 @@ chunks apart. This script follows a demo training run through its checkpoints (r
   instruction and with the colour word of another block of the same scene (the instruction of the
   same scene's episode that targets that block), split into the episodes' first frames (only the
   colour word tells the target) and later frames (where the end-effector's motion also tells it);
+- the same two losses by how many frames before its episode's end a sample lies (the frames near the
+  end show the end-effector at its block, where the colour word is not needed);
 - how much of the action expert's attention (its state and action queries, averaged over heads and
   queries) lands on the colour word's key in each layer, against the share of a uniform attention over
   the keys those queries see.
@@ -105,7 +107,33 @@ class ProbeSamples:
 
     indices: list[int]
     first_frame: np.ndarray  # (N,) bool: the episode's first frame
+    frames_to_end: np.ndarray  # (N,) int: frames after this one in its episode (0: the last frame)
     swapped_tasks: list[str]
+
+
+# Groups of samples by frames to their episode's end: (first, last) inclusive, None: no upper bound.
+FRAMES_TO_END_GROUPS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, None))
+
+
+def frames_to_end_label(first: int, last: int | None) -> str:
+    return f"{first}+" if last is None else f"{first}-{last}"
+
+
+def losses_by_frames_to_end(frames_to_end: np.ndarray, own: torch.Tensor, swapped: torch.Tensor) -> dict:
+    """Mean own / swapped-colour loss and sample count of each `FRAMES_TO_END_GROUPS` group that has
+    samples, by its label ("0-1", ..., "10+")."""
+    groups = {}
+    for first, last in FRAMES_TO_END_GROUPS:
+        member = torch.from_numpy(
+            (frames_to_end >= first) & (frames_to_end <= (last if last is not None else np.inf))
+        )
+        if member.any():
+            groups[frames_to_end_label(first, last)] = {
+                "samples": int(member.sum()),
+                "loss": own[member].mean().item(),
+                "loss_colour_swapped": swapped[member].mean().item(),
+            }
+    return groups
 
 
 def probe_samples(dataset: LeRobotDataset, num_blocks: int, per_group: int, seed: int) -> ProbeSamples:
@@ -123,6 +151,7 @@ def probe_samples(dataset: LeRobotDataset, num_blocks: int, per_group: int, seed
     chosen = np.concatenate(
         [rng.choice(group, min(per_group, len(group)), replace=False) for group in (first, later)]
     )
+    frames_to_end = np.bincount(episodes)[episodes] - 1 - frames  # (frames,)
     swapped = []
     for index in chosen:
         episode = int(episodes[index])
@@ -135,7 +164,7 @@ def probe_samples(dataset: LeRobotDataset, num_blocks: int, per_group: int, seed
                 f"and {tasks[sibling]!r}"
             )
         swapped.append(tasks[sibling])
-    return ProbeSamples([int(i) for i in chosen], frames[chosen] == 0, swapped)
+    return ProbeSamples([int(i) for i in chosen], frames[chosen] == 0, frames_to_end[chosen], swapped)
 
 
 @contextmanager
@@ -223,6 +252,7 @@ def probe_checkpoint(
         "loss_first_frames_colour_swapped": swapped_loss[first].mean().item(),
         "loss_later_frames": own_loss[~first].mean().item(),
         "loss_later_frames_colour_swapped": swapped_loss[~first].mean().item(),
+        "loss_by_frames_to_end": losses_by_frames_to_end(samples.frames_to_end, own_loss, swapped_loss),
         "expert_attention_on_colour_per_layer": torch.cat(colour_share).mean(0).tolist(),
         "uniform_attention_per_layer": torch.cat(uniform_share).mean(0).tolist(),
     }
@@ -307,6 +337,25 @@ def main(argv: list[str] | None = None) -> None:
                 "attention",
             ],
             rows,
+        )
+        labels = [frames_to_end_label(*group) for group in FRAMES_TO_END_GROUPS]
+        print_table(
+            "loss by frames to the episode's end: own / swapped colour word",
+            ["step", *labels],
+            [
+                [
+                    step,
+                    *(
+                        "{loss:.3f} / {loss_colour_swapped:.3f}".format(
+                            **probe["loss_by_frames_to_end"][label]
+                        )
+                        if label in probe["loss_by_frames_to_end"]
+                        else "-"
+                        for label in labels
+                    ),
+                ]
+                for step, probe in summary["checkpoints"].items()
+            ],
         )
         bound_step = colour_bound_step(summary["checkpoints"], args.colour_bound_ratio)
         summary["colour_bound_ratio"] = args.colour_bound_ratio

@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import fixed_noise, preprocess, raw_batch, tiny_policy
@@ -57,6 +58,19 @@ def test_colour_bound_step_is_the_first_checkpoint_from_which_a_swap_costs_the_r
     assert plateau.colour_bound_step(probes, ratio=2.0) == 2000
     assert plateau.colour_bound_step(probes, ratio=5.0) == 2400
     assert plateau.colour_bound_step(probes, ratio=20.0) is None
+
+
+def test_losses_by_frames_to_end_group_each_sample_once(plateau):
+    frames_to_end = np.array([0, 1, 5, 12, 40, 2])
+    own = torch.tensor([0.1, 0.3, 0.5, 0.6, 0.8, 0.2])
+    swapped = own * 2
+    groups = plateau.losses_by_frames_to_end(frames_to_end, own, swapped)
+    assert list(groups) == ["0-1", "2-3", "4-5", "10+"]  # no sample 6-9 frames before the end
+    assert sum(group["samples"] for group in groups.values()) == len(own)
+    assert groups["0-1"]["loss"] == pytest.approx(0.2) and groups["0-1"][
+        "loss_colour_swapped"
+    ] == pytest.approx(0.4)
+    assert groups["10+"]["samples"] == 2 and groups["10+"]["loss"] == pytest.approx(0.7)
 
 
 def test_colour_position_is_the_one_token_that_differs(plateau):
