@@ -7,6 +7,11 @@ Builds a small touch-block dataset with the demo's writer (in a temporary direct
 - `images`: the demo's layout (PNG RGB, TIFF depth) read by LeRobot as installed;
 - `lossless video`: RGB stored as lossless HEVC video (planar RGB, bit-exact), depth as TIFF,
   decoded with the preset's `pyav` backend;
+- `RGB and depth video`: the depth map too as LeRobot's depth video (its encoder's 12-bit logarithmic
+  codes between 0.5 and 1.5 m, the scenes' depths being 0.69-1.0 m, HEVC lossless over those codes),
+  so that the dataset holds no image column and the action-chunk query decodes no image; depth then
+  differs from the TIFF by the quantisation (the script checks the bound and reports the largest
+  difference), everything else is equal;
 - `images, queried columns`: the demo's layout read with the reader change proposed in
   docs/upstream_dataset_reader.md (a delta-timestamp query formats only the queried column),
   applied here by replacing `DatasetReader._query_hf_dataset` for the measurement only.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import subprocess
@@ -41,7 +47,7 @@ from unittest import mock
 import datasets
 import torch
 from datasets.features.image import Image
-from lerobot.configs.video import RGBEncoderConfig
+from lerobot.configs.video import DepthEncoderConfig, RGBEncoderConfig
 from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.dataset_reader import DatasetReader
 
@@ -56,6 +62,13 @@ DELTA_TIMESTAMPS = {"action": [step / touch_block.FPS for step in range(CHUNK_SI
 LOSSLESS_RGB_VIDEO = RGBEncoderConfig(
     vcodec="hevc", pix_fmt="gbrp", crf=None, extra_options={"x265-params": "lossless=1:log-level=error"}
 )
+# LeRobot's depth video: 4,096 logarithmic codes over [0.5, 1.5] m, stored losslessly.
+DEPTH_VIDEO = DepthEncoderConfig(
+    depth_min=0.5, depth_max=1.5, extra_options={"x265-params": "lossless=1:log-level=error"}
+)
+DEPTH_KEY = "observation.depth.top"
+# Largest depth difference the 12-bit codes allow at 1.5 m: half a code's step, with a margin.
+DEPTH_VIDEO_TOLERANCE_M = 1.5 * (math.log(1.5 / 0.5) / 4095)
 STEP_LOG = re.compile(r"step:(\S+) .*updt_s:([\d.]+) data_s:([\d.]+)")
 
 
@@ -78,11 +91,28 @@ def proposed_reader() -> Iterator[None]:
         yield
 
 
-def write_dataset(root: Path, episodes: int, seed: int, lossless_video: bool) -> Path:
+def write_dataset(
+    root: Path, episodes: int, seed: int, lossless_video: bool, depth_video: bool = False
+) -> Path:
+    """The demo's dataset; `lossless_video`: RGB as lossless video; `depth_video` too: depth as
+    LeRobot's depth video (`DEPTH_VIDEO`)."""
     create = LeRobotDataset.create
-    rgb_encoder = {"rgb_encoder": LOSSLESS_RGB_VIDEO} if lossless_video else {}
-    with mock.patch.object(
-        writer.LeRobotDataset, "create", lambda *a, **k: create(*a, **rgb_encoder, **k)
+    encoders = {"rgb_encoder": LOSSLESS_RGB_VIDEO} if lossless_video else {}
+    dataset_features = writer.dataset_features
+    if depth_video:
+        if not lossless_video:
+            raise ValueError("depth_video needs lossless_video (LeRobot encodes a dataset's videos alike)")
+        encoders["depth_encoder"] = DEPTH_VIDEO
+
+    def features(*args, **kwargs):
+        spec = dataset_features(*args, **kwargs)
+        if depth_video:
+            spec[DEPTH_KEY] = {**spec[DEPTH_KEY], "dtype": "video"}
+        return spec
+
+    with (
+        mock.patch.object(writer.LeRobotDataset, "create", lambda *a, **k: create(*a, **encoders, **k)),
+        mock.patch.object(writer, "dataset_features", features),
     ):
         writer.make_touch_block_dataset(root, "local/touch_block", episodes, seed, use_videos=lossless_video)
     return root
@@ -103,15 +133,25 @@ def open_dataset(root: Path) -> LeRobotDataset:
 
 def read_all(dataset: LeRobotDataset, indices: list[int], patched: bool):
     """One pass over `indices`, optionally with the proposed reader."""
+
     def call() -> None:
         with proposed_reader() if patched else contextlib.nullcontext():
             for index in indices:
                 dataset[index]
+
     return call
 
 
-def check_same_samples(reference: LeRobotDataset, other: LeRobotDataset, indices: list[int], patched: bool):
-    """Every tensor of `other`'s samples equals `reference`'s (the bench compares like with like)."""
+def check_same_samples(
+    reference: LeRobotDataset,
+    other: LeRobotDataset,
+    indices: list[int],
+    patched: bool,
+    depth_tolerance: float = 0.0,
+) -> float:
+    """Every tensor of `other`'s samples equals `reference`'s (the bench compares like with like), the
+    depth map within `depth_tolerance` metres; returns the largest depth difference."""
+    largest_depth_difference = 0.0
     for index in indices:
         expected = reference[index]
         with proposed_reader() if patched else contextlib.nullcontext():
@@ -121,8 +161,16 @@ def check_same_samples(reference: LeRobotDataset, other: LeRobotDataset, indices
                 continue
             if actual[key].dtype == torch.uint8 and value.is_floating_point():  # video frames
                 actual[key] = actual[key] / 255
-            if not torch.equal(value, actual[key]):
+            if key == DEPTH_KEY and depth_tolerance > 0:
+                difference = (value - actual[key]).abs().max().item()
+                largest_depth_difference = max(largest_depth_difference, difference)
+                if difference > depth_tolerance:
+                    raise AssertionError(
+                        f"sample {index}: depth differs by {difference} m > {depth_tolerance} m"
+                    )
+            elif not torch.equal(value, actual[key]):
                 raise AssertionError(f"sample {index}: {key} differs between readers")
+    return largest_depth_difference
 
 
 def profile_sample(dataset: LeRobotDataset, indices: list[int]) -> dict:
@@ -213,7 +261,9 @@ def train_step_times(command: list[str], environment: dict[str, str]) -> dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--episodes", type=int, default=8, help="touch-block episodes in the dataset")
     parser.add_argument("--samples", type=int, default=64, help="samples read per timed pass")
     parser.add_argument("--reps", type=int, default=5, help="timed passes per reader (interleaved)")
@@ -230,16 +280,21 @@ def main() -> None:
         workdir = Path(temporary)
         images = open_dataset(write_dataset(workdir / "images", args.episodes, args.seed, False))
         video = open_dataset(write_dataset(workdir / "video", args.episodes, args.seed, True))
+        all_video = open_dataset(write_dataset(workdir / "all_video", args.episodes, args.seed, True, True))
         indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
         indices = indices[: args.samples].tolist()
         check_same_samples(images, video, indices[:8], patched=False)
         check_same_samples(images, images, indices[:8], patched=True)
+        depth_video_error = check_same_samples(
+            images, all_video, indices[:8], patched=False, depth_tolerance=DEPTH_VIDEO_TOLERANCE_M
+        )
 
         profile = profile_sample(images, indices)
         times = time_interleaved(
             {
                 "images": read_all(images, indices, patched=False),
                 "lossless video": read_all(video, indices, patched=False),
+                "RGB and depth video": read_all(all_video, indices, patched=False),
                 "images, queried columns": read_all(images, indices, patched=True),
             },
             warmup=1,
@@ -293,7 +348,10 @@ def main() -> None:
             for name, seconds in profile["seconds_per_sample"].items()
         ],
     )
-    print_table("LeRobotDataset.__getitem__ (interleaved)", ["reader", "ms / sample", "samples/s", "speed-up"], rows)
+    print(f"depth video: largest depth difference to the TIFF {1e3 * depth_video_error:.3f} mm")
+    print_table(
+        "LeRobotDataset.__getitem__ (interleaved)", ["reader", "ms / sample", "samples/s", "speed-up"], rows
+    )
     if training:
         base = training["as installed, 1"]["samples_per_s"]["median"]
         print_table(
@@ -312,8 +370,15 @@ def main() -> None:
         )
     write_json(
         args.out,
-        {"episodes": args.episodes, "chunk_size": CHUNK_SIZE, "profile": profile, "reader": reader,
-         "train_steps": args.train_steps, "training_samples_per_s": training},
+        {
+            "episodes": args.episodes,
+            "chunk_size": CHUNK_SIZE,
+            "profile": profile,
+            "reader": reader,
+            "depth_video_largest_error_m": depth_video_error,
+            "train_steps": args.train_steps,
+            "training_samples_per_s": training,
+        },
     )
 
 

@@ -32,7 +32,9 @@ def data_loading():
 def dataset(data_loading, tmp_path_factory):
     datasets.disable_progress_bars()
     root = tmp_path_factory.mktemp("touch_block") / "images"
-    return data_loading.open_dataset(data_loading.write_dataset(root, episodes=2, seed=0, lossless_video=False))
+    return data_loading.open_dataset(
+        data_loading.write_dataset(root, episodes=2, seed=0, lossless_video=False)
+    )
 
 
 def action_query_decodes(dataset, index: int) -> int:
@@ -77,3 +79,21 @@ def test_profile_attributes_the_decodes_to_the_action_query(data_loading, datase
     }
     assert set(profile["seconds_per_sample"]) == {"current row", "action-chunk query", "rest"}
     assert torch.tensor(list(profile["seconds_per_sample"].values())).ge(0).all()
+
+
+def test_rgb_and_depth_video_decode_no_image_in_the_action_query_and_keep_depth_within_its_codes(
+    data_loading, dataset, tmp_path
+):
+    root = data_loading.write_dataset(
+        tmp_path / "all_video", episodes=2, seed=0, lossless_video=True, depth_video=True
+    )
+    all_video = data_loading.open_dataset(root)
+    assert set(all_video.meta.video_keys) == set(dataset.meta.camera_keys)  # no image column left
+    assert action_query_decodes(all_video, 0) == 0
+    indices = [0, 5, len(dataset) - 1]
+    error = data_loading.check_same_samples(
+        dataset, all_video, indices, patched=False, depth_tolerance=data_loading.DEPTH_VIDEO_TOLERANCE_M
+    )
+    assert 0 < error <= data_loading.DEPTH_VIDEO_TOLERANCE_M  # quantised, not lossless
+    with pytest.raises(AssertionError, match="depth differs"):
+        data_loading.check_same_samples(dataset, all_video, indices, patched=False, depth_tolerance=error / 2)
