@@ -47,7 +47,7 @@ from unittest import mock
 import datasets
 import torch
 from datasets.features.image import Image
-from lerobot.configs.video import DepthEncoderConfig, RGBEncoderConfig
+from lerobot.configs.video import DEPTH_QMAX, DepthEncoderConfig, RGBEncoderConfig
 from lerobot.datasets import LeRobotDataset
 from lerobot.datasets.dataset_reader import DatasetReader
 
@@ -62,13 +62,18 @@ DELTA_TIMESTAMPS = {"action": [step / touch_block.FPS for step in range(CHUNK_SI
 LOSSLESS_RGB_VIDEO = RGBEncoderConfig(
     vcodec="hevc", pix_fmt="gbrp", crf=None, extra_options={"x265-params": "lossless=1:log-level=error"}
 )
-# LeRobot's depth video: 4,096 logarithmic codes over [0.5, 1.5] m, stored losslessly.
+# LeRobot's depth video: DEPTH_QMAX + 1 codes, logarithmic in depth + shift over [0.5, 1.5] m, stored
+# losslessly.
 DEPTH_VIDEO = DepthEncoderConfig(
     depth_min=0.5, depth_max=1.5, extra_options={"x265-params": "lossless=1:log-level=error"}
 )
 DEPTH_KEY = "observation.depth.top"
-# Largest depth difference the 12-bit codes allow at 1.5 m: half a code's step, with a margin.
-DEPTH_VIDEO_TOLERANCE_M = 1.5 * (math.log(1.5 / 0.5) / 4095)
+# One code's step at depth_max (the widest): twice the largest rounding error of the quantisation.
+DEPTH_VIDEO_TOLERANCE_M = (
+    (DEPTH_VIDEO.depth_max + DEPTH_VIDEO.shift)
+    * math.log((DEPTH_VIDEO.depth_max + DEPTH_VIDEO.shift) / (DEPTH_VIDEO.depth_min + DEPTH_VIDEO.shift))
+    / DEPTH_QMAX
+)
 STEP_LOG = re.compile(r"step:(\S+) .*updt_s:([\d.]+) data_s:([\d.]+)")
 
 

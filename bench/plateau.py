@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         summary["colour_bound_samples"] = None if bound_step is None else bound_step * batch
         print(
             f"colour word bound (swapped colour >= {args.colour_bound_ratio:g} x own loss on first frames from "
-            f"then on): step {bound_step}, {'-' if bound_step is None else bound_step * batch} samples"
+            f"then on): step {bound_step}, {summary['colour_bound_samples'] or '-'} samples"
         )
     write_json(args.run_dir / "plateau.json", summary)
 

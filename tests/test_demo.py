@@ -381,18 +381,27 @@ def test_non_positive_save_freq_is_refused(tmp_path, capsys):
     assert "--save-freq must be positive" in capsys.readouterr().err
 
 
-def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, stubbed_training):
-    train_calls = []
-    monkeypatch.setattr(
-        demo,
-        "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
-            train_calls.append((run_dir.name, batch_size)) or Path(geometry)
-        ),
-    )
+def recorded_training(monkeypatch) -> list[tuple[str, dict]]:
+    """Stubs the demo's training (checkpoint = the geometry's name) and evaluation; returns the list
+    that each training call appends (run directory name, {"batch_size": ..., "policy_options": ...}) to."""
+    calls = []
+
+    def train(
+        run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options
+    ):
+        calls.append((run_dir.name, {"batch_size": batch_size, "policy_options": policy_options}))
+        return Path(geometry)
+
+    monkeypatch.setattr(demo, "train", train)
     monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
+    return calls
+
+
+def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, stubbed_training):
+    calls = recorded_training(monkeypatch)
     demo.main(["--workdir", str(tmp_path), "--steps", "3"])
     demo.main(["--workdir", str(tmp_path), "--steps", "3", "--batch-size", "16"])
+    train_calls = [(run_name, options["batch_size"]) for run_name, options in calls]
     assert train_calls == [("data_3_steps", None), ("data_3_steps_batch_16", 16)]
     for run_name, batch_size in (("data_3_steps", demo.PRESET_BATCH_SIZE), ("data_3_steps_batch_16", 16)):
         results = json.loads((tmp_path / run_name / "results.json").read_text())
@@ -402,17 +411,10 @@ def test_batch_size_option_names_the_run_and_is_recorded(tmp_path, monkeypatch, 
 def test_drop_n_last_frames_option_reaches_lerobot_train_names_the_run_and_is_recorded(
     tmp_path, monkeypatch, stubbed_training
 ):
-    train_calls = []
-    monkeypatch.setattr(
-        demo,
-        "train",
-        lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
-            train_calls.append((run_dir.name, policy_options)) or Path(geometry)
-        ),
-    )
-    monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
+    calls = recorded_training(monkeypatch)
     demo.main(["--workdir", str(tmp_path), "--steps", "3"])
     demo.main(["--workdir", str(tmp_path), "--steps", "3", "--drop-n-last-frames", "6"])
+    train_calls = [(run_name, options["policy_options"]) for run_name, options in calls]
     assert train_calls == [("data_3_steps", None), ("data_3_steps_drop_last_6", {"drop_n_last_frames": 6})]
     for run_name, dropped in (("data_3_steps", 0), ("data_3_steps_drop_last_6", 6)):
         results = json.loads((tmp_path / run_name / "results.json").read_text())
