@@ -427,7 +427,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.eval_draws < 1:
         parser.error(f"--eval-draws must be at least 1, got {args.eval_draws}")
-    args.every_block_as_target = args.near_target_starts = None
+    args.every_block_as_target = args.near_target_starts = args.drop_n_last_frames = None
     return demo.fill_block_dependent_defaults(args)
 
 
@@ -439,6 +439,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.workdir, args.num_blocks, args.episodes, args.every_block_as_target, args.near_target_starts
     )
     run_name = f"{data_name}_{args.steps}_steps" + (f"_batch_{args.batch_size}" if args.batch_size else "")
+    # The demo's recipe: with several blocks it leaves each episode's last frames out of the samples.
+    recipe_options = {"drop_n_last_frames": args.drop_n_last_frames} if args.drop_n_last_frames else {}
+    if args.drop_n_last_frames:
+        run_name += f"_drop_last_{args.drop_n_last_frames}"
     run_dir = args.workdir / run_name
     run_dir.mkdir(exist_ok=True)
 
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.steps,
                 pretrained_backbone=False,
                 batch_size=args.batch_size,
-                policy_options=training.policy_options,
+                policy_options={**recipe_options, **training.policy_options},
                 name=evaluation.policy,
             )
         checkpoint = checkpoints[evaluation.policy]

@@ -199,7 +199,7 @@ def test_results_put_the_swapped_rates_next_to_the_normal_one(tmp_path, eval_cal
         ["--workdir", str(tmp_path), "--num-blocks", "2", "--steps", "3", "--geometry", "depth", "none"]
     )
 
-    results = json.loads((tmp_path / "data_3_steps" / "results.json").read_text())
+    results = json.loads((tmp_path / "data_3_steps_drop_last_6" / "results.json").read_text())
     assert results["num_blocks"] == 2
     swapped = ", instruction swapped, "
     assert list(results["success_rate_pc"].items()) == [
@@ -305,18 +305,33 @@ def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], (1, 500, False, 0.25, 3200)),
-        # Several blocks: the near-target starts come on top of 500 scenes x blocks.
-        (["--num-blocks", "3"], (3, 2000, True, 0.25, 5600)),
-        (["--num-blocks", "3", "--no-every-block-as-target"], (3, 667, False, 0.25, 5600)),
+        ([], (1, 500, False, 0.25, 3200, None)),
+        # Several blocks: the near-target starts come on top of 500 scenes x blocks, and each episode's
+        # last 6 frames are left out of the samples.
+        (["--num-blocks", "3"], (3, 2000, True, 0.25, 5600, {"drop_n_last_frames": 6})),
+        (
+            ["--num-blocks", "3", "--no-every-block-as-target"],
+            (3, 667, False, 0.25, 5600, {"drop_n_last_frames": 6}),
+        ),
         (
             ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
-            (2, 8, True, 0.25, 5),
+            (2, 8, True, 0.25, 5, {"drop_n_last_frames": 6}),
         ),
-        (["--near-target-starts", "0"], (1, 500, False, 0.0, 3200)),
-        (["--num-blocks", "3", "--near-target-starts", "0"], (3, 1500, True, 0.0, 5600)),
-        (["--num-blocks", "2", "--near-target-starts", "0.5"], (2, 2000, True, 0.5, 5600)),
-        (["--num-blocks", "3", "--near-target-starts", "1"], (3, 1500, True, 1.0, 5600)),
+        (["--near-target-starts", "0"], (1, 500, False, 0.0, 3200, None)),
+        (
+            ["--num-blocks", "3", "--near-target-starts", "0"],
+            (3, 1500, True, 0.0, 5600, {"drop_n_last_frames": 6}),
+        ),
+        (
+            ["--num-blocks", "2", "--near-target-starts", "0.5"],
+            (2, 2000, True, 0.5, 5600, {"drop_n_last_frames": 6}),
+        ),
+        (
+            ["--num-blocks", "3", "--near-target-starts", "1"],
+            (3, 1500, True, 1.0, 5600, {"drop_n_last_frames": 6}),
+        ),
+        (["--num-blocks", "3", "--drop-n-last-frames", "0"], (3, 2000, True, 0.25, 5600, None)),
+        (["--drop-n-last-frames", "2"], (1, 500, False, 0.25, 3200, {"drop_n_last_frames": 2})),
     ],
 )
 def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch, argv, expected):
@@ -333,7 +348,7 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
         demo,
         "train",
         lambda run_dir, dataset, backbone, geometry, steps, pretrained, batch_size, seed, save_freq, policy_options: (
-            train_calls.append(steps) or Path(geometry)
+            train_calls.append((steps, policy_options)) or Path(geometry)
         ),
     )
     monkeypatch.setattr(demo, "evaluate_policy", lambda *args: {})
@@ -341,11 +356,14 @@ def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch
 
     demo.main(["--workdir", str(tmp_path), *argv])
 
-    *data_settings, steps = expected
-    assert data_calls == [tuple(data_settings)] and train_calls == [steps]
-    results = json.loads((tmp_path / f"data_{steps}_steps" / "results.json").read_text())
+    *data_settings, steps, policy_options = expected
+    assert data_calls == [tuple(data_settings)] and train_calls == [(steps, policy_options)]
+    dropped = (policy_options or {}).get("drop_n_last_frames", 0)
+    run_name = f"data_{steps}_steps" + (f"_drop_last_{dropped}" if dropped else "")
+    results = json.loads((tmp_path / run_name / "results.json").read_text())
     recorded = ("num_blocks", "train_episodes", "every_block_as_target", "near_target_starts")
     assert tuple(results[key] for key in recorded) == tuple(data_settings)
+    assert results["train_drop_n_last_frames"] == dropped
 
 
 def test_training_decays_the_learning_rate_over_the_whole_run(tmp_path, monkeypatch):
@@ -489,7 +507,7 @@ def test_outcomes_option_reports_where_each_evaluation_ended(
         (Path("depth"), 5, demo.EVAL_START_SEED, {"num_blocks": 2, **env_options})
         for env_options in demo.instruction_evaluations(2).values()
     ]
-    results = json.loads((tmp_path / "data_3_steps" / "results.json").read_text())
+    results = json.loads((tmp_path / "data_3_steps_drop_last_6" / "results.json").read_text())
     ended = results["where_episodes_ended"]
     assert list(ended) == [name for name in results["success_rate_pc"] if name.startswith("llava3d_fusion")]
     assert all(outcome["median_height_error_cm"] == -2.0 for outcome in ended.values())

@@ -205,6 +205,20 @@ def test_policies_option_trains_and_evaluates_only_the_chosen_policies(tmp_path,
         )
 
 
+def test_several_blocks_train_with_the_demos_recipe_leaving_out_the_last_frames(
+    tmp_path, stubbed, robustness
+):
+    argv = ["--workdir", str(tmp_path), "--steps", "3", "--experiments", "camera",
+            "--camera-perturbations", "0,0"]  # fmt: skip
+    robustness.main([*argv, "--policies", "depth_world_points", "--num-blocks", "3"])
+    robustness.main([*argv, "--policies", "depth_ee_points"])
+    several, one = stubbed["train"]
+    assert f"--policy.drop_n_last_frames={demo.DEFAULT_DROP_N_LAST_FRAMES_SEVERAL_BLOCKS}" in several
+    assert "--policy.geometry_origin=world" in several  # the experiment's own option kept beside it
+    assert f"--output_dir={tmp_path / 'data_3_steps_drop_last_6' / 'train_depth_world_points'}" in several
+    assert not any("drop_n_last_frames" in arg for arg in one)
+
+
 def test_success_in_view_sets_aside_the_episodes_whose_target_left_the_image(tmp_path, robustness):
     evaluation = robustness.Evaluation("camera", "depth_ee_points", "camera_5cm_5deg", {})
     noise = robustness.Evaluation("depth_noise", "depth_ee_points", "depth_sensor", {})

@@ -16,7 +16,7 @@
 adds. Scenes hold `--num-blocks` blocks (default 1: vision and depth decide success; with more the
 instruction's colour picks the block, and by default each scene is recorded once per block,
 `--every-block-as-target`, the episodes starting near the target come on top of those, and the policy
-trains more steps). `--outcomes` adds where each evaluation's
+trains more steps, leaving each episode's last frames out of its samples). `--outcomes` adds where each evaluation's
 episodes ended (`envs/touch_block_outcomes.py`).
 Everything runs offline on the CPU; results go to
 `<workdir>/<blocks>_blocks_<episodes>_episodes_<steps>_steps/results.json`, next to two figures
@@ -79,6 +79,11 @@ DEFAULT_STEPS_SEVERAL_BLOCKS = 5600
 # some of the episodes that start above the blocks; with several they come on top of them (the
 # default number of episodes grows), since those episodes are where the colour word is learnt (README).
 DEFAULT_NEAR_TARGET_STARTS = 0.25
+# Frames at the end of every episode left out of the training samples (--policy.drop_n_last_frames)
+# with several blocks per scene: there the end-effector is at its block and needs no colour word, and
+# leaving them out shortens the loss plateau before the colour word is learnt (docs/demo.md). Their
+# actions still train inside the chunks of the frames before them.
+DEFAULT_DROP_N_LAST_FRAMES_SEVERAL_BLOCKS = 6
 
 
 def dataset_seed(seed: int) -> int:
@@ -464,7 +469,7 @@ def fill_block_dependent_defaults(args: argparse.Namespace) -> argparse.Namespac
     """The command line's defaults that depend on `--num-blocks`: with several blocks every scene is
     recorded once per block, the episodes that start near the target are recorded on top of those that
     start above the blocks (500 scenes x 3 blocks and a quarter near the target: 2,000 episodes), and
-    the policy trains longer."""
+    the policy trains longer, leaving each episode's last frames out of its samples."""
     several = args.num_blocks > 1
     if args.every_block_as_target is None:
         args.every_block_as_target = several
@@ -476,6 +481,8 @@ def fill_block_dependent_defaults(args: argparse.Namespace) -> argparse.Namespac
             args.episodes = round(args.episodes / (1.0 - args.near_target_starts))
     if args.steps is None:
         args.steps = DEFAULT_STEPS_SEVERAL_BLOCKS if several else DEFAULT_STEPS_ONE_BLOCK
+    if args.drop_n_last_frames is None:
+        args.drop_n_last_frames = DEFAULT_DROP_N_LAST_FRAMES_SEVERAL_BLOCKS if several else 0
     return args
 
 
@@ -526,10 +533,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--drop-n-last-frames",
         type=int,
-        default=0,
         help="training: leave the last this many frames of every episode out of the samples "
         "(--policy.drop_n_last_frames, read by lerobot-train's sampler; their actions still train inside "
-        "earlier frames' chunks); 0: every frame",
+        f"earlier frames' chunks); 0: every frame (default: 0 with one block, "
+        f"{DEFAULT_DROP_N_LAST_FRAMES_SEVERAL_BLOCKS} with several)",
     )
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument(
