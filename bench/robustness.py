@@ -438,12 +438,7 @@ def main(argv: list[str] | None = None) -> dict:
     data_name, clean_root, backbone = demo.prepare_demo_data(
         args.workdir, args.num_blocks, args.episodes, args.every_block_as_target, args.near_target_starts
     )
-    run_name = f"{data_name}_{args.steps}_steps" + (f"_batch_{args.batch_size}" if args.batch_size else "")
-    # The demo's recipe: with several blocks it leaves each episode's last frames out of the samples.
-    recipe_options = {"drop_n_last_frames": args.drop_n_last_frames} if args.drop_n_last_frames else {}
-    if args.drop_n_last_frames:
-        run_name += f"_drop_last_{args.drop_n_last_frames}"
-    run_dir = args.workdir / run_name
+    run_dir = args.workdir / demo.training_run_name(data_name, args)
     run_dir.mkdir(exist_ok=True)
 
     evaluations = plan(args.experiments, args.camera_perturbations, args.policies, args.eval_draws)
@@ -467,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.steps,
                 pretrained_backbone=False,
                 batch_size=args.batch_size,
-                policy_options={**recipe_options, **training.policy_options},
+                policy_options={**demo.recipe_policy_options(args), **training.policy_options},
                 name=evaluation.policy,
             )
         checkpoint = checkpoints[evaluation.policy]

@@ -465,6 +465,22 @@ def pretrain_demo_backbone(workdir: Path, backbone: Path, steps: int, images: in
     return output
 
 
+def training_run_name(data_name: str, args: argparse.Namespace) -> str:
+    """Folder name of a training run: its data, steps and the training options that differ from the
+    defaults, so that a run is reused only with the same settings."""
+    run_name = f"{data_name}_{args.steps}_steps"
+    if args.batch_size is not None:
+        run_name += f"_batch_{args.batch_size}"
+    if args.drop_n_last_frames:
+        run_name += f"_drop_last_{args.drop_n_last_frames}"
+    return run_name
+
+
+def recipe_policy_options(args: argparse.Namespace) -> dict[str, int]:
+    """The `--policy.<option>` values of the training recipe that the command line sets."""
+    return {"drop_n_last_frames": args.drop_n_last_frames} if args.drop_n_last_frames else {}
+
+
 def fill_block_dependent_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """The command line's defaults that depend on `--num-blocks`: with several blocks every scene is
     recorded once per block, the episodes that start near the target are recorded on top of those that
@@ -599,11 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     start_seed = eval_start_seed(args.seed)
     pretraining = args.vlm_pretraining_steps > 0
-    run_name = f"{data_name}_{args.steps}_steps"
-    if args.batch_size is not None:
-        run_name += f"_batch_{args.batch_size}"
-    if args.drop_n_last_frames:
-        run_name += f"_drop_last_{args.drop_n_last_frames}"
+    run_name = training_run_name(data_name, args)
     if pretraining:
         backbone = pretrain_demo_backbone(
             args.workdir, backbone, args.vlm_pretraining_steps, args.vlm_pretraining_images
@@ -628,9 +640,7 @@ def main(argv: list[str] | None = None) -> None:
             args.batch_size,
             seed=args.seed,
             save_freq=args.save_freq,
-            policy_options={"drop_n_last_frames": args.drop_n_last_frames}
-            if args.drop_n_last_frames
-            else None,
+            policy_options=recipe_policy_options(args) or None,
         )
         checkpoints[geometry] = checkpoint
         results.update(
