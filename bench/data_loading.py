@@ -14,7 +14,9 @@ Builds a small touch-block dataset with the demo's writer (in a temporary direct
   difference), everything else is equal;
 - `images, queried columns`: the demo's layout read with the reader change proposed in
   docs/upstream_dataset_reader.md (a delta-timestamp query formats only the queried column),
-  applied here by replacing `DatasetReader._query_hf_dataset` for the measurement only.
+  applied here by replacing `DatasetReader._query_hf_dataset` for the measurement only;
+- `images, selected rows`: the same replacement as the pull requests for lerobot#2895 write it (the
+  rows picked with `Dataset.select(indices)`, then the column read from them).
 
 The profile counts the image decodes of one sample and splits its time into the current row
 (`hf_dataset[idx]`), the action-chunk query and the rest. With `--train-steps N`, short
@@ -90,9 +92,27 @@ def query_only_queried_columns(self: DatasetReader, query_indices: dict[str, lis
     return result
 
 
+def query_selected_rows(self: DatasetReader, query_indices: dict[str, list[int]]) -> dict:
+    """`DatasetReader._query_hf_dataset` as the pull requests for lerobot#2895 write it: the rows
+    picked with `Dataset.select(indices)`, then each key's column read from them (formatting those
+    rows whole, images included)."""
+    result = {}
+    for key, indices in query_indices.items():
+        if key in self._meta.video_keys:
+            continue
+        if self._absolute_to_relative_idx is not None:
+            indices = [self._absolute_to_relative_idx[index] for index in indices]
+        result[key] = torch.stack(self.hf_dataset.select(indices)[:][key])
+    return result
+
+
 @contextlib.contextmanager
-def proposed_reader() -> Iterator[None]:
-    with mock.patch.object(DatasetReader, "_query_hf_dataset", query_only_queried_columns):
+def reader_query(query=None) -> Iterator[None]:
+    """LeRobot's reader with `query` as its `_query_hf_dataset` (None: as installed)."""
+    if query is None:
+        yield
+        return
+    with mock.patch.object(DatasetReader, "_query_hf_dataset", query):
         yield
 
 
@@ -136,11 +156,11 @@ def open_dataset(root: Path) -> LeRobotDataset:
     )
 
 
-def read_all(dataset: LeRobotDataset, indices: list[int], patched: bool):
-    """One pass over `indices`, optionally with the proposed reader."""
+def read_all(dataset: LeRobotDataset, indices: list[int], query=None):
+    """One pass over `indices`, with `query` as the reader's `_query_hf_dataset` (None: LeRobot's)."""
 
     def call() -> None:
-        with proposed_reader() if patched else contextlib.nullcontext():
+        with reader_query(query):
             for index in indices:
                 dataset[index]
 
@@ -151,15 +171,16 @@ def check_same_samples(
     reference: LeRobotDataset,
     other: LeRobotDataset,
     indices: list[int],
-    patched: bool,
+    query=None,
     depth_tolerance: float = 0.0,
 ) -> float:
     """Every tensor of `other`'s samples equals `reference`'s (the bench compares like with like), the
-    depth map within `depth_tolerance` metres; returns the largest depth difference."""
+    depth map within `depth_tolerance` metres (`other` read with `query` as its `_query_hf_dataset`);
+    returns the largest depth difference."""
     largest_depth_difference = 0.0
     for index in indices:
         expected = reference[index]
-        with proposed_reader() if patched else contextlib.nullcontext():
+        with reader_query(query):
             actual = other[index]
         for key, value in expected.items():
             if not isinstance(value, torch.Tensor):
@@ -288,19 +309,29 @@ def main() -> None:
         all_video = open_dataset(write_dataset(workdir / "all_video", args.episodes, args.seed, True, True))
         indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
         indices = indices[: args.samples].tolist()
-        check_same_samples(images, video, indices[:8], patched=False)
-        check_same_samples(images, images, indices[:8], patched=True)
+        check_same_samples(images, video, indices[:8])
+        check_same_samples(images, images, indices[:8], query=query_only_queried_columns)
+        check_same_samples(images, images, indices[:8], query=query_selected_rows)
         depth_video_error = check_same_samples(
-            images, all_video, indices[:8], patched=False, depth_tolerance=DEPTH_VIDEO_TOLERANCE_M
+            images, all_video, indices[:8], depth_tolerance=DEPTH_VIDEO_TOLERANCE_M
         )
 
         profile = profile_sample(images, indices)
+        action_query_decodes = {}
+        for name, query in (
+            ("queried columns", query_only_queried_columns),
+            ("selected rows", query_selected_rows),
+        ):
+            with reader_query(query):
+                decodes = profile_sample(images, indices[:8])["image_decodes_per_sample"]
+            action_query_decodes[name] = decodes["action-chunk query"]
         times = time_interleaved(
             {
-                "images": read_all(images, indices, patched=False),
-                "lossless video": read_all(video, indices, patched=False),
-                "RGB and depth video": read_all(all_video, indices, patched=False),
-                "images, queried columns": read_all(images, indices, patched=True),
+                "images": read_all(images, indices),
+                "lossless video": read_all(video, indices),
+                "RGB and depth video": read_all(all_video, indices),
+                "images, queried columns": read_all(images, indices, query_only_queried_columns),
+                "images, selected rows": read_all(images, indices, query_selected_rows),
             },
             warmup=1,
             reps=args.reps,
@@ -353,6 +384,10 @@ def main() -> None:
             for name, seconds in profile["seconds_per_sample"].items()
         ],
     )
+    print(
+        "image decodes per sample in the action-chunk query, other queries: "
+        + ", ".join(f"{name} {count:.1f}" for name, count in action_query_decodes.items())
+    )
     print(f"depth video: largest depth difference to the TIFF {1e3 * depth_video_error:.3f} mm")
     print_table(
         "LeRobotDataset.__getitem__ (interleaved)", ["reader", "ms / sample", "samples/s", "speed-up"], rows
@@ -379,6 +414,7 @@ def main() -> None:
             "episodes": args.episodes,
             "chunk_size": CHUNK_SIZE,
             "profile": profile,
+            "action_query_decodes_per_sample": action_query_decodes,
             "reader": reader,
             "depth_video_largest_error_m": depth_video_error,
             "train_steps": args.train_steps,

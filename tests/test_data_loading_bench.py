@@ -1,7 +1,8 @@
 """bench/data_loading.py: the reader change proposed in docs/upstream_dataset_reader.md returns
-LeRobot's samples unchanged and decodes no image of the action rows; LeRobot's own reader decodes
-every image column of each action row (when a LeRobot release stops doing so, the proposal and the
-bench have done their job and must be updated)."""
+LeRobot's samples unchanged and decodes no image of the action rows; LeRobot's own reader, and the
+row selection proposed for lerobot#2895, decode every image column of each action row (when a
+LeRobot release stops doing so, the proposal and the bench have done their job and must be
+updated)."""
 
 import importlib.util
 import sys
@@ -55,8 +56,8 @@ def action_query_decodes(dataset, index: int) -> int:
 def test_proposed_reader_returns_the_same_samples(data_loading, dataset):
     last = len(dataset) - 1  # its action chunk is padded past the episode's end
     indices = [0, 3, last]
-    data_loading.check_same_samples(dataset, dataset, indices, patched=True)
-    with data_loading.proposed_reader():
+    data_loading.check_same_samples(dataset, dataset, indices, query=data_loading.query_only_queried_columns)
+    with data_loading.reader_query(data_loading.query_only_queried_columns):
         sample = dataset[last]
     assert sample["action"].shape == (data_loading.CHUNK_SIZE, 3)
     assert sample["action_is_pad"][1:].all()
@@ -66,8 +67,17 @@ def test_only_lerobots_reader_decodes_the_images_of_action_rows(data_loading, da
     image_columns = len(dataset.meta.camera_keys)  # RGB and depth
     assert image_columns == 2
     assert action_query_decodes(dataset, 0) == image_columns * data_loading.CHUNK_SIZE
-    with data_loading.proposed_reader():
+    with data_loading.reader_query(data_loading.query_only_queried_columns):
         assert action_query_decodes(dataset, 0) == 0
+
+
+def test_selected_rows_return_the_same_samples_and_still_decode_the_images_of_action_rows(
+    data_loading, dataset
+):
+    last = len(dataset) - 1
+    data_loading.check_same_samples(dataset, dataset, [0, 3, last], query=data_loading.query_selected_rows)
+    with data_loading.reader_query(data_loading.query_selected_rows):
+        assert action_query_decodes(dataset, 0) == 2 * data_loading.CHUNK_SIZE
 
 
 def test_profile_attributes_the_decodes_to_the_action_query(data_loading, dataset):
@@ -92,8 +102,8 @@ def test_rgb_and_depth_video_decode_no_image_in_the_action_query_and_keep_depth_
     assert action_query_decodes(all_video, 0) == 0
     indices = [0, 5, len(dataset) - 1]
     error = data_loading.check_same_samples(
-        dataset, all_video, indices, patched=False, depth_tolerance=data_loading.DEPTH_VIDEO_TOLERANCE_M
+        dataset, all_video, indices, depth_tolerance=data_loading.DEPTH_VIDEO_TOLERANCE_M
     )
     assert 0 < error <= data_loading.DEPTH_VIDEO_TOLERANCE_M  # quantised, not lossless
     with pytest.raises(AssertionError, match="depth differs"):
-        data_loading.check_same_samples(dataset, all_video, indices, patched=False, depth_tolerance=error / 2)
+        data_loading.check_same_samples(dataset, all_video, indices, depth_tolerance=error / 2)
