@@ -305,7 +305,7 @@ def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        ([], (1, 500, False, 0.25, 3200, None)),
+        ([], (1, 500, False, 0.25, 4800, None)),
         # Several blocks: the near-target starts come on top of 500 scenes x blocks, and each episode's
         # last 6 frames are left out of the samples.
         (["--num-blocks", "3"], (3, 2000, True, 0.25, 5600, {"drop_n_last_frames": 6})),
@@ -317,7 +317,7 @@ def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
             ["--every-block-as-target", "--num-blocks", "2", "--episodes", "8", "--steps", "5"],
             (2, 8, True, 0.25, 5, {"drop_n_last_frames": 6}),
         ),
-        (["--near-target-starts", "0"], (1, 500, False, 0.0, 3200, None)),
+        (["--near-target-starts", "0"], (1, 500, False, 0.0, 4800, None)),
         (
             ["--num-blocks", "3", "--near-target-starts", "0"],
             (3, 1500, True, 0.0, 5600, {"drop_n_last_frames": 6}),
@@ -331,7 +331,7 @@ def test_near_target_starts_get_their_own_dataset_folder(tmp_path, monkeypatch):
             (3, 1500, True, 1.0, 5600, {"drop_n_last_frames": 6}),
         ),
         (["--num-blocks", "3", "--drop-n-last-frames", "0"], (3, 2000, True, 0.25, 5600, None)),
-        (["--drop-n-last-frames", "2"], (1, 500, False, 0.25, 3200, {"drop_n_last_frames": 2})),
+        (["--drop-n-last-frames", "2"], (1, 500, False, 0.25, 4800, {"drop_n_last_frames": 2})),
     ],
 )
 def test_demo_defaults_that_depend_on_the_number_of_blocks(tmp_path, monkeypatch, argv, expected):

@@ -72,7 +72,7 @@ SEED_STRIDE = 100_000
 # Defaults of the command line: scenes in the training set, training steps with one block per scene
 # and with several (where the colour word must be learnt too).
 DEFAULT_SCENES = 500
-DEFAULT_STEPS_ONE_BLOCK = 3200
+DEFAULT_STEPS_ONE_BLOCK = 4800
 DEFAULT_STEPS_SEVERAL_BLOCKS = 5600
 # Fraction of the recorded episodes that start near the target's top (above or inside the block), so
 # the data shows the way back to it (make_touch_block_dataset). With one block per scene they replace
