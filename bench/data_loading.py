@@ -79,31 +79,33 @@ DEPTH_VIDEO_TOLERANCE_M = (
 STEP_LOG = re.compile(r"step:(\S+) .*updt_s:([\d.]+) data_s:([\d.]+)")
 
 
+def query_non_video_keys(reader: DatasetReader, query_indices: dict[str, list[int]], read_column) -> dict:
+    """The part of `DatasetReader._query_hf_dataset` that every variant shares: each non-video key's
+    rows, at the dataset's own row indices, read by `read_column(hf_dataset, key, indices)` (a list
+    of tensors) and stacked."""
+    result = {}
+    for key, indices in query_indices.items():
+        if key in reader._meta.video_keys:
+            continue
+        if reader._absolute_to_relative_idx is not None:
+            indices = [reader._absolute_to_relative_idx[index] for index in indices]
+        result[key] = torch.stack(read_column(reader.hf_dataset, key, indices))
+    return result
+
+
 def query_only_queried_columns(self: DatasetReader, query_indices: dict[str, list[int]]) -> dict:
     """The proposed `DatasetReader._query_hf_dataset`: each non-video key's rows are formatted from
     that column alone (its transform and image decoding run on that column only)."""
-    result = {}
-    for key, indices in query_indices.items():
-        if key in self._meta.video_keys:
-            continue
-        if self._absolute_to_relative_idx is not None:
-            indices = [self._absolute_to_relative_idx[index] for index in indices]
-        result[key] = torch.stack(self.hf_dataset.select_columns([key])[indices][key])
-    return result
+    return query_non_video_keys(
+        self, query_indices, lambda rows, key, indices: rows.select_columns([key])[indices][key]
+    )
 
 
 def query_selected_rows(self: DatasetReader, query_indices: dict[str, list[int]]) -> dict:
     """`DatasetReader._query_hf_dataset` as the pull requests for lerobot#2895 write it: the rows
     picked with `Dataset.select(indices)`, then each key's column read from them (formatting those
     rows whole, images included)."""
-    result = {}
-    for key, indices in query_indices.items():
-        if key in self._meta.video_keys:
-            continue
-        if self._absolute_to_relative_idx is not None:
-            indices = [self._absolute_to_relative_idx[index] for index in indices]
-        result[key] = torch.stack(self.hf_dataset.select(indices)[:][key])
-    return result
+    return query_non_video_keys(self, query_indices, lambda rows, key, indices: rows.select(indices)[:][key])
 
 
 @contextlib.contextmanager
